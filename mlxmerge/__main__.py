@@ -1,0 +1,3 @@
+from mlxmerge.cli import main
+
+main()

@@ -1,0 +1,10 @@
+"""Open checkpoints lazily and write model folders atomically."""
+
+from mlxmerge.io.checkpoint import Checkpoint, layer_index, open_checkpoint
+from mlxmerge.io.model_folder import ModelCard, Quantization, write_model
+from mlxmerge.io.writer import ShardedWriter, TensorSpec, parse_size
+
+__all__ = [
+    "Checkpoint", "ModelCard", "Quantization", "ShardedWriter", "TensorSpec",
+    "layer_index", "open_checkpoint", "parse_size", "write_model",
+]  # fmt: skip

@@ -1,0 +1,232 @@
+"""Open a checkpoint lazily: validated headers first, lazy ``mx.array``s on demand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxmerge.errors import CheckpointError
+from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
+from mlxmerge.io.hub import resolve_reference
+from mlxmerge.io.safetensors_file import TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """A model on disk: its config and where each tensor lives. Tensors load lazily."""
+
+    reference: str
+    path: Path  # the folder (or the single file's folder)
+    config: dict
+    entries: dict[str, TensorEntry]  # raw safetensors entries, quantized triplets included
+    files: list[Path]
+    quantization: dict | None = None
+    metadata: dict = field(default_factory=dict)  # __metadata__ of the first shard
+
+    # -- what the model is -------------------------------------------------
+    def config_value(self, key: str, default=None):
+        """A config key, looking inside ``text_config`` for multimodal configs."""
+        if key in self.config:
+            return self.config[key]
+        return self.config.get("text_config", {}).get(key, default)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config_value("model_type")
+
+    @property
+    def num_layers(self) -> int:
+        n = self.config_value("num_hidden_layers")
+        if n is None:
+            n = 1 + max((layer_index(k) for k in self.entries if layer_index(k) is not None), default=-1)
+        return int(n)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        if "lm_head.weight" in self.entries:
+            return False
+        return bool(self.config_value("tie_word_embeddings", True))
+
+    @property
+    def size_on_disk(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    # -- logical tensors (quantized triplets appear as one dequantized weight) --
+    def names(self) -> list[str]:
+        """Logical tensor names, sorted the way mlx-lm and transformers list them."""
+        return sorted(
+            (n for n in self.entries if not self._is_quant_companion(n)), key=natural_key
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries and not self._is_quant_companion(name)
+
+    def is_quantized(self, name: str) -> bool:
+        prefix = name.removesuffix(".weight")
+        return name.endswith(".weight") and f"{prefix}.scales" in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        entry = self._entry(name)
+        if self.is_quantized(name):
+            bits = self.quant_params(name)["bits"]
+            return entry.shape[:-1] + (entry.shape[-1] * 32 // bits,)
+        return entry.shape
+
+    def dtype(self, name: str) -> mx.Dtype:
+        if self.is_quantized(name):
+            return SAFETENSORS_TO_MX[self.entries[name.removesuffix(".weight") + ".scales"].dtype]
+        return SAFETENSORS_TO_MX[self._entry(name).dtype]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def quant_params(self, name: str) -> dict:
+        q = dict(self.quantization or {})
+        override = q.get(name.removesuffix(".weight"))
+        params = {"group_size": q.get("group_size", 64), "bits": q.get("bits", 4),
+                  "mode": q.get("mode", "affine")}  # fmt: skip
+        if isinstance(override, dict):
+            params.update({k: override[k] for k in ("group_size", "bits", "mode") if k in override})
+        return params
+
+    def get(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
+        """The tensor as a lazy array (dequantized if stored quantized), optionally cast."""
+        entry = self._entry(name)
+        # A fresh lazy dict per call: keeping one would pin every evaluated tensor in memory.
+        arrays = mx.load(str(entry.file))
+        if self.is_quantized(name):
+            prefix = name.removesuffix(".weight")
+            p = self.quant_params(name)
+            scales_file = self.entries[f"{prefix}.scales"].file
+            aux = arrays if scales_file == entry.file else mx.load(str(scales_file))
+            biases = aux.get(f"{prefix}.biases")
+            x = mx.dequantize(
+                arrays[name], aux[f"{prefix}.scales"], biases,
+                group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
+            )  # fmt: skip
+        else:
+            x = arrays[name]
+        return x if dtype is None else x.astype(dtype)
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.reference}: no tensor named {name}") from None
+
+    def _is_quant_companion(self, name: str) -> bool:
+        for suffix in (".scales", ".biases"):
+            if name.endswith(suffix):
+                return name.removesuffix(suffix) + ".weight" in self.entries
+        return False
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (``model.layers.7.mlp...`` → 7), else None."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def natural_key(name: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
+    """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use."""
+    path = resolve_reference(reference)
+    ref = str(reference)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors file")
+        folder, files = path.parent, [path]
+        config_path = folder / "config.json"
+        config = _read_json(config_path) if config_path.exists() else {}
+    else:
+        folder = path
+        files = _weight_files(folder)
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: not a JSON object")
+    entries: dict[str, TensorEntry] = {}
+    metadata: dict = {}
+    for f in files:
+        file_entries, meta = read_header(f)
+        metadata = metadata or meta
+        for name, entry in file_entries.items():
+            if name in entries:
+                raise CheckpointError(
+                    f"{folder}: tensor {name} is in both {entries[name].file.name} and {f.name}"
+                )
+            entries[name] = entry
+    _check_index_matches(folder, entries)
+    if not entries:
+        raise CheckpointError(f"{path}: holds no tensors")
+    quant = config.get("quantization") or config.get("text_config", {}).get("quantization")
+    return Checkpoint(ref, folder, config, entries, files, quant, metadata)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot parse JSON ({e})") from None
+
+
+def _allowed_root(folder: Path) -> Path:
+    # Hugging Face cache snapshots are symlinks into the repo's blobs/ folder.
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots":
+        return folder.parent.parent
+    return folder
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.exists():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
+        root = _allowed_root(folder)
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            if not isinstance(fname, str) or os.path.isabs(fname) or ".." in Path(fname).parts:
+                raise CheckpointError(f"{index}: shard path {fname!r} must be a plain relative name")
+            f = folder / fname
+            if not f.exists():
+                raise CheckpointError(f"{index}: shard {fname} does not exist")
+            if not f.resolve().is_relative_to(root):
+                raise CheckpointError(f"{index}: shard {fname} is a link leading outside {folder}")
+            files.append(f)
+        return files
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors weights found")
+    root = _allowed_root(folder)
+    for f in files:
+        if not f.resolve().is_relative_to(root):
+            raise CheckpointError(f"{f}: is a link leading outside {folder}")
+    return files
+
+
+def _check_index_matches(folder: Path, entries: dict[str, TensorEntry]) -> None:
+    index = folder / INDEX_NAME
+    if not index.exists():
+        return
+    for name, fname in _read_json(index)["weight_map"].items():
+        entry = entries.get(name)
+        if entry is None or entry.file.name != Path(fname).name:
+            raise CheckpointError(f"{index}: lists {name} in {fname}, but that shard does not hold it")

@@ -1,0 +1,199 @@
+"""Write a complete model folder: weights (MLX or HF layout), config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import yaml
+
+from mlxmerge.errors import MlxmergeError
+from mlxmerge.io.dtypes import FLOAT_NAMES
+from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# What mergekit copies from the tokenizer donor, generation_config.json included (mergekit #275).
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)  # fmt: skip
+
+LAYOUTS = ("mlx", "hf")
+
+
+@dataclass
+class Quantization:
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+
+    def config(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+
+@dataclass
+class ModelCard:
+    """What the README front matter and body say about how the model was made."""
+
+    title: str
+    body: str = ""
+    base_models: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=lambda: ["mlxmerge"])
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """mlx-lm's rule: Linear/Embedding weights (2-D, or 3-D stacked experts) whose rows split in groups."""
+    return name.endswith(".weight") and len(shape) in (2, 3) and shape[-1] % group_size == 0
+
+
+def output_specs(
+    plan: Iterable[tuple[str, tuple[int, ...]]], dtype: mx.Dtype, quant: Quantization | None
+) -> list[TensorSpec]:
+    """Expand (name, shape) into the tensors actually stored (quantized weights become 3)."""
+    specs = []
+    for name, shape in plan:
+        if quant and quantizable(name, shape, quant.group_size):
+            prefix = name.removesuffix(".weight")
+            packed = shape[:-1] + (shape[-1] * quant.bits // 32,)
+            groups = shape[:-1] + (shape[-1] // quant.group_size,)
+            specs.append(TensorSpec(name, packed, mx.uint32))
+            specs.append(TensorSpec(f"{prefix}.scales", groups, dtype))
+            if quant.mode == "affine":
+                specs.append(TensorSpec(f"{prefix}.biases", groups, dtype))
+        else:
+            specs.append(TensorSpec(name, tuple(shape), dtype))
+    return specs
+
+
+def patch_config(
+    config: dict, names: list[str], dtype: mx.Dtype, layout: str, quant: Quantization | None,
+    num_layers: int | None = None,
+) -> dict:  # fmt: skip
+    """Make config.json agree with the tensors actually written."""
+    config = json.loads(json.dumps(config))  # deep copy
+    target = config["text_config"] if "text_config" in config and "num_hidden_layers" not in config else config
+    config["torch_dtype"] = FLOAT_NAMES[dtype]
+    if "dtype" in config:
+        config["dtype"] = FLOAT_NAMES[dtype]
+    if num_layers is not None:
+        target["num_hidden_layers"] = num_layers
+        # Per-layer lists (hybrid attention patterns) must keep the new length.
+        for key in ("layer_types",):
+            if isinstance(target.get(key), list) and len(target[key]) != num_layers:
+                target.pop(key)
+    if any(n.endswith("embed_tokens.weight") for n in names):
+        target["tie_word_embeddings"] = not any(n.endswith("lm_head.weight") for n in names)
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+    if quant:
+        config["quantization"] = quant.config()
+        config["quantization_config"] = quant.config()
+    return config
+
+
+def copy_tokenizer(source: Path, target: Path, chat_template: str | None = None) -> list[str]:
+    copied = []
+    for fname in TOKENIZER_FILES:
+        if (source / fname).is_file():
+            shutil.copyfile(source / fname, target / fname)
+            copied.append(fname)
+    if chat_template is not None:
+        tok_cfg_path = target / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+        tok_cfg["chat_template"] = chat_template
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+        (target / "chat_template.jinja").unlink(missing_ok=True)
+    return copied
+
+
+def write_card(target: Path, card: ModelCard, layout: str) -> None:
+    front = {
+        "base_model": card.base_models or None,
+        "library_name": "mlx" if layout == "mlx" else "transformers",
+        "tags": card.tags,
+    }
+    front = {k: v for k, v in front.items() if v}
+    text = f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {card.title}\n\n{card.body}\n"
+    (target / "README.md").write_text(text)
+
+
+def write_model(
+    target: str | Path,
+    plan: list[tuple[str, tuple[int, ...]]],
+    compute: Callable[[str], mx.array],
+    *,
+    config: dict,
+    tokenizer_source: Path | None,
+    card: ModelCard,
+    dtype: mx.Dtype = mx.bfloat16,
+    layout: str = "mlx",
+    quantize: Quantization | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    num_layers: int | None = None,
+    chat_template: str | None = None,
+    extra_files: dict[str, str] | None = None,
+    inputs: Iterable[str] = (),
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Compute each planned tensor with ``compute(name)`` and write the model atomically.
+
+    ``plan`` lists (name, shape) of the float tensors, in output order. ``compute`` returns
+    a (lazy) array for one name; it is cast, quantized if asked, evaluated and written
+    before the next one is computed, which is what bounds memory.
+    """
+    if layout not in LAYOUTS:
+        raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
+    if quantize and layout != "mlx":
+        raise MlxmergeError("quantized output needs --format mlx (transformers cannot read MLX quantization)")
+    target = check_output(target, inputs, force=force)
+    specs = output_specs(plan, dtype, quantize)
+    metadata = {"format": "mlx" if layout == "mlx" else "pt"}
+    names = [n for n, _ in plan]
+    with atomic_folder(target) as tmp:
+        with ShardedWriter(tmp, specs, shard_size=shard_size, metadata=metadata) as writer:
+            for name, shape in plan:
+                x = compute(name)
+                if tuple(x.shape) != tuple(shape):
+                    raise MlxmergeError(f"{name}: computed shape {tuple(x.shape)}, planned {tuple(shape)}")
+                if quantize and quantizable(name, shape, quantize.group_size):
+                    parts = mx.quantize(
+                        x.astype(dtype), group_size=quantize.group_size, bits=quantize.bits,
+                        mode=quantize.mode,
+                    )  # fmt: skip
+                    prefix = name.removesuffix(".weight")
+                    writer.write(name, parts[0])
+                    writer.write(f"{prefix}.scales", parts[1])
+                    if quantize.mode == "affine":
+                        writer.write(f"{prefix}.biases", parts[2])
+                else:
+                    writer.write(name, x)
+                mx.clear_cache()
+                if progress:
+                    progress(name)
+        out_config = patch_config(config, names, dtype, layout, quantize, num_layers)
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
+        if tokenizer_source is not None:
+            copy_tokenizer(Path(tokenizer_source), tmp, chat_template)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        write_card(tmp, card, layout)
+    log.info("wrote %s (%d tensors, %d shards)", target, len(specs), len(writer.files))
+    return target
+
+
+def output_size(plan: list[tuple[str, tuple[int, ...]]], dtype: mx.Dtype, quant: Quantization | None) -> int:
+    return sum(s.nbytes for s in output_specs(plan, dtype, quant))
+
+
+def tensor_bytes(shape: tuple[int, ...], dtype: mx.Dtype = mx.float32) -> int:
+    return math.prod(shape) * dtype.size
