@@ -1,0 +1,82 @@
+"""``inspect`` and ``convert``: look at a checkpoint, rewrite it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mlxmerge.cli import cli
+from mlxmerge.cli.progress import progress_bar
+
+DTYPE = click.Choice(["bfloat16", "float16", "float32"])
+LAYOUT = click.Choice(["mlx", "hf"])
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def inspect(model: str, as_json: bool):
+    """Describe MODEL (folder, .safetensors file or hub id) from its headers and config."""
+    from mlxmerge.inspect import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    q = info["quantization"]
+    rows = [
+        ("path", info["path"]),
+        ("architecture", f"{info['architecture']} (model_type {info['model_type']})"),
+        ("layers", info["layers"]),
+        ("hidden size", info["hidden_size"]),
+        ("vocab size", info["vocab_size"]),
+        ("parameters", f"{human_count(info['parameters'])} in {info['tensors']} tensors"),
+        ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
+        ("quantization", f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none"),
+        ("tied embeddings", "yes" if info["tied_embeddings"] else "no"),
+        ("shards", info["shards"]),
+        ("size on disk", human_bytes(info["size_on_disk"])),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>16}: {v}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
+@click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True)
+@click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True,
+              help="mlx: what mlx_lm.load reads; hf: what transformers reads.")  # fmt: skip
+@click.option("--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+              default=None, help="Quantize weights for MLX (bits).")  # fmt: skip
+@click.option("--group-size", type=int, default=64, show_default=True)
+@click.option("--shard-size", default="5GB", show_default=True, help="Max bytes per shard (5GB, 500MB).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def convert(model, output, dtype, layout, quantize_bits, group_size, shard_size, force):
+    """Rewrite MODEL with another dtype, layout or quantization (dequantizes MLX inputs)."""
+    from mlxmerge.convert import convert as run
+    from mlxmerge.io import open_checkpoint
+
+    total = len(open_checkpoint(model).names())
+    with progress_bar(total, "convert", "tensor") as bar:
+        out = run(model, output, dtype=dtype, layout=layout,
+                  quantize_bits=int(quantize_bits) if quantize_bits else None,
+                  group_size=group_size, shard_size=shard_size, force=force,
+                  progress=lambda _name: bar.update())  # fmt: skip
+    click.echo(f"wrote {out}")

@@ -1,0 +1,40 @@
+"""Convert a checkpoint between dtypes, layouts and quantization: the I/O path end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, write_model
+from mlxmerge.io.dtypes import parse_float_dtype
+
+
+def convert(
+    model: str,
+    output: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    layout: str = "mlx",
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Rewrite ``model`` into ``output``: dequantized inputs, optional MLX quantization."""
+    ckpt = open_checkpoint(model)
+    out_dtype = parse_float_dtype(dtype)
+    quant = Quantization(bits=quantize_bits, group_size=group_size) if quantize_bits else None
+    plan = [(n, ckpt.shape(n)) for n in ckpt.names()]
+    card = ModelCard(
+        title=f"{Path(str(model)).name} ({dtype}{f', {quantize_bits}-bit' if quant else ''})",
+        body=f"Converted from `{model}` with `mlxmerge convert`.",
+        base_models=[str(model)] if not Path(str(model)).exists() else [],
+    )
+    return write_model(
+        output, plan, lambda n: ckpt.get(n, mx.float32), config=ckpt.config,
+        tokenizer_source=ckpt.path, card=card, dtype=out_dtype, layout=layout, quantize=quant,
+        shard_size=parse_size(shard_size), inputs=[model], force=force, progress=progress,
+    )  # fmt: skip

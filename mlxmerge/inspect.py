@@ -1,0 +1,36 @@
+"""Describe a checkpoint from its headers and config alone (no tensor data is read)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mlxmerge.io import open_checkpoint
+
+
+def inspect_model(model: str) -> dict:
+    """Architecture, size, dtypes and quantization of ``model``."""
+    ckpt = open_checkpoint(model)
+    names = ckpt.names()
+    dtypes = Counter(str(ckpt.dtype(n)).removeprefix("mlx.core.") for n in names)
+    quantized = [n for n in names if ckpt.is_quantized(n)]
+    quant = None
+    if quantized:
+        p = ckpt.quant_params(quantized[0])
+        quant = {"bits": p["bits"], "group_size": p["group_size"], "mode": p["mode"],
+                 "quantized_tensors": len(quantized)}  # fmt: skip
+    return {
+        "path": str(ckpt.path),
+        "architecture": (ckpt.config_value("architectures") or [None])[0],
+        "model_type": ckpt.model_type,
+        "layers": ckpt.num_layers,
+        "hidden_size": ckpt.config_value("hidden_size"),
+        "vocab_size": ckpt.config_value("vocab_size"),
+        "parameters": sum(ckpt.numel(n) for n in names),
+        "tensors": len(names),
+        "dtypes": dict(dtypes),
+        "quantization": quant,
+        "tied_embeddings": ckpt.tie_word_embeddings,
+        "shards": len(ckpt.files),
+        "size_on_disk": ckpt.size_on_disk,
+        "format": ckpt.metadata.get("format"),
+    }
