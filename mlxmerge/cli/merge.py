@@ -1,0 +1,226 @@
+"""``merge`` (mergekit YAML), one command per method, ``frankenmerge`` and ``diff``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mlxmerge.cli import cli
+from mlxmerge.cli.models import DTYPE, LAYOUT, human_bytes
+from mlxmerge.cli.progress import progress_bar
+from mlxmerge.errors import RecipeError
+
+
+def output_options(fn):
+    """Options every merge command shares."""
+    opts = [
+        click.option("-o", "--output", type=click.Path(), help="Output folder."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (tensors, parameters, memory, size); compute nothing."),
+        click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON."),
+        click.option("--allow-crimes", is_flag=True, help="Merge different architectures where shapes allow."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE/DELLA masks."),
+        click.option("--out-dtype", type=DTYPE, default=None, help="Output dtype [recipe's out_dtype/dtype, else bfloat16]."),
+        click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True,
+                     help="mlx: what mlx_lm.load reads; hf: what transformers reads."),
+        click.option("--shard-size", default="5GB", show_default=True),
+        click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def run_recipe(recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force):
+    from mlxmerge.io.dtypes import parse_float_dtype
+    from mlxmerge.merge.runner import merge, plan_merge, plan_summary
+
+    if dry_run:
+        plan = plan_merge(recipe, allow_crimes=allow_crimes)
+        dtype = parse_float_dtype(out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16")
+        summary = plan_summary(plan, dtype)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            print_plan(summary)
+        return
+    if not output:
+        raise click.UsageError("give the output folder with -o/--output")
+    plan_len = None
+    with progress_bar(plan_len, "merge", "tensor") as bar:
+        out = merge(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
+                    out_dtype=out_dtype, shard_size=shard_size, force=force,
+                    progress=lambda _n: bar.update())  # fmt: skip
+    click.echo(f"wrote {out}")
+
+
+def print_plan(s: dict) -> None:
+    click.echo(f"method: {s['method']}" + (f" (base {s['base_model']})" if s["base_model"] else ""))
+    click.echo("models: " + ", ".join(s["models"]))
+    click.echo(f"output: {s['output_tensors']} tensors, {s['output_layers']} layers, {human_bytes(s['output_bytes'])}")
+    click.echo(
+        f"memory: largest tensor {human_bytes(s['largest_tensor_fp32_bytes'])} in fp32, "
+        f"estimated peak {human_bytes(s['estimated_peak_bytes'])}"
+    )
+    for g in s["groups"]:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in g["parameters"].items())
+        click.echo(f"  {g['tensors']} ×{g['count']} {g['shape']}: {params}")
+    for w in s["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+def _short(v):
+    if isinstance(v, list) and len(v) > 6:
+        return "[" + ", ".join(_short(x) for x in v[:3]) + ", …, " + _short(v[-1]) + "]"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+@cli.command("merge")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", required=False, type=click.Path())
+@output_options
+def merge_cmd(recipe, out, output, **kw):
+    """Run a mergekit YAML RECIPE into OUT (or -o OUT)."""
+    run_recipe(recipe, output or out, **kw)
+
+
+# -- one command per method ------------------------------------------------------------------
+
+
+def parse_value(text: str):
+    """CLI value: ``0.5`` scalar, ``0,0.5,1`` gradient, ``true``/``false`` flags."""
+    text = text.strip()
+    if "," in text:
+        return [parse_value(x) for x in text.split(",")]
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def parse_setting(values: tuple[str, ...], name: str):
+    """``--t self_attn=0,1 --t 0.5`` → mergekit's [{filter, value}, ..., {value}] form."""
+    if len(values) == 1 and "=" not in values[0]:
+        return parse_value(values[0])
+    entries = []
+    for v in values:
+        if "=" in v:
+            flt, val = v.split("=", 1)
+            entries.append({"filter": flt, "value": parse_value(val)})
+        else:
+            entries.append({"value": parse_value(v)})
+    if sum("filter" not in e for e in entries) > 1:
+        raise RecipeError(f"--{name}: give at most one unfiltered value")
+    return entries
+
+
+def build_method_recipe(method: str, models: list[str], base: str | None, options: dict) -> dict:
+    from mlxmerge.merge.registry import get_method
+
+    spec = get_method(method)
+    if spec.base == "required" and base is None:
+        if spec.max_models == 1 and len(models) == 2:
+            base, models = models[0], models[1:]  # `slerp A B`: A is the base, like mergekit-legacy
+        else:
+            raise RecipeError(f"{method} needs --base BASE")
+    recipe: dict = {"merge_method": method}
+    if base:
+        recipe["base_model"] = base
+    entries = [{"model": m} for m in models]
+    params: dict = {}
+    for name in list(spec.tensor_params) + list(spec.global_params):
+        values = options.get(name) or ()
+        if not values:
+            continue
+        if name in spec.tensor_params and len(values) == len(models) > 1 and all("=" not in v for v in values):
+            for e, v in zip(entries, values):
+                e.setdefault("parameters", {})[name] = parse_value(v)
+        else:
+            params[name] = parse_setting(values, name)
+    if base and spec.base != "none" and base not in models:
+        entries.insert(0, {"model": base})
+    recipe["models"] = entries
+    if params:
+        recipe["parameters"] = params
+    if options.get("dtype"):
+        recipe["dtype"] = options["dtype"]
+    return recipe
+
+
+def _method_command(method: str):
+    from mlxmerge.merge.registry import METHODS, REQUIRED
+
+    spec = METHODS[method]
+    params = list(spec.tensor_params) + list(spec.global_params)
+
+    def command(models, base, output, **kw):
+        opts = {p: kw.pop(p.replace("-", "_") + "_opt") for p in params}
+        recipe = build_method_recipe(method, list(models), base, opts)
+        run_recipe(recipe, output, **kw)
+
+    command.__doc__ = f"{spec.summary} ({spec.paper})\n\nmergekit method `{method}`."
+    for p in reversed(params):
+        kind = "per model, repeat once per model or give one for all" if p in spec.tensor_params else "global"
+        default = spec.tensor_params.get(p, spec.global_params.get(p))
+        shown = "required" if default is REQUIRED else f"default {default}"
+        command = click.option(
+            f"--{p.replace('_', '-')}", f"{p}_opt", multiple=True,
+            help=f"{p} ({kind}; {shown}). Gradient: 0,0.5,1. Filter: self_attn=0,1.",
+        )(command)  # fmt: skip
+    command = output_options(command)
+    command = click.option("--base", default=None, help="Base model (task vectors are taken from it).")(command)
+    command = click.argument("models", nargs=-1, required=True)(command)
+    cli.command(method.replace("_", "-"))(command)
+
+
+def _register_methods():
+    from mlxmerge.merge.registry import METHODS
+
+    for method in METHODS:
+        if method != "passthrough":
+            _method_command(method)
+
+
+_register_methods()
+
+
+@cli.command("dare")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base", required=True, help="Base model.")
+@click.option("--density", "density", multiple=True, help="Keep probability per model (one for all).")
+@click.option("--weight", multiple=True, help="Weight per model (one for all).")
+@click.option("--ties/--no-ties", default=True, show_default=True, help="dare_ties (sign consensus) or dare_linear.")
+@output_options
+def dare(models, base, density, weight, ties, output, **kw):
+    """DARE: drop delta parameters at random, rescale, then merge (dare_ties or dare_linear)."""
+    method = "dare_ties" if ties else "dare_linear"
+    recipe = build_method_recipe(method, list(models), base, {"density": density, "weight": weight})
+    run_recipe(recipe, output, **kw)
+
+
+def parse_slice(text: str) -> dict:
+    model, sep, rng = text.rpartition(":")
+    try:
+        start, end = (int(x) for x in rng.split("-"))
+    except ValueError:
+        raise RecipeError(f"--slice {text!r}: expected MODEL:START-END (layers START..END-1)") from None
+    if not sep or not model:
+        raise RecipeError(f"--slice {text!r}: expected MODEL:START-END")
+    return {"sources": [{"model": model, "layer_range": [start, end]}]}
+
+
+@cli.command()
+@click.option("--slice", "slices", multiple=True, required=True,
+              help="MODEL:START-END, half-open like mergekit's layer_range; repeat in output order.")  # fmt: skip
+@output_options
+def frankenmerge(slices, output, **kw):
+    """Stack layer ranges of one or more models (passthrough merge, depth up-scaling)."""
+    recipe = {"merge_method": "passthrough", "slices": [parse_slice(s) for s in slices]}
+    run_recipe(recipe, output, **kw)

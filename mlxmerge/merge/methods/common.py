@@ -1,0 +1,85 @@
+"""Small float32 helpers shared by the merge methods: reductions, exact top-k masks, argument checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from mlxmerge.errors import RecipeError
+
+
+def per_model(value, n: int, name: str) -> list:
+    """A per-model parameter as a list of length ``n`` (a scalar is repeated)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise RecipeError(f"Parameter {name!r} has {len(value)} values for {n} models.")
+        return list(value)
+    return [value] * n
+
+
+def check_shapes(tensors: Sequence[mx.array], base: mx.array | None) -> tuple[int, ...]:
+    """The common shape of the inputs; the runner crops/rectifies before calling a method."""
+    shapes = {tuple(x.shape) for x in tensors}
+    if base is not None:
+        shapes.add(tuple(base.shape))
+    if len(shapes) != 1:
+        raise ValueError(f"merge method inputs have different shapes: {sorted(shapes)}")
+    return shapes.pop()
+
+
+def dot(a: mx.array, b: mx.array) -> mx.array:
+    """Sum of a*b in float32, reduced in two levels (rows, then total) to limit rounding error."""
+    p = a * b
+    if p.ndim >= 2:
+        return mx.sum(mx.sum(p.reshape(-1, p.shape[-1]), axis=-1))
+    return mx.sum(p)
+
+
+def norm(a: mx.array) -> mx.array:
+    """Frobenius norm of the whole tensor."""
+    return mx.sqrt(dot(a, a))
+
+
+def l1(a: mx.array) -> mx.array:
+    a = mx.abs(a)
+    if a.ndim >= 2:
+        return mx.sum(mx.sum(a.reshape(-1, a.shape[-1]), axis=-1))
+    return mx.sum(a)
+
+
+def top_k_mask(score: mx.array, k: int) -> mx.array:
+    """Boolean mask of exactly the ``k`` largest entries of ``score`` (any shape).
+
+    Uses a k-th value threshold found with ``mx.partition`` (O(n), no full sort). Entries equal
+    to the threshold are kept in flat (row-major) order until exactly ``k`` are kept, so the
+    result matches a stable descending sort.
+    """
+    n = score.size
+    if k >= n:
+        return mx.ones(score.shape, dtype=mx.bool_)
+    if k <= 0:
+        return mx.zeros(score.shape, dtype=mx.bool_)
+    flat = score.reshape(-1)
+    thr = mx.partition(flat, n - k)[n - k]  # the k-th largest value
+    above = flat > thr
+    equal = flat == thr
+    room = k - mx.sum(above.astype(mx.int32))
+    keep = above | (equal & (mx.cumsum(equal.astype(mx.int32)) <= room))
+    return keep.reshape(score.shape)
+
+
+def check_unit_interval(value: float, name: str, low_open: bool = False) -> None:
+    """Raise a RecipeError unless ``value`` is a number in [0, 1] ((0, 1] when low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"Parameter {name!r} must be a number, got {value!r}.")
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        bounds = "(0, 1]" if low_open else "[0, 1]"
+        raise RecipeError(f"Parameter {name!r} must lie in {bounds}, got {value}.")
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise RecipeError(
+            f"Parameter {name!r} must be one of {', '.join(choices)}; got {value!r}."
+        )

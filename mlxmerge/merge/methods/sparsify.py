@@ -1,0 +1,145 @@
+"""Sparsification of task vectors (δ = x − base) for the TIES / DARE / breadcrumbs / DELLA family.
+
+magnitude:          keep the k = int(density·n) largest |δ|                      (TIES)
+random:             keep each entry with probability density                    (DARE)
+magnitude_outliers: drop the int(gamma·n) largest |δ| and the smallest so that
+                    int(density·n) remain                                        (breadcrumbs)
+della_magprune:     per row, keep with p = density − ε + 2ε·(rank−1)/(n−1),
+                    rank 1 = smallest |δ|                                        (DELLA)
+
+Rescale of the kept entries: ``l1`` (mergekit) multiplies by ‖δ‖₁/‖δ⊙m‖₁; ``inverse_p`` (the
+DARE and DELLA papers) divides each kept entry by its keep probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import mlx.core as mx
+
+from mlxmerge.errors import RecipeError
+from mlxmerge.merge.methods.common import l1, top_k_mask
+
+SPARSIFY = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
+RESCALE_MODES = ("l1", "inverse_p")
+
+
+def derive_key(seed: int, tensor_name: str, model_index: int) -> mx.array:
+    """A PRNG key for one (seed, tensor, model): the same in every process and platform."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{int(seed)}\x00{tensor_name}\x00{int(model_index)}".encode())
+    return mx.random.key(int.from_bytes(h.digest(), "little"))
+
+
+def rescale_l1(delta: mx.array, mask: mx.array, eps: float = 1e-7) -> mx.array:
+    """``delta⊙mask`` scaled so its L1 norm equals that of ``delta`` (unchanged if either < eps)."""
+    masked = mx.where(mask, delta, 0.0)
+    before, after = l1(delta), l1(masked)
+    ok = (before >= eps) & (after >= eps)
+    return masked * mx.where(ok, before / mx.where(ok, after, 1.0), 1.0)
+
+
+def _apply(delta, mask, p, rescale: bool, rescale_mode: str) -> mx.array:
+    """Mask ``delta`` and optionally rescale; ``p`` is the keep probability (scalar or array)."""
+    if not rescale:
+        return mx.where(mask, delta, 0.0)
+    if rescale_mode == "l1":
+        return rescale_l1(delta, mask)
+    return mx.where(mask, delta / p, 0.0)
+
+
+def check_density(density: float, method: str) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise RecipeError(f"{method}: parameter 'density' must lie in [0, 1], got {density!r}.")
+
+
+def check_della(density: float, epsilon: float, method: str = "della") -> None:
+    """mergekit's condition: density ± epsilon must lie in (0, 1) when 0 < density < 1."""
+    if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise RecipeError(
+            f"{method}: density ± epsilon must lie in (0, 1); got density={density}, "
+            f"epsilon={epsilon}. Lower epsilon."
+        )
+    if epsilon < 0:
+        raise RecipeError(f"{method}: parameter 'epsilon' must be >= 0, got {epsilon}.")
+
+
+def magnitude(delta: mx.array, density: float, rescale: bool = False, rescale_mode: str = "l1"):
+    """Keep exactly int(density·n) entries of largest |δ| (ties: first in row-major order)."""
+    if density >= 1:
+        return delta
+    mask = top_k_mask(mx.abs(delta), int(density * delta.size))
+    return _apply(delta, mask, density, rescale, rescale_mode)
+
+
+def magnitude_outliers(
+    delta: mx.array,
+    density: float,
+    gamma: float = 0.01,
+    rescale: bool = False,
+    rescale_mode: str = "l1",
+):
+    """Breadcrumbs: drop the top int(gamma·n) |δ| as outliers, keep the next int(density·n).
+
+    With gamma·n < 1 no outliers are dropped (mergekit instead zeroes the whole tensor).
+    """
+    if density >= 1:
+        return delta
+    n = delta.size
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:  # fewer outliers removed so the target density is reached
+        n_top += n_bot
+        n_bot = 0
+    a = mx.abs(delta)
+    mask = top_k_mask(a, n - n_bot)
+    if n_top > 0:
+        mask = mask & ~top_k_mask(a, n_top)
+    return _apply(delta, mask, density, rescale, rescale_mode)
+
+
+def bernoulli(
+    delta: mx.array,
+    density: float,
+    key: mx.array,
+    rescale: bool = True,
+    rescale_mode: str = "l1",
+):
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return delta
+    mask = mx.random.bernoulli(density, delta.shape, key=key)
+    return _apply(delta, mask, density, rescale, rescale_mode)
+
+
+def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.array:
+    """Per-row keep probabilities, linear in the |δ| rank: density ± epsilon at the extremes."""
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    order = mx.argsort(mx.abs(rows), axis=1)  # per row only: rows are short
+    ranks = mx.broadcast_to(mx.arange(n, dtype=mx.float32)[None], rows.shape)
+    ranks = mx.put_along_axis(mx.zeros(rows.shape, dtype=mx.float32), order, ranks, axis=1)
+    # A single-entry row has no rank spread: it keeps p = density (mergekit divides 0 by 0).
+    rank_norm = ranks / (n - 1) if n > 1 else mx.full(rows.shape, 0.5)
+    p = (density - epsilon) + rank_norm * (2 * epsilon)
+    return p.reshape(delta.shape)
+
+
+def della_magprune(
+    delta: mx.array,
+    density: float,
+    epsilon: float,
+    key: mx.array,
+    rescale: bool = True,
+    rescale_mode: str = "l1",
+):
+    """DELLA MagPrune: Bernoulli mask with rank-dependent keep probability per row."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return mx.zeros_like(delta)
+    check_della(density, epsilon)
+    p = della_probabilities(delta, density, epsilon)
+    mask = mx.random.bernoulli(p, delta.shape, key=key)
+    return _apply(delta, mask, p, rescale, rescale_mode)

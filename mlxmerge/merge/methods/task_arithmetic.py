@@ -1,0 +1,181 @@
+"""Generalized task arithmetic: task arithmetic, TIES, DARE, breadcrumbs and DELLA as one function.
+
+With δᵢ = xᵢ − base, an optional sparsification δᵢ → δ̃ᵢ (see ``sparsify``) and Wᵢ = wᵢ·δ̃ᵢ:
+  consensus none: mix = Σ Wᵢ,                  divisor = Σ wᵢ        (1 where |Σ wᵢ| < 1e-8)
+  consensus sum:  s = sign(Σ Wᵢ) (0 → +1),     mᵢ = [sign(Wᵢ) = s],
+                  mix = Σ mᵢWᵢ,                divisor = Σ mᵢwᵢ      (1 where 0)
+  out = base + λ · (mix / divisor if normalize else mix)
+
+Papers: task arithmetic arXiv:2212.04089, TIES arXiv:2306.01708, DARE arXiv:2311.03099,
+breadcrumbs arXiv:2312.06795, DELLA arXiv:2406.11617, SCE arXiv:2408.07990.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+
+from mlxmerge.errors import RecipeError
+from mlxmerge.merge.methods import sparsify as sp
+from mlxmerge.merge.methods.common import check_choice, check_shapes, per_model, top_k_mask
+
+CONSENSUS = ("none", "sum")
+ELECT = ("weighted", "unweighted")
+DISJOINT_MEAN = ("weight", "count")
+
+
+def _sign_mask(deltas: mx.array, elected_from: mx.array, resolve_zero: bool) -> mx.array:
+    """Entries whose sign matches the elected sign of ``elected_from``'s sum over models.
+
+    Zero entries never match. A zero sum elects +1 (mergekit), or the majority of the elected
+    signs over the tensor when ``resolve_zero`` (the TIES paper's ``resolve_zero_signs``).
+    """
+    total = mx.sum(elected_from, axis=0)
+    if resolve_zero:
+        s = mx.sign(total)
+        majority = mx.where(mx.sum(s) >= 0, 1.0, -1.0)
+        s = mx.where(s == 0, majority, s)
+    else:
+        s = mx.where(total >= 0, 1.0, -1.0)
+    return mx.sign(deltas) == s
+
+
+def generalized_task_arithmetic(
+    tensors: list[mx.array],
+    base: mx.array,
+    *,
+    weight: list[float],
+    density: list[float] | float = 1.0,
+    gamma: list[float] | float = 0.01,
+    epsilon: list[float] | float = 0.15,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    rescale: bool = False,
+    rescale_mode: str = "l1",
+    int8_mask: bool = False,
+    elect: str = "weighted",
+    disjoint_mean: str = "weight",
+    keys: list[mx.array] | None = None,
+    sparsify: str = "none",
+    consensus: str = "none",
+) -> mx.array:
+    """Merge task vectors relative to ``base``; see the module docstring for the formula.
+
+    ``int8_mask`` is accepted for mergekit recipes and ignored (a memory saving there).
+    ``elect``: 'weighted' elects sign(Σ wᵢδᵢ) (mergekit), 'unweighted' sign(Σ δᵢ) (paper).
+    ``disjoint_mean``: with normalize, divide by Σ of agreeing weights (mergekit) or by the
+    count of agreeing entries (paper, PEFT).
+    """
+    check_choice(sparsify, "sparsify", sp.SPARSIFY)
+    check_choice(consensus, "consensus", CONSENSUS)
+    check_choice(rescale_mode, "rescale_mode", sp.RESCALE_MODES)
+    check_choice(elect, "elect", ELECT)
+    check_choice(disjoint_mean, "disjoint_mean", DISJOINT_MEAN)
+    if not tensors:
+        return base
+    check_shapes(tensors, base)
+    n = len(tensors)
+    w = per_model(weight, n, "weight")
+    dens = per_model(density, n, "density")
+    gam = per_model(gamma, n, "gamma")
+    eps = per_model(epsilon, n, "epsilon")
+    if sparsify in ("random", "della_magprune") and (keys is None or len(keys) != n):
+        raise ValueError(f"sparsify={sparsify!r} needs one PRNG key per model (derive_key)")
+
+    deltas = []
+    for i, x in enumerate(tensors):
+        d = x - base
+        if sparsify != "none":
+            sp.check_density(dens[i], sparsify)
+        if sparsify == "magnitude":
+            d = sp.magnitude(d, dens[i], rescale, rescale_mode)
+        elif sparsify == "random":
+            d = sp.bernoulli(d, dens[i], keys[i], rescale, rescale_mode)
+        elif sparsify == "magnitude_outliers":
+            d = sp.magnitude_outliers(d, dens[i], gam[i], rescale, rescale_mode)
+        elif sparsify == "della_magprune":
+            d = sp.della_magprune(d, dens[i], eps[i], keys[i], rescale, rescale_mode)
+        deltas.append(d)
+    deltas = mx.stack(deltas)  # (n_models, *shape)
+    wa = mx.array(w, dtype=mx.float32).reshape((n,) + (1,) * base.ndim)
+    weighted = deltas * wa
+
+    if consensus == "sum":
+        if elect == "weighted":
+            mask = _sign_mask(weighted, weighted, resolve_zero=False)
+        else:
+            mask = _sign_mask(deltas, deltas, resolve_zero=True)
+        mix = mx.sum(mx.where(mask, weighted, 0.0), axis=0)
+        if disjoint_mean == "weight":
+            divisor = mx.sum(mx.where(mask, wa, 0.0), axis=0)
+        else:
+            divisor = mx.sum(mask.astype(mx.float32), axis=0)
+        divisor = mx.where(divisor == 0, 1.0, divisor)
+    else:
+        mix = mx.sum(weighted, axis=0)
+        divisor = float(sum(w))
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    if normalize:
+        mix = mix / divisor
+    if lambda_ != 1.0:
+        mix = mix * lambda_
+    return base + mix
+
+
+def _gta(name: str, sparsify: str, consensus: str, normalize: bool, rescale: bool):
+    fn = partial(
+        generalized_task_arithmetic,
+        sparsify=sparsify,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=rescale,
+    )
+    fn.__name__ = name
+    return fn
+
+
+# Defaults exactly as mergekit's registry (normalize, rescale).
+task_arithmetic = _gta("task_arithmetic", "none", "none", False, False)
+ties = _gta("ties", "magnitude", "sum", True, False)
+dare_linear = _gta("dare_linear", "random", "none", False, True)
+dare_ties = _gta("dare_ties", "random", "sum", False, True)
+breadcrumbs = _gta("breadcrumbs", "magnitude_outliers", "none", False, False)
+breadcrumbs_ties = _gta("breadcrumbs_ties", "magnitude_outliers", "sum", False, False)
+della = _gta("della", "della_magprune", "sum", True, True)
+della_linear = _gta("della_linear", "della_magprune", "none", False, True)
+
+
+def sce(
+    tensors: list[mx.array],
+    base: mx.array,
+    *,
+    select_topk: float = 1.0,
+    int8_mask: bool = False,
+) -> mx.array:
+    """SCE: Select (top-k by variance across models), Calculate (wᵢ ∝ mean(τᵢ²)), Erase (signs).
+
+    τᵢ = xᵢ − base; keep the int(nnz(var)·select_topk) positions of largest var over models;
+    m = sign consensus of Σ τᵢ; out = base + Σ wᵢmᵢτᵢ / max(Σ wᵢmᵢ, 1e-6).
+    """
+    if not tensors:
+        return base
+    check_shapes(tensors, base)
+    if isinstance(select_topk, bool) or not 0 <= select_topk <= 1:
+        raise RecipeError(f"sce: parameter 'select_topk' must lie in [0, 1], got {select_topk!r}.")
+    tv = mx.stack([x - base for x in tensors])  # (n_models, *shape)
+    if select_topk < 1:
+        var = mx.var(tv, axis=0)
+        if select_topk <= 0:
+            keep = mx.zeros(var.shape, dtype=mx.bool_)
+        else:
+            k = int(mx.sum(var != 0).item() * select_topk)
+            keep = top_k_mask(var, k)
+        tv = mx.where(keep, tv, 0.0)
+    energy = mx.mean(tv.reshape(tv.shape[0], -1) ** 2, axis=1)  # (n_models,)
+    total = mx.sum(energy)
+    w = mx.where(mx.abs(total) < 1e-6, 1.0 / tv.shape[0], energy / mx.where(total == 0, 1, total))
+    w = w.reshape((-1,) + (1,) * base.ndim)
+    mask = _sign_mask(tv, tv, resolve_zero=False)
+    erased = mx.where(mask, w, 0.0)
+    return base + mx.sum(tv * erased, axis=0) / mx.maximum(mx.sum(erased, axis=0), 1e-6)

@@ -1,0 +1,377 @@
+"""Plan a merge from headers alone, then stream it: one output tensor at a time."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxmerge.errors import RecipeError
+from mlxmerge.io import Checkpoint, ModelCard, layer_index, open_checkpoint, parse_size, write_model
+from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.merge.recipe import Recipe, Slice, Source, parse_recipe, recipe_yaml, resolve_parameter
+from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, derive_key, get_method
+
+log = logging.getLogger(__name__)
+
+# Config fields that make two checkpoints different architectures (mergekit needs --allow-crimes).
+ARCHITECTURE_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rope_theta", "moe_intermediate_size", "num_experts",
+    "num_local_experts",
+)  # fmt: skip
+TASK_VECTOR_WARN_RATIO = 0.5  # |x - base| / |base| above this suggests a different base model
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    inputs: list[tuple[int, str]]  # (model index, tensor name) of the merged (non-base) inputs
+    base: tuple[int, str] | None
+    t: float
+    global_params: dict
+    tensor_params: dict[str, list]
+    is_embed: bool = False
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    models: list[str]
+    checkpoints: list[Checkpoint]
+    tensors: list[PlannedTensor]
+    num_layers: int
+    config: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str) -> PlannedTensor:
+        return self._by_name[name]
+
+    def __post_init__(self):
+        self._by_name = {p.name: p for p in self.tensors}
+
+
+def is_embedding(name: str) -> bool:
+    return "embed_tokens" in name or name.endswith("lm_head.weight") or name.endswith("wte.weight")
+
+
+def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
+    # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
+    return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
+
+
+def _relayer(name: str, new_index: int) -> str:
+    return re.sub(r"(\.(?:layers|h|blocks)\.)\d+\.", rf"\g<1>{new_index}.", name, count=1)
+
+
+def _check_architectures(ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]):
+    ref = ckpts[0]
+    for ckpt, model in zip(ckpts[1:], models[1:]):
+        diffs = [
+            f"{k} {ref.config_value(k)} vs {ckpt.config_value(k)}"
+            for k in ARCHITECTURE_FIELDS
+            if ref.config_value(k) != ckpt.config_value(k)
+        ]
+        if diffs:
+            msg = f"{models[0]} and {model} are different architectures ({'; '.join(diffs)})"
+            if not allow_crimes:
+                raise RecipeError(f"{msg}; pass --allow-crimes to merge them where shapes allow")
+            warnings.append(msg)
+
+
+def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False) -> MergePlan:
+    """Validate ``recipe`` against the checkpoints' headers and list every output tensor."""
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe)
+    spec = get_method(recipe.merge_method)
+    method = recipe.merge_method
+    check_params(method, recipe.parameters, "parameters", scope="global")
+    for i, sl in enumerate(recipe.slices):
+        check_params(method, sl.parameters, f"slices[{i}].parameters", scope="global")
+        for src in sl.sources:
+            check_params(method, src.parameters, f"{src.model} parameters", scope="model")
+    base = recipe.base_model
+    if spec.base == "required" and not base:
+        raise RecipeError(f"{method} needs a base_model (the model the task vectors are taken from)")
+    uses_base = bool(base) and spec.base != "none"
+
+    models = recipe.models
+    ckpts = [open_checkpoint(m) for m in models]
+    by_ref = dict(zip(models, range(len(models))))
+    warnings: list[str] = []
+    _check_architectures(ckpts, models, allow_crimes, warnings)
+
+    for i, sl in enumerate(recipe.slices):
+        for src in sl.sources:
+            n = ckpts[by_ref[src.model]].num_layers
+            if src.layer_range is None:
+                src.layer_range = (0, n)
+            if src.layer_range[1] > n:
+                raise RecipeError(
+                    f"slices[{i}]: layer_range {list(src.layer_range)} of {src.model} is out of range; it has {n} layers"
+                )
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) > 1:
+            raise RecipeError(f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}")
+        if uses_base and base not in [s.model for s in sl.sources]:
+            raise RecipeError(f"slices[{i}]: the base model {base} must be one of the slice's sources")
+        merged = [s for s in sl.sources if not (uses_base and s.model == base)]
+        if len(merged) < spec.min_models or (spec.max_models and len(merged) > spec.max_models):
+            want = spec.min_models if spec.min_models == spec.max_models else f"{spec.min_models}+"
+            raise RecipeError(
+                f"{method} merges {want} model(s) besides the base, got {len(merged)} in slices[{i}]"
+            )
+
+    tensors: list[PlannedTensor] = []
+    first, last = recipe.slices[0], recipe.slices[-1]
+
+    def plan_one(out_name: str, in_names: dict[str, str], sl: Slice, t: float):
+        srcs = [s for s in sl.sources if not (uses_base and s.model == base)]
+        inputs = [(by_ref[s.model], in_names[s.model]) for s in srcs]
+        base_in = (by_ref[base], in_names[base]) if uses_base else None
+        gparams = {}
+        for p, default in spec.global_params.items():
+            v = resolve_parameter(p, out_name, t, source=None, slice_=sl, recipe=recipe)
+            if v is None and default is REQUIRED:
+                raise RecipeError(f"{method}: parameter {p!r} is required (tensor {out_name})")
+            gparams[p] = default if v is None else v
+        tparams = {}
+        for p, default in spec.tensor_params.items():
+            values = []
+            for s in srcs:
+                v = resolve_parameter(p, out_name, t, source=s, slice_=sl, recipe=recipe)
+                if v is None and default is REQUIRED:
+                    raise RecipeError(f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name})")
+                values.append(default if v is None else v)
+            tparams[p] = values
+        shape = _output_shape(out_name, inputs, base_in, ckpts, models, spec, warnings)
+        tensors.append(PlannedTensor(out_name, shape, inputs, base_in, t, gparams, tparams, is_embedding(out_name)))
+
+    def outside_names(sl: Slice, pre: bool) -> list[str]:
+        names: dict[str, None] = {}
+        for s in sl.sources:
+            for n in ckpts[by_ref[s.model]].names():
+                if layer_index(n) is None and (("embed" in n) == pre) and not n.endswith("lm_head.weight"):
+                    names[n] = None
+        return list(names)
+
+    def source_names(sl: Slice, name: str) -> dict[str, str] | None:
+        got = {}
+        for s in sl.sources:
+            ck = ckpts[by_ref[s.model]]
+            if name in ck:
+                got[s.model] = name
+            elif name.endswith("lm_head.weight") and ck.tie_word_embeddings:
+                got[s.model] = name.replace("lm_head.weight", "model.embed_tokens.weight")
+            else:
+                return None
+        return got
+
+    for name in outside_names(first, pre=True):
+        got = source_names(first, name)
+        if got is None:
+            raise RecipeError(f"tensor {name} is missing from some models of slices[0]")
+        plan_one(name, got, first, 0.0)
+
+    out_layer = 0
+    for i, sl in enumerate(recipe.slices):
+        n_layers = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        lead = ckpts[by_ref[sl.sources[0].model]]
+        for offset in range(n_layers):
+            t = offset / (n_layers - 1) if n_layers > 1 else 1.0
+            lead_layer = sl.sources[0].layer_range[0] + offset
+            for name in (n for n in lead.names() if layer_index(n) == lead_layer):
+                in_names = {}
+                for s in sl.sources:
+                    src_name = _relayer(name, s.layer_range[0] + offset)
+                    if src_name not in ckpts[by_ref[s.model]]:
+                        raise RecipeError(f"slices[{i}]: {s.model} has no tensor {src_name}")
+                    in_names[s.model] = src_name
+                plan_one(_relayer(name, out_layer), in_names, sl, t)
+            out_layer += 1
+
+    post = outside_names(last, pre=False)
+    lm_head = "lm_head.weight"
+    if any(lm_head in ckpts[by_ref[s.model]] for s in last.sources):
+        post.append(lm_head)
+    for name in post:
+        got = source_names(last, name)
+        if got is None:
+            raise RecipeError(f"tensor {name} is missing from some models of the last slice")
+        plan_one(name, got, last, 1.0)
+
+    tensors.sort(key=lambda p: natural_key(p.name))
+    donor = ckpts[by_ref[base]] if base else ckpts[0]
+    config = dict(donor.config)
+    embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
+    if embed is not None:
+        config["vocab_size"] = embed.shape[0]
+    for w in warnings:
+        log.warning(w)
+    return MergePlan(recipe, spec, models, ckpts, tensors, out_layer, config, warnings)
+
+
+def _output_shape(name, inputs, base_in, ckpts, models, spec, warnings) -> tuple[int, ...]:
+    shapes = [ckpts[i].shape(n) for i, n in inputs]
+    base_shape = ckpts[base_in[0]].shape(base_in[1]) if base_in else None
+    every = shapes + ([base_shape] if base_shape else [])
+    if all(s == every[0] for s in every):
+        return every[0]
+    if not is_embedding(name) or any(len(s) != 2 for s in every):
+        detail = ", ".join(f"{tuple(ckpts[i].shape(n))} in {models[i]}" for i, n in ([*inputs] + ([base_in] if base_in else [])))
+        raise RecipeError(f"tensor {name} has different shapes: {detail}; the models must share an architecture")
+    if spec.embed_rectify == "base" and base_shape:
+        out = base_shape
+    else:
+        out = (min(s[0] for s in every), min(s[1] for s in every))
+    rows = max(s[0] for s in every) - out[0]
+    warnings.append(
+        f"{name}: vocabulary sizes differ ({sorted({s[0] for s in every})}); "
+        f"output keeps {out[0]} rows, {rows} rows of the larger vocab are dropped or filled from the base"
+    )
+    return tuple(out)
+
+
+def _fit_rows(x: mx.array, shape: tuple[int, ...], fill: mx.array | None) -> mx.array:
+    """Crop (or pad from ``fill``, else zeros) a 2-D embedding to ``shape``."""
+    x = x[: shape[0], : shape[1]]
+    if x.shape[0] < shape[0]:
+        pad = fill[x.shape[0] : shape[0]] if fill is not None else mx.zeros((shape[0] - x.shape[0], shape[1]))
+        x = mx.concatenate([x, pad], axis=0)
+    return x
+
+
+def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
+    """Merge one output tensor in float32 (lazy; the writer evaluates it)."""
+    p = plan.tensor(name)
+    xs = [plan.checkpoints[i].get(n, mx.float32) for i, n in p.inputs]
+    base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32) if p.base else None
+    if base is not None and tuple(base.shape) != p.shape:
+        base = _fit_rows(base, p.shape, None)
+    xs = [x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs]
+    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**p.global_params, **p.tensor_params}.items()}
+    fn = plan.method.fn
+
+    def call(ts, b, tag):
+        extra = {}
+        if plan.method.random:
+            extra["keys"] = [derive_key(seed, tag, i) for i, _ in p.inputs]
+        return fn(ts, b, **kwargs, **extra)
+
+    if is_stacked_experts(name, p.shape):
+        # Per-expert statistics, matching mergekit on the HF (unstacked) layout.
+        out = [
+            call([x[e] for x in xs], None if base is None else base[e], f"{name}[{e}]")
+            for e in range(p.shape[0])
+        ]
+        return mx.stack(out)
+    return call(xs, base, name)
+
+
+def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
+    # Once, on the first layer matrix: enough to catch a different base, no extra I/O after.
+    p = plan.tensor(name)
+    if checked or p.base is None or len(p.shape) != 2 or p.is_embed:
+        return
+    checked.add(name)
+    base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32)
+    base_norm = mx.linalg.norm(base.reshape(-1)).item()
+    for i, n in p.inputs:
+        if base_norm == 0:
+            continue
+        x = plan.checkpoints[i].get(n, mx.float32)
+        ratio = mx.linalg.norm((x - base).reshape(-1)).item() / base_norm
+        if ratio > TASK_VECTOR_WARN_RATIO:
+            msg = (f"{plan.models[i]}: task vector of {name} is {ratio:.0%} of the base's norm; "
+                   f"is {plan.models[i]} really fine-tuned from {plan.recipe.base_model}?")  # fmt: skip
+            plan.warnings.append(msg)
+            log.warning(msg)
+
+
+def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
+    """What --dry-run prints: tensors, layers, parameters per tensor group, memory, size."""
+    groups: dict[str, list] = {}
+    for p in plan.tensors:
+        key = re.sub(r"\.\d+\.", ".N.", p.name)
+        groups.setdefault(key, []).append(p)
+    rows = []
+    for key, ps in groups.items():
+        params = {}
+        for k in list(ps[0].global_params) + list(ps[0].tensor_params):
+            vals = [p.global_params.get(k, p.tensor_params.get(k)) for p in ps]
+            params[k] = vals[0] if all(v == vals[0] for v in vals) else vals
+        rows.append({"tensors": key, "count": len(ps), "shape": list(ps[0].shape), "parameters": params})
+    largest = max(math.prod(p.shape) for p in plan.tensors) * 4
+    n_inputs = max(len(p.inputs) + (p.base is not None) for p in plan.tensors)
+    return {
+        "method": plan.recipe.merge_method,
+        "models": plan.models,
+        "base_model": plan.recipe.base_model,
+        "output_tensors": len(plan.tensors),
+        "output_layers": plan.num_layers,
+        "groups": rows,
+        "largest_tensor_fp32_bytes": largest,
+        # inputs + result + a few temporaries, each at most the largest fp32 tensor
+        "estimated_peak_bytes": largest * (n_inputs + 3),
+        "output_bytes": sum(math.prod(p.shape) for p in plan.tensors) * out_dtype.size,
+        "warnings": plan.warnings,
+    }
+
+
+def model_card(plan: MergePlan) -> ModelCard:
+    spec = plan.method
+    names = "\n".join(f"* {m}" for m in plan.models)
+    base = f"\n\nBase model: {plan.recipe.base_model}" if plan.recipe.base_model else ""
+    body = (
+        "This model was merged with [mlxmerge](https://github.com/mlxmerge/mlxmerge).\n\n"
+        f"## Merge method\n\n`{plan.recipe.merge_method}`: {spec.summary} ({spec.paper}){base}\n\n"
+        f"## Models merged\n\n{names}\n\n## Recipe\n\n```yaml\n{recipe_yaml(plan.recipe)}```"
+    )
+    hub_ids = [m for m in plan.models if not Path(m).exists()]
+    return ModelCard(f"{plan.recipe.merge_method} merge", body, hub_ids, ["mlxmerge", "merge"])
+
+
+def merge(
+    recipe: Recipe | str | Path | dict,
+    output: str | Path,
+    *,
+    allow_crimes: bool = False,
+    seed: int = 0,
+    layout: str = "mlx",
+    out_dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Run a mergekit recipe and write the merged model to ``output``."""
+    plan = plan_merge(recipe, allow_crimes=allow_crimes)
+    recipe = plan.recipe
+    dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
+    tok_src = recipe.tokenizer_source
+    tok_model = (recipe.base_model or plan.models[0]) if tok_src in (None, "base") else tok_src
+    if tok_model not in plan.models:
+        tok_model_path = open_checkpoint(tok_model).path
+    else:
+        tok_model_path = plan.checkpoints[plan.models.index(tok_model)].path
+    chat_template = recipe.chat_template if recipe.chat_template not in (None, "auto") else None
+    checked: set[str] = set()
+
+    def compute(name: str) -> mx.array:
+        _task_vector_check(plan, name, checked)
+        return compute_tensor(plan, name, seed)
+
+    return write_model(
+        output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
+        tokenizer_source=tok_model_path, card=model_card(plan), dtype=dtype, layout=layout,
+        shard_size=parse_size(shard_size), num_layers=plan.num_layers, chat_template=chat_template,
+        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
+        progress=progress,
+    )  # fmt: skip
