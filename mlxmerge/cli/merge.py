@@ -224,3 +224,33 @@ def frankenmerge(slices, output, **kw):
     """Stack layer ranges of one or more models (passthrough merge, depth up-scaling)."""
     recipe = {"merge_method": "passthrough", "slices": [parse_slice(s) for s in slices]}
     run_recipe(recipe, output, **kw)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", default=None, help="Base model: adds task-vector norms and sign conflicts.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def diff(a, b, base, plot, as_json):
+    """Compare A and B per layer and tensor group before merging them."""
+    from mlxmerge.merge.diagnostics import diff_models, plot_diff
+
+    with progress_bar(None, "diff", "tensor") as bar:
+        report = diff_models(a, b, base, progress=lambda _n: bar.update())
+    if plot:
+        plot_diff(report, plot)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    cols = ["cosine", "angle_deg", "rel_diff"] + (
+        ["task_norm_a", "task_norm_b", "task_cosine", "sign_conflict"] if base else []
+    )
+    click.echo(f"{'layer':>5} {'group':<8} " + " ".join(f"{c:>13}" for c in cols))
+    for r in report["rows"] + [report["overall"]]:
+        layer = "-" if r["layer"] is None else r["layer"]
+        click.echo(f"{layer:>5} {r['group']:<8} " + " ".join(f"{r[c]:>13.4f}" for c in cols))
+    for n in report["skipped"][:5]:
+        click.echo(f"skipped {n}: shapes differ")
+    for w in report["warnings"]:
+        click.echo(f"warning: {w}")
