@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -301,7 +302,9 @@ def _leaves(value):
 
 def _check_value(method: str, key: str, value, where: str, spec: MethodSpec) -> None:
     def bad(expect: str):
-        raise RecipeError(f"{where}: parameter {key!r} of {method} must be {expect}, got {value!r}.")
+        raise RecipeError(
+            f"{where}: parameter {key!r} of {method} must be {expect}, got {value!r}."
+        )
 
     default = spec.global_params.get(key, spec.tensor_params.get(key))
     if key in spec.choices:
@@ -358,9 +361,9 @@ def check_params(
                 raise RecipeError(
                     f"{where}: merge method {method_name!r} requires parameter {key!r}."
                 )
-        d, e = params.get("density"), params.get("epsilon")
-        if "epsilon" in accepted and isinstance(d, numbers.Real) and isinstance(e, numbers.Real):
-            check_della(d, e, method_name)
+    d, e = params.get("density"), params.get("epsilon")
+    if "epsilon" in accepted and isinstance(d, numbers.Real) and isinstance(e, numbers.Real):
+        check_della(d, e, f"{where}: {method_name}")
 
 
 def call_method(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
-from mlxmerge.merge.methods.common import check_shapes
+from mlxmerge.merge.methods.common import check_shapes, fsum
 
 
 def model_stock(
@@ -39,11 +39,13 @@ def model_stock(
         w0 = base.reshape(-1)
         ws = [x.reshape(-1) for x in tensors]
     offsets = [w - w0 for w in ws]
-    norms = [mx.sqrt(mx.sum(o * o, axis=-1)) for o in offsets]
+    # Per row when filter_wise, else one blocked reduction over the whole tensor.
+    rowsum = (lambda p: mx.sum(p, axis=-1)) if filter_wise else fsum
+    norms = [mx.sqrt(rowsum(o * o)) for o in offsets]
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            c = mx.sum(offsets[i] * offsets[j], axis=-1) / mx.maximum(norms[i] * norms[j], 1e-6)
+            c = rowsum(offsets[i] * offsets[j]) / mx.maximum(norms[i] * norms[j], 1e-6)
             cosines.append(mx.clip(c, -1.0, 1.0))
     cos = mx.clip(mx.mean(mx.stack(cosines), axis=0), 0.0, 1.0)[..., None]
     n = len(ws)

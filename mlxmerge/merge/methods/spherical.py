@@ -18,7 +18,7 @@ import math
 import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
-from mlxmerge.merge.methods.common import check_shapes, dot, norm, per_model
+from mlxmerge.merge.methods.common import check_shapes, dot, fsum, norm, per_model
 
 DOT_THRESHOLD = 0.9995
 
@@ -62,10 +62,13 @@ def _nuslerp(t: float, v0: mx.array, v1: mx.array, row_wise: bool, flatten: bool
     elif row_wise:
         v0, v1 = mx.swapaxes(v0, 0, -1), mx.swapaxes(v1, 0, -1)
 
-    def unit(x):
-        return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), 1e-7)
+    def rowsum(x):  # one vector when flattened: use the blocked full reduction
+        return fsum(x).reshape(1) if flatten else mx.sum(x, axis=-1, keepdims=True)
 
-    cos = mx.sum(unit(v0) * unit(v1), axis=-1, keepdims=True)
+    def unit(x):
+        return x / mx.maximum(mx.sqrt(rowsum(x * x)), 1e-7)
+
+    cos = rowsum(unit(v0) * unit(v1))
     theta = mx.arccos(mx.clip(cos, -1.0, 1.0))
     sin_theta = mx.sin(theta)
     colinear = mx.abs(sin_theta) < 1e-8
@@ -118,16 +121,18 @@ def multislerp(
     if normalize_weights:
         total = float(sum(w))
         if abs(total) < 1e-12:
-            raise RecipeError(f"multislerp: the weights {w} sum to 0; set normalize_weights: false.")
+            raise RecipeError(
+                f"multislerp: the weights {w} sum to 0; set normalize_weights: false."
+            )
         w = [wi / total for wi in w]
     x = mx.stack([v.reshape(-1) for v in tensors])  # (n_models, numel)
     if base is not None:
         x = x - base.reshape(1, -1)
     wa = mx.array(w, dtype=mx.float32)[:, None]
-    norms = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))  # (n_models, 1)
+    norms = mx.stack([norm(v) for v in x])[:, None]  # (n_models, 1)
     units = x / (norms + eps)
     mean = mx.sum(units * wa, axis=0)
-    mean_norm = mx.sqrt(mx.sum(mean * mean))
+    mean_norm = norm(mean)
     if len(tensors) == 2:
         lerp = wa[0] * x[0] + wa[1] * x[1]
     elif mean_norm.item() < eps:
@@ -136,9 +141,9 @@ def multislerp(
             "balancing weights); change the weights."
         )
     mean = mean / mx.maximum(mean_norm, eps)
-    tangent = units - mx.sum(units * mean, axis=-1, keepdims=True) * mean
-    tangent = mx.sum(tangent * wa, axis=0)
-    tn = mx.sqrt(mx.sum(tangent * tangent)) + eps
+    dots = mx.stack([dot(u, mean) for u in units])[:, None]
+    tangent = mx.sum((units - dots * mean) * wa, axis=0)
+    tn = norm(tangent) + eps
     res = mean * mx.cos(tn) + tangent * (mx.sin(tn) / tn)
     res = res * mx.sum(norms[:, 0] * wa[:, 0])
     if len(tensors) == 2:

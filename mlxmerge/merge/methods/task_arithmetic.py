@@ -18,7 +18,13 @@ import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.methods import sparsify as sp
-from mlxmerge.merge.methods.common import check_choice, check_shapes, per_model, top_k_mask
+from mlxmerge.merge.methods.common import (
+    check_choice,
+    check_shapes,
+    fsum,
+    per_model,
+    top_k_mask,
+)
 
 CONSENSUS = ("none", "sum")
 ELECT = ("weighted", "unweighted")
@@ -172,7 +178,7 @@ def sce(
             k = int(mx.sum(var != 0).item() * select_topk)
             keep = top_k_mask(var, k)
         tv = mx.where(keep, tv, 0.0)
-    energy = mx.mean(tv.reshape(tv.shape[0], -1) ** 2, axis=1)  # (n_models,)
+    energy = mx.stack([fsum(t * t) / t.size for t in tv])  # mean τᵢ², (n_models,)
     total = mx.sum(energy)
     w = mx.where(mx.abs(total) < 1e-6, 1.0 / tv.shape[0], energy / mx.where(total == 0, 1, total))
     w = w.reshape((-1,) + (1,) * base.ndim)
