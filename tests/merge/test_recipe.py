@@ -53,7 +53,9 @@ def test_precedence_source_over_slice_over_top_level():
 
 
 def test_models_form_adds_missing_base():
-    r = parse_recipe({"merge_method": "ties", "base_model": "base", "models": ["a", {"model": "b"}]})
+    r = parse_recipe(
+        {"merge_method": "ties", "base_model": "base", "models": ["a", {"model": "b"}]}
+    )
     assert [s.model for s in r.slices[0].sources] == ["a", "b", "base"]
     assert r.models == ["base", "a", "b"]
 
@@ -61,13 +63,31 @@ def test_models_form_adds_missing_base():
 @pytest.mark.parametrize(
     "raw, match",
     [
-        ({"merge_method": "linear", "models": ["a"], "paramters": {}}, "unknown key .paramters.*did you mean .parameters."),
+        (
+            {"merge_method": "linear", "models": ["a"], "paramters": {}},
+            "unknown key .paramters.*did you mean .parameters.",
+        ),
         ({"models": ["a"]}, "merge_method is missing"),
         ({"merge_method": "linear"}, "exactly one of models or slices"),
-        ({"merge_method": "linear", "models": ["a"], "slices": []}, "exactly one of models or slices"),
-        ({"merge_method": "linear", "models": ["a"], "tokenizer_source": "union"}, "union is not supported"),
-        ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [4, 2]}]}]}, "layer_range"),
-        ({"merge_method": "linear", "models": [{"model": "a", "weight": 1}]}, "unknown key 'weight'"),
+        (
+            {"merge_method": "linear", "models": ["a"], "slices": []},
+            "exactly one of models or slices",
+        ),
+        (
+            {"merge_method": "linear", "models": ["a"], "tokenizer_source": "union"},
+            "union is not supported",
+        ),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": "a", "layer_range": [4, 2]}]}],
+            },
+            "layer_range",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a", "weight": 1}]},
+            "unknown key 'weight'",
+        ),
         ({"merge_method": "linear", "models": ["a+lora"]}, "LoRA"),
     ],
 )
@@ -86,5 +106,10 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 
 
 def test_source_and_slice_types():
-    r = parse_recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]})
+    r = parse_recipe(
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
+        }
+    )
     assert r.slices == [Slice([Source("a", (0, 2), {})], {})]

@@ -73,8 +73,12 @@ def test_gradient_resolves_per_layer_and_ends_at_t1(family, tmp_path):
     got = weights(merge(recipe, tmp_path / "ta"))
     for i in range(4):
         n = f"model.layers.{i}.mlp.up_proj.weight"
-        np.testing.assert_allclose(got[n], base[n] + (i / 3) * (a[n] - base[n]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"], atol=1e-7)
+        np.testing.assert_allclose(
+            got[n], base[n] + (i / 3) * (a[n] - base[n]), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(
+        got["model.embed_tokens.weight"], base["model.embed_tokens.weight"], atol=1e-7
+    )
     np.testing.assert_allclose(got["model.norm.weight"], a["model.norm.weight"], rtol=1e-6)
 
 
@@ -116,7 +120,9 @@ def test_dry_run_writes_nothing(family, tmp_path):
     assert r.exit_code == 0, r.output
     assert "ties" in r.output and "estimated peak" in r.output and "density=[0.2, 0.2]" in r.output
     assert not (tmp_path / "d").exists()
-    r = run("ties", "--base", family["base"], family["model_a"], "--weight", "1", "--dry-run", "--json")
+    r = run(
+        "ties", "--base", family["base"], family["model_a"], "--weight", "1", "--dry-run", "--json"
+    )
     plan = json.loads(r.output)
     assert plan["output_tensors"] == len(open_checkpoint(family["base"]).names())
 
@@ -126,7 +132,9 @@ def test_recipe_file_round_trip(family, tmp_path):
     assert r.exit_code == 0, r.output
     r = run("merge", tmp_path / "one" / "mlxmerge_config.yml", tmp_path / "two")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "two" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_stacked_experts_merge_per_expert(tmp_path, family):
@@ -138,7 +146,9 @@ def test_stacked_experts_merge_per_expert(tmp_path, family):
     paths = []
     for seed in (1, 2):
         w = dict(tree_flatten(model_from_config(cfg, seed).parameters()))
-        paths.append(save_weights(tmp_path / f"moe{seed}", w, cfg, family["tokenizer"], layout="mlx"))
+        paths.append(
+            save_weights(tmp_path / f"moe{seed}", w, cfg, family["tokenizer"], layout="mlx")
+        )
     recipe = {"merge_method": "slerp", "base_model": str(paths[0]),
               "models": [{"model": str(p)} for p in paths], "parameters": {"t": 0.3}, "out_dtype": "float32"}  # fmt: skip
     got = weights(merge(recipe, tmp_path / "moe-merged"))
@@ -156,7 +166,10 @@ def test_stacked_experts_merge_per_expert(tmp_path, family):
     [
         (["merge-kit"], None),
         (["ties", "{a}", "{b}"], "needs --base"),
-        (["slerp", "{a}", "{wide}", "--t", "0.5"], "different architectures.*intermediate_size 128 vs 96"),
+        (
+            ["slerp", "{a}", "{wide}", "--t", "0.5"],
+            "different architectures.*intermediate_size 128 vs 96",
+        ),
         (["slerp", "{a}", "{b}", "--t", "0.5", "--tt", "1"], None),
         (["frankenmerge", "--slice", "{a}:0-9"], "out of range; it has 4 layers"),
         (["slerp", "{a}", "{deep}", "--t", "0.5"], None),
@@ -165,7 +178,12 @@ def test_stacked_experts_merge_per_expert(tmp_path, family):
     ],
 )
 def test_user_errors_are_one_line(family, tmp_path, args, match):
-    names = {"a": family["model_a"], "b": family["model_b"], "wide": family["wide"], "deep": family["deep"]}
+    names = {
+        "a": family["model_a"],
+        "b": family["model_b"],
+        "wide": family["wide"],
+        "deep": family["deep"],
+    }
     args = [a.format(**names) for a in args] + ["-o", str(tmp_path / "x")]
     r = run(*args)
     assert r.exit_code != 0
@@ -180,7 +198,13 @@ def test_user_errors_are_one_line(family, tmp_path, args, match):
 
 def test_unknown_method_suggests_closest(family):
     with pytest.raises(RecipeError, match="dare_ties"):
-        plan_merge({"merge_method": "dare-ties", "base_model": str(family["base"]), "models": [str(family["model_a"])]})
+        plan_merge(
+            {
+                "merge_method": "dare-ties",
+                "base_model": str(family["base"]),
+                "models": [str(family["model_a"])],
+            }
+        )
 
 
 def test_misspelt_parameter_lists_accepted(family):
@@ -216,6 +240,9 @@ def test_vocab_mismatch_crops_with_warning(family, tmp_path, caplog):
 
 def test_missing_input_leaves_no_output(family, tmp_path):
     with pytest.raises(CheckpointError):
-        merge({"merge_method": "linear", "models": [str(family["base"]), str(tmp_path / "none")]}, tmp_path / "o")
+        merge(
+            {"merge_method": "linear", "models": [str(family["base"]), str(tmp_path / "none")]},
+            tmp_path / "o",
+        )
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
