@@ -99,6 +99,8 @@ def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, ex
     )
 
 
+_TRIM_SCOPES = ("tensor", "model")
+
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         fn=m.linear,
@@ -387,3 +389,13 @@ def call_method(
     if spec.random:
         kwargs["keys"] = keys
     return spec.fn(tensors, base, **kwargs)
+
+
+# TIES paper: trim over each model's whole task vector, not per tensor (the runner's pre-pass).
+METHODS["ties"] = MethodSpec(
+    **{
+        **METHODS["ties"].__dict__,
+        "global_params": {**METHODS["ties"].global_params, "trim_scope": "tensor"},
+        "choices": {**METHODS["ties"].choices, "trim_scope": _TRIM_SCOPES},
+    }
+)

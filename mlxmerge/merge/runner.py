@@ -15,6 +15,7 @@ from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, ModelCard, layer_index, open_checkpoint, parse_size, write_model
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.output import check_output
 from mlxmerge.merge.recipe import Recipe, Slice, Source, parse_recipe, recipe_yaml, resolve_parameter
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, derive_key, get_method
 
@@ -51,6 +52,7 @@ class MergePlan:
     num_layers: int
     config: dict
     warnings: list[str] = field(default_factory=list)
+    trim_thresholds: list[float] | None = None  # set by prepare() for TIES trim_scope: model
 
     def tensor(self, name: str) -> PlannedTensor:
         return self._by_name[name]
@@ -249,6 +251,23 @@ def _fit_rows(x: mx.array, shape: tuple[int, ...], fill: mx.array | None) -> mx.
     return x
 
 
+def prepare(plan: MergePlan) -> None:
+    """Whole-model statistics some options need before the first tensor (TIES model-wide trim)."""
+    scopes = {p.global_params.get("trim_scope", "tensor") for p in plan.tensors}
+    if "model" not in scopes:
+        return
+    if scopes != {"model"}:
+        raise RecipeError("trim_scope must be the same for every tensor (it is one model-wide threshold)")
+    from mlxmerge.merge.global_trim import model_thresholds
+
+    first = next(p for p in plan.tensors if p.inputs)
+    densities = first.tensor_params["density"]
+    if any(p.tensor_params.get("density") != densities for p in plan.tensors if p.inputs):
+        raise RecipeError("trim_scope: model needs one density per model (no gradients or filters)")
+    plan.trim_thresholds = model_thresholds(plan, densities)
+    log.info("model-wide TIES thresholds: %s", plan.trim_thresholds)
+
+
 def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
     """Merge one output tensor in float32 (lazy; the writer evaluates it)."""
     p = plan.tensor(name)
@@ -258,6 +277,8 @@ def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
         base = _fit_rows(base, p.shape, None)
     xs = [x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs]
     kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**p.global_params, **p.tensor_params}.items()}
+    if plan.trim_thresholds is not None:
+        kwargs["trim_thresholds"] = plan.trim_thresholds
     fn = plan.method.fn
 
     def call(ts, b, tag):
@@ -354,6 +375,8 @@ def merge(
     """Run a mergekit recipe and write the merged model to ``output``."""
     plan = plan_merge(recipe, allow_crimes=allow_crimes)
     recipe = plan.recipe
+    check_output(output, plan.models, force=force)  # before any long pre-pass
+    prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
     tok_src = recipe.tokenizer_source
     tok_model = (recipe.base_model or plan.models[0]) if tok_src in (None, "base") else tok_src

@@ -63,6 +63,8 @@ def generalized_task_arithmetic(
     elect: str = "weighted",
     disjoint_mean: str = "weight",
     keys: list[mx.array] | None = None,
+    trim_scope: str = "tensor",
+    trim_thresholds: list[float] | None = None,
     sparsify: str = "none",
     consensus: str = "none",
 ) -> mx.array:
@@ -72,12 +74,16 @@ def generalized_task_arithmetic(
     ``elect``: 'weighted' elects sign(Σ wᵢδᵢ) (mergekit), 'unweighted' sign(Σ δᵢ) (paper).
     ``disjoint_mean``: with normalize, divide by Σ of agreeing weights (mergekit) or by the
     count of agreeing entries (paper, PEFT).
+    ``trim_scope``: 'tensor' keeps the top ``density`` of each tensor (mergekit); 'model' keeps
+    entries with |δ| ≥ the model-wide threshold in ``trim_thresholds`` (TIES paper), which the
+    runner computes over every tensor of each model before merging.
     """
     check_choice(sparsify, "sparsify", sp.SPARSIFY)
     check_choice(consensus, "consensus", CONSENSUS)
     check_choice(rescale_mode, "rescale_mode", sp.RESCALE_MODES)
     check_choice(elect, "elect", ELECT)
     check_choice(disjoint_mean, "disjoint_mean", DISJOINT_MEAN)
+    check_choice(trim_scope, "trim_scope", ("tensor", "model"))
     if not tensors:
         return base
     check_shapes(tensors, base)
@@ -94,7 +100,11 @@ def generalized_task_arithmetic(
         d = x - base
         if sparsify != "none":
             sp.check_density(dens[i], sparsify)
-        if sparsify == "magnitude":
+        if sparsify == "magnitude" and trim_scope == "model":
+            if trim_thresholds is None:
+                raise ValueError("trim_scope='model' needs the model-wide trim_thresholds")
+            d = mx.where(mx.abs(d) >= trim_thresholds[i], d, 0.0)
+        elif sparsify == "magnitude":
             d = sp.magnitude(d, dens[i], rescale, rescale_mode)
         elif sparsify == "random":
             d = sp.bernoulli(d, dens[i], keys[i], rescale, rescale_mode)
