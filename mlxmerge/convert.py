@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import mlx.core as mx
-
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
 
@@ -33,8 +31,10 @@ def convert(
         body=f"Converted from `{model}` with `mlxmerge convert`.",
         base_models=[str(model)] if not Path(str(model)).exists() else [],
     )
+    # No math here, so no float32 detour: casting straight to the output dtype rounds
+    # identically (bit-exact for bf16/fp16/fp32) and halves the time spent casting.
     return write_model(
-        output, plan, lambda n: ckpt.get(n, mx.float32), config=ckpt.config,
+        output, plan, ckpt.get, config=ckpt.config,
         tokenizer_source=ckpt.path, card=card, dtype=out_dtype, layout=layout, quantize=quant,
         shard_size=parse_size(shard_size), inputs=[model], force=force, progress=progress,
     )  # fmt: skip

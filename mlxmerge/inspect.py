@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mlxmerge.io import open_checkpoint
+from mlxmerge.errors import CheckpointError
+from mlxmerge.io import Checkpoint, open_checkpoint
 
 
 def inspect_model(model: str) -> dict:
     """Architecture, size, dtypes and quantization of ``model``."""
     ckpt = open_checkpoint(model)
     names = ckpt.names()
-    dtypes = Counter(str(ckpt.dtype(n)).removeprefix("mlx.core.") for n in names)
+    dtypes = Counter(_dtype_name(ckpt, n) for n in names)
     quantized = [n for n in names if ckpt.is_quantized(n)]
     quant = None
     if quantized:
@@ -34,3 +35,10 @@ def inspect_model(model: str) -> dict:
         "size_on_disk": ckpt.size_on_disk,
         "format": ckpt.metadata.get("format"),
     }
+
+
+def _dtype_name(ckpt: Checkpoint, name: str) -> str:
+    try:
+        return str(ckpt.dtype(name)).removeprefix("mlx.core.")
+    except CheckpointError:  # FP8 and the like: describable, though not loadable
+        return ckpt.entries[name].dtype

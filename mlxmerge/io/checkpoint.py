@@ -81,8 +81,14 @@ class Checkpoint:
 
     def dtype(self, name: str) -> mx.Dtype:
         if self.is_quantized(name):
-            return SAFETENSORS_TO_MX[self.entries[name.removesuffix(".weight") + ".scales"].dtype]
-        return SAFETENSORS_TO_MX[self._entry(name).dtype]
+            name = name.removesuffix(".weight") + ".scales"
+        stored = self._entry(name).dtype
+        if stored not in SAFETENSORS_TO_MX:
+            raise CheckpointError(
+                f"{self.entries[name].file}: tensor {name} is stored as {stored}, which MLX cannot "
+                "load (FP8 and float64 checkpoints are not supported; convert them to bf16 first)"
+            )
+        return SAFETENSORS_TO_MX[stored]
 
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
@@ -99,6 +105,7 @@ class Checkpoint:
     def get(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
         """The tensor as a lazy array (dequantized if stored quantized), optionally cast."""
         entry = self._entry(name)
+        self.dtype(name)  # refuses dtypes mx.load would reject or misread (FP8 as raw bytes)
         # A fresh lazy dict per call: keeping one would pin every evaluated tensor in memory.
         arrays = mx.load(str(entry.file))
         if self.is_quantized(name):

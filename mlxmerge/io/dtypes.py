@@ -6,8 +6,9 @@ import mlx.core as mx
 
 from mlxmerge.errors import MlxmergeError
 
+# What mx.load reads faithfully: it refuses F64 and F8_E5M2, and hands F8_E4M3 back as raw uint8.
 SAFETENSORS_TO_MX = {
-    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64,
+    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16,
     "I64": mx.int64, "I32": mx.int32, "I16": mx.int16, "I8": mx.int8,
     "U64": mx.uint64, "U32": mx.uint32, "U16": mx.uint16, "U8": mx.uint8, "BOOL": mx.bool_,
 }  # fmt: skip

@@ -64,6 +64,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
     data_size = size - 8 - n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -78,8 +80,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 def _entry(path: Path, name: str, info, data_size: int) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        shape = tuple(int(d) for d in shape)
-        begin, end = int(begin), int(end)
+        # Exact ints only: mx.load fails with a bare RuntimeError on strings, misreads bools.
+        if not isinstance(dtype, str) or not isinstance(shape, list):
+            raise TypeError
+        if not all(type(v) is int for v in (*shape, begin, end)):
+            raise TypeError
+        shape = tuple(shape)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name} has a malformed header entry") from None
     if dtype not in DTYPE_SIZES:
