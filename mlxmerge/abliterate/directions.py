@@ -1,0 +1,180 @@
+"""Refusal directions: difference of means of the residual stream, chosen by measurement.
+
+Residual points are indexed 0..L: point l < L is the input of layer l, point L the output of
+the last layer. ``diff[l, p] = mean_harmful − mean_harmless`` at point l and post-instruction
+position p (Arditi et al. 2024, arXiv 2406.11717, §2.1-2.3). The "projected" variant removes the
+component along the harmless mean (heretic's ``orthogonalize_direction``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from mlxmerge.abliterate.hooks import Instrumented
+from mlxmerge.eval.divergence import kl_divergence, log_softmax
+from mlxmerge.eval.generation import batches, last_logits, make_batch_cache, pad_left
+
+log = logging.getLogger(__name__)
+
+
+def mean_residuals(
+    inst: Instrumented, token_lists: Sequence[Sequence[int]], n_positions: int, *,
+    pad_id: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Mean residual stream at the last ``n_positions`` positions, (L+1, P, d) in float64."""
+    n_layers = len(inst.probes)
+    total = None
+    for idx in batches(token_lists, batch_size, inst.model):
+        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
+        for probe in inst.probes:
+            probe.slot.record, probe.slot.inputs, probe.slot.outputs = n_positions, [], []
+        inst.model(tokens, cache=make_batch_cache(inst.model, padding))
+        points = [inst.probes[i].slot.inputs[0] for i in range(n_layers)]
+        points.append(inst.probes[-1].slot.outputs[0])
+        acts = mx.stack(points).astype(mx.float32)  # (L+1, B, P, d)
+        mx.eval(acts)
+        s = np.asarray(acts, dtype=np.float64).sum(axis=1)
+        total = s if total is None else total + s
+        if progress:
+            progress(len(idx))
+    for probe in inst.probes:
+        probe.slot.record, probe.slot.inputs, probe.slot.outputs = 0, [], []
+    return total / len(token_lists)
+
+
+def difference_of_means(
+    harmful_mean: np.ndarray, harmless_mean: np.ndarray, *, projected: bool = True
+) -> np.ndarray:
+    """Candidate directions (L+1, P, d), unnormalized; ``projected`` removes the harmless-mean part."""
+    diff = harmful_mean - harmless_mean
+    if projected:
+        g = harmless_mean / np.maximum(np.linalg.norm(harmless_mean, axis=-1, keepdims=True), 1e-12)
+        diff = diff - np.sum(diff * g, axis=-1, keepdims=True) * g
+    return diff
+
+
+def unit_np(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def refusal_score(logits: mx.array, refusal_ids: Sequence[int], eps: float = 1e-8) -> mx.array:
+    """Per-prompt log-odds of starting with a refusal token: log p_R − log(1 − p_R)."""
+    p = mx.exp(log_softmax(logits))
+    p_r = mx.sum(p[:, mx.array(list(refusal_ids))], axis=-1)
+    return mx.log(p_r + eps) - mx.log(1 - p_r + eps)
+
+
+@dataclass
+class Candidate:
+    layer: int  # residual point the direction comes from
+    position: int  # negative index into the prompt
+    bypass: float  # mean refusal log-odds on harmful prompts with the direction ablated
+    kl: float  # mean first-token KL(base ‖ ablated) on harmless prompts
+    induce: float  # mean refusal log-odds on harmless prompts with the raw difference added
+    reason: str = ""  # why it was filtered out ("" = kept)
+
+
+@dataclass
+class Selection:
+    candidates: list[Candidate]
+    chosen: Candidate
+    why: str
+    separation: list[float] = field(default_factory=list)  # per point, at the chosen position
+
+
+def score_candidates(
+    inst: Instrumented, diffs: np.ndarray, harmful_val: list[list[int]], harmless_val: list[list[int]],
+    refusal_ids: Sequence[int], *, edit_layers: Sequence[int], strength: float = 1.0,
+    candidate_layers: Sequence[int], pad_id: int = 0, batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[Candidate]:  # fmt: skip
+    """Measure bypass, KL and induce for every (layer, position) candidate."""
+    n_layers = len(inst.probes)
+    n_pos = diffs.shape[1]
+    base_harmless = last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size)
+    lam = [strength if i in set(edit_layers) else 0.0 for i in range(n_layers)]
+    out = []
+    for layer in candidate_layers:
+        for p in range(n_pos):
+            if np.linalg.norm(diffs[layer, p]) < 1e-6 * max(np.linalg.norm(diffs), 1e-30):
+                # Template tokens at the embedding point: identical for both sets.
+                c = Candidate(layer, p - n_pos, float("nan"), float("nan"), float("nan"))
+                out.append(c)
+                if progress:
+                    progress(1)
+                continue
+            r = mx.array(unit_np(diffs[layer, p]).astype(np.float32))
+            inst.set_ablation(r, lam, lam)
+            bypass = refusal_score(
+                last_logits(inst.model, harmful_val, pad_id=pad_id, batch_size=batch_size),
+                refusal_ids,
+            ).mean()
+            kl = kl_divergence(
+                base_harmless,
+                last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size),
+            ).mean()
+            inst.clear_ablation()
+            induce = mx.array(float("nan"))
+            if layer < n_layers:
+                inst.probes[layer].slot.add = mx.array(diffs[layer, p].astype(np.float32))
+                induce = refusal_score(
+                    last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size),
+                    refusal_ids,
+                ).mean()
+                inst.probes[layer].slot.add = None
+            out.append(Candidate(layer, p - n_pos, bypass.item(), kl.item(), induce.item()))
+            if progress:
+                progress(1)
+    return out
+
+
+def select_candidate(
+    candidates: list[Candidate], n_layers: int, *, kl_threshold: float = 0.1,
+    induce_threshold: float = 0.0, prune_fraction: float = 0.2,
+) -> tuple[Candidate, str]:  # fmt: skip
+    """Arditi's filters (NaN, last 20% of layers, KL, induce), then the lowest bypass score."""
+    limit = int((1 - prune_fraction) * n_layers)
+    for c in candidates:
+        if any(np.isnan(v) for v in (c.bypass, c.kl, c.induce)):
+            c.reason = "no difference" if np.isnan(c.bypass) else "nan"
+        elif c.layer >= limit:
+            c.reason = f"layer >= {limit} (last {prune_fraction:.0%})"
+        elif c.kl > kl_threshold:
+            c.reason = f"kl > {kl_threshold}"
+        elif c.induce < induce_threshold:
+            c.reason = f"induce < {induce_threshold}"
+    kept = [c for c in candidates if not c.reason]
+    if kept:
+        best = min(kept, key=lambda c: c.bypass)
+        why = (
+            f"lowest refusal score after ablation ({best.bypass:.2f}) among {len(kept)} of "
+            f"{len(candidates)} candidates passing the filters (layer < {limit}, "
+            f"KL <= {kl_threshold}, induce >= {induce_threshold}); KL {best.kl:.4f}, induce {best.induce:.2f}"
+        )
+        return best, why
+    # Nothing passes: relax to the layer filter only and say so (Arditi's code stops here).
+    pool = [
+        c for c in candidates if not np.isnan(c.bypass) and not c.reason.startswith("layer")
+    ] or [c for c in candidates if not np.isnan(c.bypass)]
+    best = min(pool, key=lambda c: (c.kl > kl_threshold, c.bypass))
+    why = (
+        f"no candidate passed every filter; took the lowest refusal score ({best.bypass:.2f}) "
+        f"preferring KL <= {kl_threshold} (KL {best.kl:.4f}, induce {best.induce:.2f})"
+    )
+    log.warning(why)
+    return best, why
+
+
+def separation(harmful_mean: np.ndarray, harmless_mean: np.ndarray, position: int) -> list[float]:
+    """Per residual point: ‖mean difference‖ / mean ‖activation‖ at one position (plot data)."""
+    d = np.linalg.norm(harmful_mean[:, position] - harmless_mean[:, position], axis=-1)
+    scale = 0.5 * (
+        np.linalg.norm(harmful_mean[:, position], axis=-1)
+        + np.linalg.norm(harmless_mean[:, position], axis=-1)
+    )
+    return (d / np.maximum(scale, 1e-12)).tolist()

@@ -1,0 +1,69 @@
+"""``refusals``: refusal rate, false refusals, first-token KL and perplexity of one model (or two)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mlxmerge.abliterate.prompts import bundled_prompts
+from mlxmerge.eval.divergence import kl_divergence, perplexity
+from mlxmerge.eval.generation import chat_tokens, check_chat_template, last_logits, pad_token_id
+from mlxmerge.eval.prompts import read_prompts
+from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
+from mlxmerge.io import open_checkpoint
+
+Progress = Callable[[str, int, int], None]
+
+
+def refusals(
+    model: str | Path, *, compare: str | Path | None = None, harmful: str | Path | None = None,
+    harmless: str | Path | None = None, column: str | None = None, max_tokens: int = 100,
+    batch_size: int = 16, markers: tuple[str, ...] = REFUSAL_MARKERS, system: str | None = None,
+    template: str | None = None, text: str | Path | None = None, limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict:  # fmt: skip
+    """Evaluate ``model`` (and ``compare``) on harmful and harmless prompts.
+
+    Default prompts are the bundled held-out test splits; a user file is used whole. With
+    ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless answers.
+    """
+    from mlx_lm import load
+
+    from mlxmerge.abliterate.pipeline import _tick, answer_texts
+
+    refs = [model] + ([compare] if compare else [])
+    for ref in refs:
+        open_checkpoint(ref)  # validates before the slow load
+    harm = read_prompts(harmful, column) if harmful else bundled_prompts("harmful", "test")
+    good = read_prompts(harmless, column) if harmless else bundled_prompts("harmless", "test")
+    if limit:
+        harm, good = harm[:limit], good[:limit]
+    texts = read_prompts(text) if text else None
+    out: dict = {"max_tokens": max_tokens, "n_harmful": len(harm), "n_harmless": len(good),
+                 "models": {}}  # fmt: skip
+    answers, logits = {}, {}
+    for ref in refs:
+        net, tok = load(str(open_checkpoint(ref).path))
+        check_chat_template(tok, template)
+        ht = chat_tokens(tok, harm, system=system, chat_template=template)
+        gt = chat_tokens(tok, good, system=system, chat_template=template)
+        a_h = answer_texts(net, tok, ht, max_tokens=max_tokens, batch_size=batch_size,
+                           progress=progress, stage=f"{Path(str(ref)).name}: harmful")  # fmt: skip
+        a_g = answer_texts(net, tok, gt, max_tokens=max_tokens, batch_size=batch_size,
+                           progress=progress, stage=f"{Path(str(ref)).name}: harmless")  # fmt: skip
+        row = {
+            "refusal_rate": sum(is_refusal(a, markers) for a in a_h) / len(a_h),
+            "harmless_refusal_rate": sum(is_refusal(a, markers) for a in a_g) / len(a_g),
+        }
+        if texts:
+            row["perplexity"] = perplexity(net, tok, texts, batch_size=batch_size,
+                                           progress=_tick(progress, "perplexity", len(texts)))  # fmt: skip
+        answers[str(ref)] = a_g
+        logits[str(ref)] = last_logits(net, gt, pad_id=pad_token_id(tok), batch_size=batch_size)
+        out["models"][str(ref)] = row
+    if compare:
+        base, new = str(compare), str(model)
+        out["models"][new]["kl_vs_compare"] = kl_divergence(logits[base], logits[new]).mean().item()
+        same = sum(a == b for a, b in zip(answers[base], answers[new]))
+        out["models"][new]["same_harmless_answers"] = same / len(good)
+    return out

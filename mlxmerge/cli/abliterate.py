@@ -1,0 +1,237 @@
+"""``abliterate`` and ``refusals``: remove the refusal direction, measure refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mlxmerge.cli import cli
+from mlxmerge.cli.progress import progress_bar
+
+
+class _Bars:
+    """One tqdm bar per stage, fed by the library's (stage, advance, total) callback."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, stage: str, advance: int, total: int):
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = progress_bar(total, stage)
+        bar.update(advance)
+        if bar.n >= total:
+            bar.close()
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value)
+    return p.read_text(encoding="utf-8") if p.is_file() else value
+
+
+def _markers(path: str | None):
+    from mlxmerge.eval.refusal import REFUSAL_MARKERS, read_markers
+
+    return read_markers(path) if path else REFUSAL_MARKERS
+
+
+prompt_options = [
+    click.option("--harmful", type=click.Path(), help="Harmful prompts (.txt, .jsonl, .csv); default: bundled."),
+    click.option("--harmless", type=click.Path(), help="Harmless prompts; default: bundled."),
+    click.option("--column", help="Column of .jsonl/.csv prompt files (default: prompt, text, instruction, goal)."),
+    click.option("--system", help="System prompt for every chat (default: none)."),
+    click.option("--template", help="Chat template (Jinja file or string) when the tokenizer has none."),
+    click.option("--max-tokens", default=100, show_default=True, help="Answer tokens generated to detect refusals."),
+    click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass."),
+    click.option("--markers", type=click.Path(), help="Refusal markers file, one per line (default: built-in list)."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts."),
+]  # fmt: skip
+
+
+def _with(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output model folder.")
+@_with(prompt_options)
+@click.option(
+    "--layers",
+    default="auto",
+    show_default=True,
+    help="Layers whose writers are edited: auto (all), 12-18, 3,5-7.",
+)
+@click.option(
+    "--direction-layer",
+    default="auto",
+    show_default=True,
+    help="Residual point of the direction: auto (measured) or N.",
+)
+@click.option("--strength", default=1.0, show_default=True, help="λ in W ← W − λ r rᵀ W.")
+@click.option(
+    "--trials",
+    default=0,
+    show_default=True,
+    help="Heretic-style kernel search trials (0: Arditi selection only).",
+)
+@click.option(
+    "--pick",
+    type=int,
+    help="Pareto-front index to export after --trials (default: fewest refusals with KL ≤ 0.1).",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for prompt splits and the search.")
+@click.option(
+    "--projected/--no-projected",
+    default=True,
+    show_default=True,
+    help="Remove the harmless-mean component from the direction.",
+)
+@click.option("--norm-preserving", is_flag=True, help="Keep each input column's norm (grimjim).")
+@click.option(
+    "--embeddings",
+    is_flag=True,
+    help="Also edit the token embedding (tied: changes the LM head too).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+)
+@click.option(
+    "--format", "layout", type=click.Choice(["mlx", "hf"]), default="mlx", show_default=True
+)
+@click.option(
+    "--quantize",
+    "bits",
+    type=click.Choice(["4", "8"]),
+    help="Re-quantize the output (warns when it wipes the edit).",
+)
+@click.option("--group-size", default=64, show_default=True)
+@click.option(
+    "--adapter",
+    is_flag=True,
+    help="Write a rank-1 mlx-lm LoRA adapter instead of a model (exact on a quantized base; load with mlx_lm.load(MODEL, adapter_path=OUTPUT)).",
+)
+@click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation on test prompts.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def abliterate(model, output, harmful, harmless, column, system, template, max_tokens, batch_size,
+               markers, as_json, layers, direction_layer, strength, trials, pick, seed, projected,
+               norm_preserving, embeddings, dtype, layout, bits, group_size, adapter, no_eval, force):  # fmt: skip
+    """Remove the refusal direction from MODEL and write the edited model to OUTPUT."""
+    from mlxmerge.abliterate.pipeline import abliterate as run
+    from mlxmerge.io import Quantization
+
+    bars = _Bars()
+    try:
+        report = run(
+            model, output, harmful=harmful, harmless=harmless, column=column, layers=layers,
+            direction_layer=direction_layer, strength=strength, trials=trials, pick=pick,
+            seed=seed, system=system, template=_template(template), batch_size=batch_size,
+            max_tokens=max_tokens, markers=_markers(markers), projected=projected,
+            norm_preserving=norm_preserving, embeddings=embeddings, dtype=dtype, layout=layout,
+            quantize=Quantization(int(bits), group_size) if bits else None, adapter=adapter,
+            evaluate=not no_eval,
+            force=force, progress=bars,
+        )  # fmt: skip
+    finally:
+        bars.close()
+    if as_json:
+        report = {k: v for k, v in report.items() if k != "candidates"}
+        report["direction"] = {k: v for k, v in report["direction"].items() if k != "vector"}
+        click.echo(json.dumps(report, indent=2))
+        return
+    d = report["direction"]
+    click.echo(f"direction: residual point {d['layer']}, position {d['position']}")
+    click.echo(f"  why: {d['why']}")
+    if "search" in report:
+        s = report["search"]
+        click.echo(f"search: {s['trials']} trials, Pareto front (picked {s['picked']}):")
+        for i, t in enumerate(s["front"]):
+            mark = "*" if i == s["picked"] else " "
+            click.echo(
+                f"  {mark}[{i}] refusals {t['refusal_rate']:.0%}  KL {t['kl']:.4f}  trial {t['trial']}"
+            )
+    if "before" in report:
+        b, a = report["before"], report["after"]
+        click.echo(f"{'held-out test':<28}{'before':>10}{'after':>10}")
+        click.echo(
+            f"{'refusal rate (harmful)':<28}{b['refusal_rate']:>10.0%}{a['refusal_rate']:>10.0%}"
+        )
+        click.echo(
+            f"{'refusal rate (harmless)':<28}{b['harmless_refusal_rate']:>10.0%}{a['harmless_refusal_rate']:>10.0%}"
+        )
+        click.echo(f"{'first-token KL (harmless)':<28}{0:>10.4f}{a['kl']:>10.4f}")
+        click.echo(f"{'identical harmless answers':<28}{'':>10}{a['same_harmless_answers']:>10.0%}")
+    if "quantization_residual" in report:
+        click.echo(
+            f"re-quantization noise along r: {report['quantization_residual']:.0%} of the edit"
+        )
+    click.echo(f"wrote {output}" + (f" (plot: {report['plot']})" if report.get("plot") else ""))
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--compare", help="A second model (e.g. the base) for KL and identical-answer counts."
+)
+@_with(prompt_options)
+@click.option(
+    "--text", "text", type=click.Path(), help="Text file (one document per line) for perplexity."
+)
+@click.option("--limit", type=int, help="Use only the first N prompts of each set.")
+def refusals(model, compare, harmful, harmless, column, system, template, max_tokens, batch_size,
+             markers, as_json, text, limit):  # fmt: skip
+    """Refusal rate of MODEL on harmful prompts, false refusals on harmless ones, KL vs --compare."""
+    from mlxmerge.abliterate.evaluate import refusals as run
+
+    bars = _Bars()
+    try:
+        out = run(
+            model, compare=compare, harmful=harmful, harmless=harmless, column=column,
+            max_tokens=max_tokens, batch_size=batch_size, markers=_markers(markers),
+            system=system, template=_template(template), text=text, limit=limit, progress=bars,
+        )  # fmt: skip
+    finally:
+        bars.close()
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    cols = [
+        "refusal_rate",
+        "harmless_refusal_rate",
+        "kl_vs_compare",
+        "same_harmless_answers",
+        "perplexity",
+    ]
+    heads = ["refusals", "false refusals", "KL vs compare", "same answers", "perplexity"]
+    used = [i for i, c in enumerate(cols) if any(c in row for row in out["models"].values())]
+    click.echo(f"{'model':<32}" + "".join(f"{heads[i]:>16}" for i in used))
+    for name, row in out["models"].items():
+        cells = []
+        for i in used:
+            v = row.get(cols[i])
+            if v is None:
+                cells.append(f"{'':>16}")
+            elif cols[i] in ("kl_vs_compare", "perplexity"):
+                cells.append(f"{v:>16.4f}")
+            else:
+                cells.append(f"{v:>16.0%}")
+        click.echo(f"{Path(name).name[:31]:<32}" + "".join(cells))
+    click.echo(
+        f"({out['n_harmful']} harmful, {out['n_harmless']} harmless prompts, {max_tokens} answer tokens)"
+    )
