@@ -1,0 +1,156 @@
+"""``mlxmerge sae ...``: collect activations, train, evaluate, inspect and steer sparse autoencoders."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from mlxmerge.cli import cli
+from mlxmerge.cli.progress import is_quiet, progress_bar
+from mlxmerge.io.writer import parse_size
+
+
+def _size(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a count like 20000, 2M or 500K") from None
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:28s} {value:.6g}" if isinstance(value, float) else f"{key:28s} {value}")
+
+
+@cli.group()
+def sae():
+    """Sparse autoencoders: collect, train, eval, features, steer."""
+
+
+@sae.command()
+@click.argument("model")
+@click.option(
+    "--layer", "layer", type=int, multiple=True, required=True, help="Block index (repeatable)."
+)
+@click.option("--data", required=True, help="A .txt (one document per line) or .jsonl with 'text'.")
+@click.option(
+    "--tokens", default="2M", callback=_size, show_default=True, help="Tokens to collect."
+)
+@click.option("-o", "--out", required=True, help="Output folder.")
+@click.option("--context-size", default=128, show_default=True, help="Tokens per row (BOS first).")
+@click.option(
+    "--dtype", default="float32", type=click.Choice(["float32", "float16"]), show_default=True
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def collect(model, layer, data, tokens, out, context_size, dtype, force):
+    """Cache residual-stream activations of MODEL at one or more layers."""
+    from mlxmerge.sae import collect as run
+
+    with progress_bar(tokens, "collect", "tok") as bar:
+        meta = run(model, list(layer), data, out, tokens=tokens, context_size=context_size,
+                   dtype=dtype, force=force, progress=bar.update)  # fmt: skip
+    click.echo(
+        f"{meta['tokens']} tokens x {len(meta['layers'])} layer(s), d_in {meta['d_in']} -> {out}"
+    )
+
+
+@sae.command()
+@click.argument("model", required=False)
+@click.option("--acts", help="Activation folder from `sae collect`.")
+@click.option("--layer", type=int, help="Block index (on the fly, or to pick one layer of --acts).")
+@click.option("--data", help="Text for on-the-fly training (.txt or .jsonl).")
+@click.option("-o", "--out", required=True, help="Output SAE folder (SAELens format).")
+@click.option("--k", default=32, show_default=True, help="Active latents per token.")
+@click.option("--expansion", default=8, show_default=True, help="d_sae = expansion x d_in.")
+@click.option("--arch", "architecture", default="topk", show_default=True,
+              type=click.Choice(["topk", "batchtopk", "relu"]))  # fmt: skip
+@click.option("--tokens", default="2M", callback=_size, show_default=True, help="Training tokens.")
+@click.option("--batch-size", default=4096, show_default=True, help="Tokens per step.")
+@click.option("--lr", type=float, help="Adam learning rate [2e-4*sqrt(2^14/d_sae); relu 5e-5].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--auxk-alpha", default=1 / 32, show_default=True, help="AuxK weight (0: off).")
+@click.option(
+    "--dead-tokens", type=int, help="Dead window in tokens [min(10M, max(N/20, 16 batches))]."
+)
+@click.option("--l1-coefficient", default=5.0, show_default=True, help="relu only: L1 weight.")
+@click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
+          auxk_alpha, dead_tokens, l1_coefficient, log_every, force):  # fmt: skip
+    """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
+    if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
+        logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
+    from mlxmerge.sae import train as run
+
+    with progress_bar(tokens, "train", "tok") as bar:
+        result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
+                     architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                     log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
+                     auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
+                     l1_coefficient=l1_coefficient)  # fmt: skip
+    _print(result, False)
+
+
+@sae.command("eval")
+@click.argument("sae_path", metavar="SAE")
+@click.argument("model")
+@click.option("--data", required=True, help="Evaluation text (.txt or .jsonl).")
+@click.option("--tokens", default="20K", callback=_size, show_default=True)
+@click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(sae_path, model, data, tokens, layer, as_json):
+    """FVU, explained variance, L0, dead latents and loss recovered with the SAE spliced in."""
+    from mlxmerge.sae import evaluate_sae
+
+    _print(evaluate_sae(sae_path, model, data, tokens=tokens, layer=layer), as_json)
+
+
+@sae.command()
+@click.argument("sae_path", metavar="SAE")
+@click.argument("model")
+@click.option("--data", required=True, help="Text to find top-activating contexts in.")
+@click.option("-o", "--out", required=True, help="Report folder (index.html + features.json).")
+@click.option(
+    "--feature", "features", type=int, multiple=True, help="Latent to report (repeatable)."
+)
+@click.option(
+    "--n-features", default=50, show_default=True, help="Else: the N most active latents."
+)
+@click.option("--tokens", default="20K", callback=_size, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def features(sae_path, model, data, out, features, n_features, tokens, force):
+    """Write a browsable HTML + JSON report of latents: contexts, density, logit lens."""
+    from mlxmerge.sae import feature_report
+
+    report = feature_report(sae_path, model, data, out, features=list(features) or None,
+                            n_features=n_features, tokens=tokens, force=force)  # fmt: skip
+    click.echo(f"{len(report['features'])} features -> {out}/index.html")
+
+
+@sae.command()
+@click.argument("sae_path", metavar="SAE")
+@click.argument("model")
+@click.option("--feature", type=int, required=True, help="Latent index.")
+@click.option("--scale", type=float, help="Add scale x the unit decoder direction.")
+@click.option("--clamp", type=float, help="Pin the feature's activation to this value.")
+@click.option("--ablate", is_flag=True, help="Pin the feature to zero.")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", default=40, show_default=True)
+@click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
+def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer):
+    """Generate with a feature added, clamped or ablated, next to the plain output."""
+    from mlxmerge.sae import steer as run
+
+    result = run(sae_path, model, prompt, feature=feature, scale=scale, clamp=clamp, ablate=ablate,
+                 max_tokens=max_tokens, layer=layer)  # fmt: skip
+    click.echo(
+        f"--- plain\n{result['plain']}\n--- steered (feature {feature}, layer {result['layer']})"
+    )
+    click.echo(result["steered"])

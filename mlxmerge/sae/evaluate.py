@@ -1,0 +1,120 @@
+"""Evaluate an SAE on a model: reconstruction, sparsity and downstream loss with the SAE spliced in.
+
+Downstream numbers are next-token cross-entropy over non-special positions with block ``layer``'s
+output (a) untouched, (b) replaced by the SAE reconstruction, (c) zeroed, and
+``loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` (SAELens's ce_loss_score);
+``kl`` is KL(clean ‖ spliced) per token, ``kl_zero`` the same for zero-ablation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from mlxmerge.sae.activations import (
+    capture_layers,
+    load_model,
+    pack_sequences,
+    read_texts,
+    special_ids,
+)
+from mlxmerge.sae.metrics import FVU_FORMULA, ReconstructionStats
+from mlxmerge.sae.model import SAEConfig, SAEError, decode, encode
+from mlxmerge.sae.saelens import load_sae
+
+log = logging.getLogger(__name__)
+
+
+def check_fits(cfg: SAEConfig, model, layer: int | None) -> int:
+    """The layer to hook; errors when the SAE cannot read this model's residual stream."""
+    layer = cfg.hook_layer if layer is None else layer
+    if layer is None:
+        raise SAEError("the SAE's cfg.json names no blocks.{i}.hook_resid_post; pass --layer")
+    n = len(model.layers)
+    if not 0 <= layer < n:
+        raise SAEError(f"layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
+    d_model = _hidden_size(model)
+    if d_model is not None and d_model != cfg.d_in:
+        raise SAEError(f"the SAE reads d_in={cfg.d_in} but the model's residual stream is "
+                       f"{d_model} wide; it was trained on another model")  # fmt: skip
+    return layer
+
+
+def _hidden_size(model) -> int | None:
+    args = getattr(model, "args", None)
+    for key in ("hidden_size", "d_model", "dim"):
+        if args is not None and isinstance(getattr(args, key, None), int):
+            return getattr(args, key)
+    return None
+
+
+def _ce(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[float, float]:
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return float((nll * mask).sum().item()), float(mask.sum().item())
+
+
+def _kl(clean: mx.array, other: mx.array, mask: mx.array) -> float:
+    p = clean - mx.logsumexp(clean, axis=-1, keepdims=True)
+    q = other - mx.logsumexp(other, axis=-1, keepdims=True)
+    kl = (mx.exp(p) * (p - q)).sum(axis=-1)
+    return float((kl * mask).sum().item())
+
+
+def evaluate_sae(
+    sae: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, *,
+    tokens: int = 20_000, context_size: int = 128, batch_rows: int = 8, layer: int | None = None,
+) -> dict:  # fmt: skip
+    """Reconstruction (FVU, EV, legacy EV), L0, dead/dense latents and spliced-in CE/KL."""
+    cfg, params = load_sae(sae)
+    texts = read_texts(data)
+    m, tok = load_model(model)
+    layer = check_fits(cfg, m, layer)
+    seqs = pack_sequences(tok, texts, context_size, tokens)
+    skip = mx.array(sorted(special_ids(tok)), dtype=mx.int32)
+    stats = ReconstructionStats(cfg.d_in, cfg.d_sae)
+    ce = np.zeros((3, 2))  # clean, sae, zero: (sum, count)
+    kl = np.zeros(2)
+    for start in range(0, len(seqs), batch_rows):
+        rows = mx.array(seqs[start : start + batch_rows])
+        keep = ~(rows[..., None] == skip).any(axis=-1)  # (B, T) non-special positions
+        with capture_layers(m, [layer]) as outs:
+            clean = m(rows)
+        h = outs[layer].astype(mx.float32)
+        z = encode(params, cfg, h)
+        x_hat = decode(params, z)
+        flat = keep.reshape(-1)
+        sel = mx.array(np.nonzero(np.array(flat))[0])
+        stats.add(
+            h.reshape(-1, cfg.d_in)[sel],
+            x_hat.reshape(-1, cfg.d_in)[sel],
+            z.reshape(-1, cfg.d_sae)[sel],
+        )
+        dtype = outs[layer].dtype
+
+        def splice(fn, keep=keep, dtype=dtype):
+            return lambda out: mx.where(keep[..., None], fn(out).astype(dtype), out)
+
+        with capture_layers(m, [layer], {layer: splice(lambda _o, r=x_hat: r)}):
+            spliced = m(rows)
+        with capture_layers(m, [layer], {layer: splice(mx.zeros_like)}):
+            zeroed = m(rows)
+        targets, mask = rows[:, 1:], keep[:, 1:].astype(mx.float32)
+        for j, logits in enumerate((clean, spliced, zeroed)):
+            ce[j] += _ce(logits[:, :-1].astype(mx.float32), targets, mask)
+        kl[0] += _kl(clean[:, :-1].astype(mx.float32), spliced[:, :-1].astype(mx.float32), mask)
+        kl[1] += _kl(clean[:, :-1].astype(mx.float32), zeroed[:, :-1].astype(mx.float32), mask)
+        mx.clear_cache()
+    result = stats.result()
+    ce_clean, ce_sae, ce_zero = (ce[:, 0] / np.maximum(ce[:, 1], 1)).tolist()
+    denom = ce_zero - ce_clean
+    result.update({
+        "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
+        "loss_recovered": (ce_zero - ce_sae) / denom if abs(denom) > 1e-12 else float("nan"),
+        "kl": float(kl[0] / max(ce[0, 1], 1)), "kl_zero": float(kl[1] / max(ce[0, 1], 1)),
+        "layer": layer, "fvu_formula": FVU_FORMULA,
+    })  # fmt: skip
+    return result

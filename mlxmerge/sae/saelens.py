@@ -1,0 +1,180 @@
+"""SAELens v6 folders: ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``).
+
+Written so that ``sae_lens.SAE.load_from_disk(folder)`` takes the v6 path (``metadata.sae_lens_version``
+present, explicit ``k`` and ``apply_b_dec_to_input``, no normalisation left to apply). Tensors:
+``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for
+``jumprelu``, ``threshold [d_sae]``. Reads the same format back, including pre-v6 folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlxmerge import __version__
+from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.sae.model import SAEConfig, SAEError
+
+SAE_LENS_VERSION = (
+    "6.18.0"  # the cfg layout we write; any value >= 6.0.0 selects SAELens's v6 loader
+)
+CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = (
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sparsity.safetensors",
+)
+_TO_SAELENS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_FROM_SAELENS = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+
+
+def hook_name(layer: int) -> str:
+    """TransformerLens name of block ``layer``'s output (= HF ``hidden_states[layer + 1]``)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def cfg_dict(cfg: SAEConfig) -> dict:
+    """The cfg.json content: SAELens v6 keys, with mlxmerge's own record inside ``metadata``."""
+    arch = _TO_SAELENS[cfg.architecture]
+    meta = {
+        "sae_lens_version": SAE_LENS_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": cfg.metadata.get("model_name"),
+        "hook_name": hook_name(cfg.hook_layer) if cfg.hook_layer is not None else None,
+        "hook_head_index": None,
+        "context_size": cfg.metadata.get("context_size"),
+        "prepend_bos": cfg.metadata.get("prepend_bos", True),
+        "dataset_path": cfg.metadata.get("dataset_path"),
+        "seqpos_slice": [None],
+        "model_from_pretrained_kwargs": {},
+        "exclude_special_tokens": cfg.metadata.get("exclude_special_tokens", True),
+        "neuronpedia_id": None,
+    }
+    meta.update({k: v for k, v in cfg.metadata.items() if k not in meta})
+    meta["trained_with"] = f"mlxmerge {__version__}"
+    out = {
+        "architecture": arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",  # any input scaling is folded into the weights
+        "reshape_activations": "none",
+        "metadata": meta,
+    }
+    if arch == "topk":
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    return out
+
+
+def save_sae(
+    folder: str | os.PathLike, cfg: SAEConfig, params: dict, *, sparsity: np.ndarray | None = None,
+    extra_files: dict[str, bytes | str] | None = None, force: bool = False,
+) -> Path:  # fmt: skip
+    """Write an SAELens v6 folder atomically; ``sparsity`` is per-latent firing density (0..1)."""
+    target = check_output(folder, force=force)
+    tensors = {
+        "W_enc": params["encoder"].T,
+        "b_enc": params["b_enc"],
+        "W_dec": params["W_dec"],
+        "b_dec": params["b_dec"],
+    }
+    if _TO_SAELENS[cfg.architecture] == "jumprelu":
+        tensors["threshold"] = params["threshold"]
+    tensors = {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()}
+    with atomic_folder(target) as tmp:
+        (tmp / CFG_NAME).write_text(json.dumps(cfg_dict(cfg), indent=2))
+        mx.save_safetensors(str(tmp / WEIGHTS_NAME), tensors, metadata={"format": "pt"})
+        if sparsity is not None:
+            log_density = np.log10(np.maximum(np.asarray(sparsity, np.float64), 1e-10))
+            mx.save_safetensors(
+                str(tmp / SPARSITY_NAME), {"sparsity": mx.array(log_density.astype(np.float32))}
+            )
+        for name, content in (extra_files or {}).items():
+            path = tmp / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return target
+
+
+def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
+    """Read an SAELens folder (v6 or older) into ``(SAEConfig, params)``, checking every tensor."""
+    folder = Path(folder).expanduser()
+    cfg_path, w_path = folder / CFG_NAME, folder / WEIGHTS_NAME
+    for path in (cfg_path, w_path):
+        if not path.is_file():
+            raise SAEError(
+                f"{folder}: no {path.name}; an SAE folder holds {CFG_NAME} and {WEIGHTS_NAME}"
+            )
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SAEError(f"{cfg_path}: not valid JSON ({e})") from None
+    meta = dict(raw.get("metadata") or {})
+    if "sae_lens_version" not in meta and "sae_lens_version" not in raw:
+        raw, meta = _legacy_cfg(raw)
+    arch_name = raw.get("architecture", "standard")
+    if arch_name not in _FROM_SAELENS:
+        raise SAEError(f"{cfg_path}: architecture {arch_name!r} is not supported "
+                       f"(supported: {', '.join(_FROM_SAELENS)})")  # fmt: skip
+    norm = raw.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise SAEError(f"{cfg_path}: normalize_activations={norm!r} is not supported; only 'none'")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(raw.get(key), int):
+            raise SAEError(f"{cfg_path}: {key} is missing or not an integer")
+    hook = meta.get("hook_name") or ""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    arch = _FROM_SAELENS[arch_name]
+    cfg = SAEConfig(
+        d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=arch,
+        k=int(raw.get("k", 100)) if arch == "topk" else int(raw.get("k", 1) or 1),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        hook_layer=int(m.group(1)) if m else None, metadata=meta,
+    )  # fmt: skip
+    weights = mx.load(str(w_path))
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
+                "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}  # fmt: skip
+    if arch == "jumprelu":
+        expected["threshold"] = (cfg.d_sae,)
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise SAEError(f"{w_path}: unexpected tensors {extra} for architecture {arch_name!r}")
+    for name, shape in expected.items():
+        if name not in weights:
+            raise SAEError(f"{w_path}: tensor {name} is missing")
+        if tuple(weights[name].shape) != shape:
+            raise SAEError(f"{w_path}: {name} is {tuple(weights[name].shape)}, expected {shape} "
+                           f"from d_in={cfg.d_in}, d_sae={cfg.d_sae}")  # fmt: skip
+    params = {
+        "encoder": mx.contiguous(weights["W_enc"].astype(mx.float32).T),
+        "b_enc": weights["b_enc"].astype(mx.float32),
+        "W_dec": weights["W_dec"].astype(mx.float32),
+        "b_dec": weights["b_dec"].astype(mx.float32),
+    }
+    if arch == "jumprelu":
+        params["threshold"] = weights["threshold"].astype(mx.float32)
+    mx.eval(params)
+    return cfg, params
+
+
+def load_sparsity(folder: str | os.PathLike) -> np.ndarray | None:
+    """Per-latent log10 firing density from ``sparsity.safetensors``, if the folder has one."""
+    path = Path(folder) / SPARSITY_NAME
+    return np.array(mx.load(str(path))["sparsity"]) if path.is_file() else None
+
+
+def _legacy_cfg(raw: dict) -> tuple[dict, dict]:
+    """Pre-v6 cfg: ``hook_point`` → ``hook_name``; topk's k from ``activation_fn_kwargs``."""
+    raw = dict(raw)
+    if raw.get("activation_fn") == "topk" or raw.get("activation_fn_str") == "topk":
+        raw.setdefault("architecture", "topk")
+        raw.setdefault("k", (raw.get("activation_fn_kwargs") or {}).get("k", 100))
+    meta = {"hook_name": raw.get("hook_name", raw.get("hook_point")),
+            "model_name": raw.get("model_name")}  # fmt: skip
+    return raw, meta
