@@ -113,30 +113,58 @@ def generalized_task_arithmetic(
         elif sparsify == "della_magprune":
             d = sp.della_magprune(d, dens[i], eps[i], keys[i], rescale, rescale_mode)
         deltas.append(d)
-    deltas = mx.stack(deltas)  # (n_models, *shape)
-    wa = mx.array(w, dtype=mx.float32).reshape((n,) + (1,) * base.ndim)
-    weighted = deltas * wa
+    kernel = _combine_kernel(n, consensus, elect, disjoint_mean, normalize)
+    total_w = float(sum(w))
+    scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
+    return kernel(base, scalars, mx.array(w, dtype=mx.float32), *deltas)
 
-    if consensus == "sum":
-        if elect == "weighted":
-            mask = _sign_mask(weighted, weighted, resolve_zero=False)
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _combine_kernel(n: int, consensus: str, elect: str, disjoint_mean: str, normalize: bool):
+    """Weighting, sign election and the (disjoint) mean as one compiled elementwise kernel.
+
+    Compiling fuses the ~20 elementwise passes into one; on the CPU backend that is 3-4x faster
+    than running them one by one, and no (n_models, *shape) stack is ever materialized.
+    Weights and scalars are array inputs, so per-layer gradients do not recompile.
+    """
+    key = (n, consensus, elect, disjoint_mean, normalize)
+    if key in _KERNELS:
+        return _KERNELS[key]
+
+    def kernel(base, scalars, weights, *deltas):
+        lambda_, weight_sum = scalars[0], scalars[1]
+        weighted = [d * weights[i] for i, d in enumerate(deltas)]
+        if consensus == "sum":
+            voters = weighted if elect == "weighted" else list(deltas)
+            total = voters[0]
+            for v in voters[1:]:
+                total = total + v
+            if elect == "weighted":
+                positive = total >= 0  # a zero sum elects +1 (mergekit)
+            else:  # the paper: a zero sum takes the majority of the elected signs
+                s = mx.sign(total)
+                positive = mx.where(s == 0, mx.sum(s) >= 0, s > 0)
+            mix = mx.zeros_like(base)
+            divisor = mx.zeros_like(base)
+            for i, v in enumerate(voters):
+                agree = mx.where(positive, v > 0, v < 0)  # zeros never agree
+                mix = mix + mx.where(agree, weighted[i], 0.0)
+                share = weights[i] if disjoint_mean == "weight" else 1.0
+                divisor = divisor + mx.where(agree, share, 0.0)
+            divisor = mx.where(divisor == 0, 1.0, divisor)
         else:
-            mask = _sign_mask(deltas, deltas, resolve_zero=True)
-        mix = mx.sum(mx.where(mask, weighted, 0.0), axis=0)
-        if disjoint_mean == "weight":
-            divisor = mx.sum(mx.where(mask, wa, 0.0), axis=0)
-        else:
-            divisor = mx.sum(mask.astype(mx.float32), axis=0)
-        divisor = mx.where(divisor == 0, 1.0, divisor)
-    else:
-        mix = mx.sum(weighted, axis=0)
-        divisor = float(sum(w))
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-    if normalize:
-        mix = mix / divisor
-    if lambda_ != 1.0:
-        mix = mix * lambda_
-    return base + mix
+            mix = weighted[0]
+            for v in weighted[1:]:
+                mix = mix + v
+            divisor = weight_sum
+        if normalize:
+            mix = mix / divisor
+        return base + mix * lambda_
+
+    _KERNELS[key] = mx.compile(kernel)
+    return _KERNELS[key]
 
 
 def _gta(name: str, sparsify: str, consensus: str, normalize: bool, rescale: bool):
