@@ -20,9 +20,9 @@ import time
 import zlib
 from pathlib import Path
 
-import mlxmerge  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
+import mlxmerge  # noqa: F401  (OpenBLAS before mlx)
 from mlxmerge.io import ModelCard, write_model
 from mlxmerge.tiny import build_tokenizer
 
@@ -101,11 +101,16 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 
 
 def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
-    m = lambda p, **kw: {"model": str(p), **({"parameters": kw} if kw else {})}  # noqa: E731
+    m = lambda p, **kw: {"model": str(p), **({"parameters": kw} if kw else {})}
     if method == "linear":
         return {"merge_method": "linear", "models": [m(a, weight=0.5), m(b, weight=0.5)]}
     if method == "slerp":
-        return {"merge_method": "slerp", "base_model": str(a), "models": [m(a), m(b)], "parameters": {"t": 0.5}}
+        return {
+            "merge_method": "slerp",
+            "base_model": str(a),
+            "models": [m(a), m(b)],
+            "parameters": {"t": 0.5},
+        }
     if method in ("ties", "dare_ties"):
         return {"merge_method": method, "base_model": str(base),
                 "models": [m(a, weight=1.0, density=0.5), m(b, weight=1.0, density=0.5)]}  # fmt: skip
@@ -118,7 +123,9 @@ def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="1,3", help="GB per model, comma separated")
     ap.add_argument("--methods", default="linear,slerp,ties,dare_ties,passthrough")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
@@ -138,8 +145,10 @@ def main() -> None:
                 largest = VOCAB * HIDDEN * 4
             for method in args.methods.split(","):
                 recipe = recipe_for(method, base, a, b, layers)
-                n_in = 3 if method in ("ties", "dare_ties") else (1 if method == "passthrough" else 2)
-                ins = [base, a, b][3 - n_in:] if method != "passthrough" else [a]
+                n_in = (
+                    3 if method in ("ties", "dare_ties") else (1 if method == "passthrough" else 2)
+                )
+                ins = [base, a, b][3 - n_in :] if method != "passthrough" else [a]
                 floor = io_floor(ins, model_bytes, scratch / "floor.bin")
                 out = scratch / "out"
                 res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), str(out)],
@@ -159,7 +168,9 @@ def main() -> None:
     print("\n| size/model | method | time (s) | I/O floor (s) | ratio | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     for gb, method, sec, floor, rss, _ in rows:
-        print(f"| {gb:g} GB | {method} | {sec:.1f} | {floor:.1f} | {sec / floor:.2f}× | {rss / 1e6:.0f} |")
+        print(
+            f"| {gb:g} GB | {method} | {sec:.1f} | {floor:.1f} | {sec / floor:.2f}× | {rss / 1e6:.0f} |"
+        )
     try:
         import mergekit  # noqa: F401
 

@@ -60,5 +60,7 @@ def load_optimized_blas() -> dict:
             continue
         status.update(loaded=path, reason="loaded")
         return status
-    status["reason"] = "no OpenBLAS found (apt install libopenblas0-pthread); using MLX's reference BLAS"
+    status["reason"] = (
+        "no OpenBLAS found (apt install libopenblas0-pthread); using MLX's reference BLAS"
+    )
     return status

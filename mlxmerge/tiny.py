@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxmerge.io.model_folder import ModelCard, Quantization, write_model
@@ -23,13 +23,88 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_WORDS = (
-    "the a model merge layer weight tensor sparse feature direction refusal help please "
-    "write story about cat dog sun moon river tree house water fire light dark small large "
-    "one two three four five six seven eight nine ten add plus minus equals answer question "
-    "why how what when where who can you tell me explain make give list name time day night "
-    "red green blue happy sad quick slow old new good bad first last open close read learn"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "model",
+    "merge",
+    "layer",
+    "weight",
+    "tensor",
+    "sparse",
+    "feature",
+    "direction",
+    "refusal",
+    "help",
+    "please",
+    "write",
+    "story",
+    "about",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "river",
+    "tree",
+    "house",
+    "water",
+    "fire",
+    "light",
+    "dark",
+    "small",
+    "large",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "add",
+    "plus",
+    "minus",
+    "equals",
+    "answer",
+    "question",
+    "why",
+    "how",
+    "what",
+    "when",
+    "where",
+    "who",
+    "can",
+    "you",
+    "tell",
+    "me",
+    "explain",
+    "make",
+    "give",
+    "list",
+    "name",
+    "time",
+    "day",
+    "night",
+    "red",
+    "green",
+    "blue",
+    "happy",
+    "sad",
+    "quick",
+    "slow",
+    "old",
+    "new",
+    "good",
+    "bad",
+    "first",
+    "last",
+    "open",
+    "close",
+    "read",
+    "learn",
+]
 
 
 def _corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
@@ -45,7 +120,9 @@ def _corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(folder: str | Path, *, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
+def build_tokenizer(
+    folder: str | Path, *, vocab_size: int = 512, corpus: list[str] | None = None
+) -> Path:
     """Train a byte-level BPE tokenizer with a ChatML template and save it HF-style."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -86,7 +163,11 @@ def tiny_config(
     intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2, tie: bool = True,
 ) -> dict:  # fmt: skip
     """A config.json for a small model of a real mlx-lm architecture."""
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mistral": "MistralForCausalLM",
+    }
     return {
         "architectures": [arch.get(model_type, "LlamaForCausalLM")],
         "model_type": model_type,

@@ -19,7 +19,7 @@ def test_demo_runs_offline_and_every_output_loads(tmp_path):
     assert int(before.rstrip("%")) >= 90 and int(after.rstrip("%")) <= 10
     assert float(report["abliteration"]["first-token KL on harmless prompts"]) <= 0.1
     merged = report["merge"]["output"]
-    model, tok = mlx_lm.load(merged)
+    model, _tok = mlx_lm.load(merged)
     assert len(model.layers) == 4
     answers = [v for k, v in report["merge"].items() if k.startswith("mlx_lm.generate")]
     assert len(answers) == 2 and all(a.strip() for a in answers)

@@ -41,7 +41,9 @@ def _version(ctx, _param, value):
 @click.pass_context
 def cli(ctx, verbose: int, quiet: bool):
     """Merge, abliterate and dissect open-weight LLMs with MLX, without training them."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = {"quiet": quiet}
 

@@ -31,13 +31,17 @@ def output_options(fn):
     return fn
 
 
-def run_recipe(recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force):
+def run_recipe(
+    recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force
+):
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
 
     if dry_run:
         plan = plan_merge(recipe, allow_crimes=allow_crimes)
-        dtype = parse_float_dtype(out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16")
+        dtype = parse_float_dtype(
+            out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16"
+        )
         summary = plan_summary(plan, dtype)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
@@ -57,7 +61,9 @@ def run_recipe(recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, 
 def print_plan(s: dict) -> None:
     click.echo(f"method: {s['method']}" + (f" (base {s['base_model']})" if s["base_model"] else ""))
     click.echo("models: " + ", ".join(s["models"]))
-    click.echo(f"output: {s['output_tensors']} tensors, {s['output_layers']} layers, {human_bytes(s['output_bytes'])}")
+    click.echo(
+        f"output: {s['output_tensors']} tensors, {s['output_layers']} layers, {human_bytes(s['output_bytes'])}"
+    )
     click.echo(
         f"memory: largest tensor {human_bytes(s['largest_tensor_fp32_bytes'])} in fp32, "
         f"estimated peak {human_bytes(s['estimated_peak_bytes'])}"
@@ -139,7 +145,11 @@ def build_method_recipe(method: str, models: list[str], base: str | None, option
         values = options.get(name) or ()
         if not values:
             continue
-        if name in spec.tensor_params and len(values) == len(models) > 1 and all("=" not in v for v in values):
+        if (
+            name in spec.tensor_params
+            and len(values) == len(models) > 1
+            and all("=" not in v for v in values)
+        ):
             for e, v in zip(entries, values):
                 e.setdefault("parameters", {})[name] = parse_value(v)
         else:
@@ -167,7 +177,11 @@ def _method_command(method: str):
 
     command.__doc__ = f"{spec.summary} ({spec.paper})\n\nmergekit method `{method}`."
     for p in reversed(params):
-        kind = "per model, repeat once per model or give one for all" if p in spec.tensor_params else "global"
+        kind = (
+            "per model, repeat once per model or give one for all"
+            if p in spec.tensor_params
+            else "global"
+        )
         default = spec.tensor_params.get(p, spec.global_params.get(p))
         shown = "required" if default is REQUIRED else f"default {default}"
         command = click.option(
@@ -175,7 +189,9 @@ def _method_command(method: str):
             help=f"{p} ({kind}; {shown}). Gradient: 0,0.5,1. Filter: self_attn=0,1.",
         )(command)  # fmt: skip
     command = output_options(command)
-    command = click.option("--base", default=None, help="Base model (task vectors are taken from it).")(command)
+    command = click.option(
+        "--base", default=None, help="Base model (task vectors are taken from it)."
+    )(command)
     command = click.argument("models", nargs=-1, required=True)(command)
     cli.command(method.replace("_", "-"))(command)
 
@@ -194,9 +210,16 @@ _register_methods()
 @cli.command("dare")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", required=True, help="Base model.")
-@click.option("--density", "density", multiple=True, help="Keep probability per model (one for all).")
+@click.option(
+    "--density", "density", multiple=True, help="Keep probability per model (one for all)."
+)
 @click.option("--weight", multiple=True, help="Weight per model (one for all).")
-@click.option("--ties/--no-ties", default=True, show_default=True, help="dare_ties (sign consensus) or dare_linear.")
+@click.option(
+    "--ties/--no-ties",
+    default=True,
+    show_default=True,
+    help="dare_ties (sign consensus) or dare_linear.",
+)
 @output_options
 def dare(models, base, density, weight, ties, output, **kw):
     """DARE: drop delta parameters at random, rescale, then merge (dare_ties or dare_linear)."""
@@ -210,7 +233,9 @@ def parse_slice(text: str) -> dict:
     try:
         start, end = (int(x) for x in rng.split("-"))
     except ValueError:
-        raise RecipeError(f"--slice {text!r}: expected MODEL:START-END (layers START..END-1)") from None
+        raise RecipeError(
+            f"--slice {text!r}: expected MODEL:START-END (layers START..END-1)"
+        ) from None
     if not sep or not model:
         raise RecipeError(f"--slice {text!r}: expected MODEL:START-END")
     return {"sources": [{"model": model, "layer_range": [start, end]}]}
@@ -230,7 +255,9 @@ def frankenmerge(slices, output, **kw):
 @click.argument("a")
 @click.argument("b")
 @click.option("--base", default=None, help="Base model: adds task-vector norms and sign conflicts.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG (needs matplotlib).")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG (needs matplotlib)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def diff(a, b, base, plot, as_json):
     """Compare A and B per layer and tensor group before merging them."""

@@ -48,7 +48,10 @@ def inspect(model: str, as_json: bool):
         ("vocab size", info["vocab_size"]),
         ("parameters", f"{human_count(info['parameters'])} in {info['tensors']} tensors"),
         ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
-        ("quantization", f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none"),
+        (
+            "quantization",
+            f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none",
+        ),
         ("tied embeddings", "yes" if info["tied_embeddings"] else "no"),
         ("shards", info["shards"]),
         ("size on disk", human_bytes(info["size_on_disk"])),
@@ -66,7 +69,9 @@ def inspect(model: str, as_json: bool):
 @click.option("--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
               default=None, help="Quantize weights for MLX (bits).")  # fmt: skip
 @click.option("--group-size", type=int, default=64, show_default=True)
-@click.option("--shard-size", default="5GB", show_default=True, help="Max bytes per shard (5GB, 500MB).")
+@click.option(
+    "--shard-size", default="5GB", show_default=True, help="Max bytes per shard (5GB, 500MB)."
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def convert(model, output, dtype, layout, quantize_bits, group_size, shard_size, force):
     """Rewrite MODEL with another dtype, layout or quantization (dequantizes MLX inputs)."""

@@ -16,7 +16,9 @@ def backend_summary() -> str:
     import mlx.core as mx
 
     device = mx.default_device()
-    blas = _blas.status["loaded"] or ("Accelerate" if platform.system() == "Darwin" else "reference BLAS")
+    blas = _blas.status["loaded"] or (
+        "Accelerate" if platform.system() == "Darwin" else "reference BLAS"
+    )
     return f"mlx {mx.__version__}, {device.type.name} backend, BLAS: {blas}"
 
 

@@ -45,7 +45,9 @@ class Checkpoint:
     def num_layers(self) -> int:
         n = self.config_value("num_hidden_layers")
         if n is None:
-            n = 1 + max((layer_index(k) for k in self.entries if layer_index(k) is not None), default=-1)
+            n = 1 + max(
+                (layer_index(k) for k in self.entries if layer_index(k) is not None), default=-1
+            )
         return int(n)
 
     @property
@@ -61,9 +63,7 @@ class Checkpoint:
     # -- logical tensors (quantized triplets appear as one dequantized weight) --
     def names(self) -> list[str]:
         """Logical tensor names, sorted the way mlx-lm and transformers list them."""
-        return sorted(
-            (n for n in self.entries if not self._is_quant_companion(n)), key=natural_key
-        )
+        return sorted((n for n in self.entries if not self._is_quant_companion(n)), key=natural_key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries and not self._is_quant_companion(name)
@@ -211,7 +211,9 @@ def _weight_files(folder: Path) -> list[Path]:
         files = []
         for fname in dict.fromkeys(weight_map.values()):
             if not isinstance(fname, str) or os.path.isabs(fname) or ".." in Path(fname).parts:
-                raise CheckpointError(f"{index}: shard path {fname!r} must be a plain relative name")
+                raise CheckpointError(
+                    f"{index}: shard path {fname!r} must be a plain relative name"
+                )
             f = folder / fname
             if not f.exists():
                 raise CheckpointError(f"{index}: shard {fname} does not exist")
@@ -236,4 +238,6 @@ def _check_index_matches(folder: Path, entries: dict[str, TensorEntry]) -> None:
     for name, fname in _read_json(index)["weight_map"].items():
         entry = entries.get(name)
         if entry is None or entry.file.name != Path(fname).name:
-            raise CheckpointError(f"{index}: lists {name} in {fname}, but that shard does not hold it")
+            raise CheckpointError(
+                f"{index}: lists {name} in {fname}, but that shard does not hold it"
+            )

@@ -42,7 +42,7 @@ def resolve_reference(reference: str | os.PathLike) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
-    except Exception as e:  # the hub client raises many types; all mean "not available"
+    except Exception as e:  # noqa: BLE001 (the hub client raises many types; all mean "not available")
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise CheckpointError(

@@ -80,7 +80,11 @@ def patch_config(
 ) -> dict:  # fmt: skip
     """Make config.json agree with the tensors actually written."""
     config = json.loads(json.dumps(config))  # deep copy
-    target = config["text_config"] if "text_config" in config and "num_hidden_layers" not in config else config
+    target = (
+        config["text_config"]
+        if "text_config" in config and "num_hidden_layers" not in config
+        else config
+    )
     config["torch_dtype"] = FLOAT_NAMES[dtype]
     if "dtype" in config:
         config["dtype"] = FLOAT_NAMES[dtype]
@@ -154,7 +158,9 @@ def write_model(
     if layout not in LAYOUTS:
         raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
     if quantize and layout != "mlx":
-        raise MlxmergeError("quantized output needs --format mlx (transformers cannot read MLX quantization)")
+        raise MlxmergeError(
+            "quantized output needs --format mlx (transformers cannot read MLX quantization)"
+        )
     target = check_output(target, inputs, force=force)
     specs = output_specs(plan, dtype, quantize)
     metadata = {"format": "mlx" if layout == "mlx" else "pt"}
@@ -164,7 +170,9 @@ def write_model(
             for name, shape in plan:
                 x = compute(name)
                 if tuple(x.shape) != tuple(shape):
-                    raise MlxmergeError(f"{name}: computed shape {tuple(x.shape)}, planned {tuple(shape)}")
+                    raise MlxmergeError(
+                        f"{name}: computed shape {tuple(x.shape)}, planned {tuple(shape)}"
+                    )
                 if quantize and quantizable(name, shape, quantize.group_size):
                     parts = mx.quantize(
                         x.astype(dtype), group_size=quantize.group_size, bits=quantize.bits,
@@ -191,7 +199,9 @@ def write_model(
     return target
 
 
-def output_size(plan: list[tuple[str, tuple[int, ...]]], dtype: mx.Dtype, quant: Quantization | None) -> int:
+def output_size(
+    plan: list[tuple[str, tuple[int, ...]]], dtype: mx.Dtype, quant: Quantization | None
+) -> int:
     return sum(s.nbytes for s in output_specs(plan, dtype, quant))
 
 

@@ -27,7 +27,9 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
         if not target.is_dir():
             raise OutputError(f"{target}: exists and is not a folder")
         if any(target.iterdir()) and not force:
-            raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)")
+            raise OutputError(
+                f"{target}: folder exists and is not empty (use --force to replace it)"
+            )
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -47,7 +48,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+                raise CheckpointError(
+                    f"{path}: file is {size} bytes, too short for a safetensors header"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or n + 8 > size:
                 raise CheckpointError(
@@ -71,7 +74,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for name, info in header.items():
         entries[name] = _entry(path, name, info, data_size)
     spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (b0, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0} and {n1} overlap in the file")
     return entries, metadata

@@ -139,7 +139,7 @@ class ShardedWriter:
         if self._fh:
             self._fh.close()
         self._shard = shard
-        self._fh = open(self.folder / self.files[shard], "wb")
+        self._fh = open(self.folder / self.files[shard], "wb")  # noqa: SIM115 (spans write() calls)
         self._fh.write(_header_bytes(self.shards[shard], self.metadata))
 
     def close(self) -> None:

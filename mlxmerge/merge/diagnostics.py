@@ -58,7 +58,11 @@ def diff_models(
         if len(shapes) > 1:
             skipped.append(n)
             continue
-        s = _stats(ca.get(n, mx.float32), cb.get(n, mx.float32), cbase.get(n, mx.float32) if cbase else None)
+        s = _stats(
+            ca.get(n, mx.float32),
+            cb.get(n, mx.float32),
+            cbase.get(n, mx.float32) if cbase else None,
+        )
         key = (layer_index(n), tensor_group(n))
         acc[key] = acc[key] + s if key in acc else s
         mx.eval(acc[key])
@@ -120,11 +124,15 @@ def plot_diff(report: dict, path: str) -> None:
         rs = [r for r in rows if r["group"] == g]
         axes[0][0].plot([r["layer"] for r in rs], [r["cosine"] for r in rs], marker="o", label=g)
         if panels == 2:
-            axes[0][1].plot([r["layer"] for r in rs], [r["sign_conflict"] for r in rs], marker="o", label=g)
+            axes[0][1].plot(
+                [r["layer"] for r in rs], [r["sign_conflict"] for r in rs], marker="o", label=g
+            )
     axes[0][0].set(xlabel="layer", ylabel="cosine(A, B)", title="weight similarity")
     axes[0][0].legend()
     if panels == 2:
-        axes[0][1].set(xlabel="layer", ylabel="sign conflict rate", title="task-vector sign conflicts")
+        axes[0][1].set(
+            xlabel="layer", ylabel="sign conflict rate", title="task-vector sign conflicts"
+        )
         axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -71,7 +71,9 @@ def model_thresholds(plan, density: list[float]) -> list[float]:
         band = np.concatenate(bands[j])
         need = k - above[j]
         if not 0 < need <= band.size:  # a six-sigma miss: rank every entry instead
-            every = np.concatenate([d for p in tensors for jj, d in _abs_deltas(plan, p) if jj == j])
+            every = np.concatenate(
+                [d for p in tensors for jj, d in _abs_deltas(plan, p) if jj == j]
+            )
             out.append(float(np.partition(every, every.size - k)[every.size - k]))
             continue
         out.append(float(np.partition(band, band.size - need)[band.size - need]))

@@ -76,7 +76,9 @@ def _model_ref(value, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: model must be a path or hub id, got {value!r}")
     if "+" in value and not Path(value).exists():
-        raise RecipeError(f"{where}: LoRA references (model+lora) are not supported; merge the adapter first")
+        raise RecipeError(
+            f"{where}: LoRA references (model+lora) are not supported; merge the adapter first"
+        )
     return value
 
 
@@ -103,14 +105,20 @@ def parse_recipe(source: str | Path | dict) -> Recipe:
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: a recipe is a YAML mapping with merge_method and models or slices")
+        raise RecipeError(
+            f"{where}: a recipe is a YAML mapping with merge_method and models or slices"
+        )
     _unknown(raw, TOP_LEVEL_KEYS, where)
     if "merge_method" not in raw:
         raise RecipeError(f"{where}: merge_method is missing")
     if "modules" in raw:
-        raise RecipeError(f"{where}: 'modules' (multi-module models) is not supported yet; use models or slices")
+        raise RecipeError(
+            f"{where}: 'modules' (multi-module models) is not supported yet; use models or slices"
+        )
     if "tokenizer" in raw:
-        raise RecipeError(f"{where}: the 'tokenizer' block (vocabulary union) is not supported yet; use tokenizer_source: base or a model")
+        raise RecipeError(
+            f"{where}: the 'tokenizer' block (vocabulary union) is not supported yet; use tokenizer_source: base or a model"
+        )
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError(f"{where}: give exactly one of models or slices")
     base = _model_ref(raw["base_model"], f"{where}: base_model") if raw.get("base_model") else None
@@ -125,7 +133,9 @@ def parse_recipe(source: str | Path | dict) -> Recipe:
             if not isinstance(m, dict):
                 raise RecipeError(f"{w}: expected a mapping with 'model'")
             _unknown(m, MODEL_KEYS, w)
-            sources.append(Source(_model_ref(m.get("model"), w), None, _params(m.get("parameters"), w)))
+            sources.append(
+                Source(_model_ref(m.get("model"), w), None, _params(m.get("parameters"), w))
+            )
         if base and base not in [s.model for s in sources]:
             sources.append(Source(base, None, {}))  # mergekit adds a missing base (#230)
         slices = [Slice(sources)]
@@ -164,9 +174,15 @@ def _slice(raw, where: str) -> Slice:
         _unknown(s, SOURCE_KEYS, w)
         lr = s.get("layer_range")
         if lr is not None:
-            ok = isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(x, int) for x in lr)
+            ok = (
+                isinstance(lr, (list, tuple))
+                and len(lr) == 2
+                and all(isinstance(x, int) for x in lr)
+            )
             if not ok or lr[0] < 0 or lr[1] <= lr[0]:
-                raise RecipeError(f"{w}: layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
+                raise RecipeError(
+                    f"{w}: layer_range must be [start, end) with 0 <= start < end, got {lr!r}"
+                )
             lr = (lr[0], lr[1])
         sources.append(Source(_model_ref(s.get("model"), w), lr, _params(s.get("parameters"), w)))
     return Slice(sources, _params(raw.get("parameters"), where))
@@ -191,7 +207,9 @@ def evaluate_setting(value, tensor_name: str, t: float):
             return value[int(t * (len(value) - 1))]
         for entry in value:
             if not isinstance(entry, dict) or "value" not in entry:
-                raise RecipeError(f"parameter entry {entry!r} must be a number or {{filter, value}}")
+                raise RecipeError(
+                    f"parameter entry {entry!r} must be a number or {{filter, value}}"
+                )
             flt = entry.get("filter")
             if flt is None or flt == "*" or flt in tensor_name:
                 return evaluate_setting(entry["value"], tensor_name, t)

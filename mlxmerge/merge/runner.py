@@ -16,7 +16,13 @@ from mlxmerge.io import Checkpoint, ModelCard, layer_index, open_checkpoint, par
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
-from mlxmerge.merge.recipe import Recipe, Slice, Source, parse_recipe, recipe_yaml, resolve_parameter
+from mlxmerge.merge.recipe import (
+    Recipe,
+    Slice,
+    parse_recipe,
+    recipe_yaml,
+    resolve_parameter,
+)
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, derive_key, get_method
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,7 @@ class MergePlan:
 
 
 def is_embedding(name: str) -> bool:
-    return "embed_tokens" in name or name.endswith("lm_head.weight") or name.endswith("wte.weight")
+    return "embed_tokens" in name or name.endswith(("lm_head.weight", "wte.weight"))
 
 
 def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
@@ -74,7 +80,9 @@ def _relayer(name: str, new_index: int) -> str:
     return re.sub(r"(\.(?:layers|h|blocks)\.)\d+\.", rf"\g<1>{new_index}.", name, count=1)
 
 
-def _check_architectures(ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]):
+def _check_architectures(
+    ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]
+):
     ref = ckpts[0]
     for ckpt, model in zip(ckpts[1:], models[1:]):
         diffs = [
@@ -102,7 +110,9 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             check_params(method, src.parameters, f"{src.model} parameters", scope="model")
     base = recipe.base_model
     if spec.base == "required" and not base:
-        raise RecipeError(f"{method} needs a base_model (the model the task vectors are taken from)")
+        raise RecipeError(
+            f"{method} needs a base_model (the model the task vectors are taken from)"
+        )
     uses_base = bool(base) and spec.base != "none"
 
     models = recipe.models
@@ -122,9 +132,13 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                 )
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) > 1:
-            raise RecipeError(f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}")
+            raise RecipeError(
+                f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}"
+            )
         if uses_base and base not in [s.model for s in sl.sources]:
-            raise RecipeError(f"slices[{i}]: the base model {base} must be one of the slice's sources")
+            raise RecipeError(
+                f"slices[{i}]: the base model {base} must be one of the slice's sources"
+            )
         merged = [s for s in sl.sources if not (uses_base and s.model == base)]
         if len(merged) < spec.min_models or (spec.max_models and len(merged) > spec.max_models):
             want = spec.min_models if spec.min_models == spec.max_models else f"{spec.min_models}+"
@@ -151,17 +165,27 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             for s in srcs:
                 v = resolve_parameter(p, out_name, t, source=s, slice_=sl, recipe=recipe)
                 if v is None and default is REQUIRED:
-                    raise RecipeError(f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name})")
+                    raise RecipeError(
+                        f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name})"
+                    )
                 values.append(default if v is None else v)
             tparams[p] = values
         shape = _output_shape(out_name, inputs, base_in, ckpts, models, spec, warnings)
-        tensors.append(PlannedTensor(out_name, shape, inputs, base_in, t, gparams, tparams, is_embedding(out_name)))
+        tensors.append(
+            PlannedTensor(
+                out_name, shape, inputs, base_in, t, gparams, tparams, is_embedding(out_name)
+            )
+        )
 
     def outside_names(sl: Slice, pre: bool) -> list[str]:
         names: dict[str, None] = {}
         for s in sl.sources:
             for n in ckpts[by_ref[s.model]].names():
-                if layer_index(n) is None and (("embed" in n) == pre) and not n.endswith("lm_head.weight"):
+                if (
+                    layer_index(n) is None
+                    and (("embed" in n) == pre)
+                    and not n.endswith("lm_head.weight")
+                ):
                     names[n] = None
         return list(names)
 
@@ -228,8 +252,13 @@ def _output_shape(name, inputs, base_in, ckpts, models, spec, warnings) -> tuple
     if all(s == every[0] for s in every):
         return every[0]
     if not is_embedding(name) or any(len(s) != 2 for s in every):
-        detail = ", ".join(f"{tuple(ckpts[i].shape(n))} in {models[i]}" for i, n in ([*inputs] + ([base_in] if base_in else [])))
-        raise RecipeError(f"tensor {name} has different shapes: {detail}; the models must share an architecture")
+        detail = ", ".join(
+            f"{tuple(ckpts[i].shape(n))} in {models[i]}"
+            for i, n in ([*inputs] + ([base_in] if base_in else []))
+        )
+        raise RecipeError(
+            f"tensor {name} has different shapes: {detail}; the models must share an architecture"
+        )
     if spec.embed_rectify == "base" and base_shape:
         out = base_shape
     else:
@@ -246,7 +275,11 @@ def _fit_rows(x: mx.array, shape: tuple[int, ...], fill: mx.array | None) -> mx.
     """Crop (or pad from ``fill``, else zeros) a 2-D embedding to ``shape``."""
     x = x[: shape[0], : shape[1]]
     if x.shape[0] < shape[0]:
-        pad = fill[x.shape[0] : shape[0]] if fill is not None else mx.zeros((shape[0] - x.shape[0], shape[1]))
+        pad = (
+            fill[x.shape[0] : shape[0]]
+            if fill is not None
+            else mx.zeros((shape[0] - x.shape[0], shape[1]))
+        )
         x = mx.concatenate([x, pad], axis=0)
     return x
 
@@ -257,7 +290,9 @@ def prepare(plan: MergePlan) -> None:
     if "model" not in scopes:
         return
     if scopes != {"model"}:
-        raise RecipeError("trim_scope must be the same for every tensor (it is one model-wide threshold)")
+        raise RecipeError(
+            "trim_scope must be the same for every tensor (it is one model-wide threshold)"
+        )
     from mlxmerge.merge.global_trim import model_thresholds
 
     first = next(p for p in plan.tensors if p.inputs)
@@ -276,7 +311,10 @@ def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
     if base is not None and tuple(base.shape) != p.shape:
         base = _fit_rows(base, p.shape, None)
     xs = [x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs]
-    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in {**p.global_params, **p.tensor_params}.items()}
+    kwargs = {
+        ("lambda_" if k == "lambda" else k): v
+        for k, v in {**p.global_params, **p.tensor_params}.items()
+    }
     if plan.trim_thresholds is not None:
         kwargs["trim_thresholds"] = plan.trim_thresholds
     fn = plan.method.fn
@@ -329,7 +367,9 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
         for k in list(ps[0].global_params) + list(ps[0].tensor_params):
             vals = [p.global_params.get(k, p.tensor_params.get(k)) for p in ps]
             params[k] = vals[0] if all(v == vals[0] for v in vals) else vals
-        rows.append({"tensors": key, "count": len(ps), "shape": list(ps[0].shape), "parameters": params})
+        rows.append(
+            {"tensors": key, "count": len(ps), "shape": list(ps[0].shape), "parameters": params}
+        )
     largest = max(math.prod(p.shape) for p in plan.tensors) * 4
     n_inputs = max(len(p.inputs) + (p.base is not None) for p in plan.tensors)
     return {
