@@ -112,6 +112,8 @@ def generalized_task_arithmetic(
             d = sp.magnitude_outliers(d, dens[i], gam[i], rescale, rescale_mode)
         elif sparsify == "della_magprune":
             d = sp.della_magprune(d, dens[i], eps[i], keys[i], rescale, rescale_mode)
+        if sparsify != "none":
+            mx.eval(d)  # frees this model's |δ|, masks and random draws before the next one
         deltas.append(d)
     kernel = _combine_kernel(n, consensus, elect, disjoint_mean, normalize)
     total_w = float(sum(w))
