@@ -16,6 +16,7 @@ from mlxmerge.io import Checkpoint, ModelCard, layer_index, open_checkpoint, par
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
+from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.recipe import (
     Recipe,
     Slice,
@@ -310,7 +311,10 @@ def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
     base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32) if p.base else None
     if base is not None and tuple(base.shape) != p.shape:
         base = _fit_rows(base, p.shape, None)
-    xs = [x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs]
+    # The only reference to the inputs: a method may release each one once it is used.
+    xs = ConsumableInputs(
+        x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs
+    )
     kwargs = {
         ("lambda_" if k == "lambda" else k): v
         for k, v in {**p.global_params, **p.tensor_params}.items()

@@ -23,6 +23,7 @@ from mlxmerge.merge.methods.common import (
     check_shapes,
     fsum,
     per_model,
+    release,
     top_k_mask,
 )
 
@@ -96,8 +97,9 @@ def generalized_task_arithmetic(
         raise ValueError(f"sparsify={sparsify!r} needs one PRNG key per model (derive_key)")
 
     deltas = []
-    for i, x in enumerate(tensors):
-        d = x - base
+    for i in range(n):
+        d = tensors[i] - base
+        release(tensors, i)
         if sparsify != "none":
             sp.check_density(dens[i], sparsify)
         if sparsify == "magnitude" and trim_scope == "model":
