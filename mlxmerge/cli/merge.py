@@ -50,9 +50,9 @@ def run_recipe(
         return
     if not output:
         raise click.UsageError("give the output folder with -o/--output")
-    plan_len = None
-    with progress_bar(plan_len, "merge", "tensor") as bar:
-        out = merge(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
+    plan = plan_merge(recipe, allow_crimes=allow_crimes)
+    with progress_bar(len(plan.tensors), "merge", "tensor") as bar:
+        out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
                     progress=lambda _n: bar.update())  # fmt: skip
     click.echo(f"wrote {out}")

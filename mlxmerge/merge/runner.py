@@ -405,7 +405,7 @@ def model_card(plan: MergePlan) -> ModelCard:
 
 
 def merge(
-    recipe: Recipe | str | Path | dict,
+    recipe: MergePlan | Recipe | str | Path | dict,
     output: str | Path,
     *,
     allow_crimes: bool = False,
@@ -416,8 +416,10 @@ def merge(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Run a mergekit recipe and write the merged model to ``output``."""
-    plan = plan_merge(recipe, allow_crimes=allow_crimes)
+    """Run a mergekit recipe (or an already checked plan) and write the merged model."""
+    plan = (
+        recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
+    )
     recipe = plan.recipe
     check_output(output, plan.models, force=force)  # before any long pre-pass
     prepare(plan)
