@@ -15,6 +15,7 @@ import yaml
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
+from mlxmerge.io.layout import hf_expert_names
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec
 
@@ -162,13 +163,32 @@ def write_model(
             "quantized output needs --format mlx (transformers cannot read MLX quantization)"
         )
     target = check_output(target, inputs, force=force)
+    # Each written tensor: (output name, shape, planned name it comes from, expert index or None).
+    written = []
+    for name, shape in plan:
+        experts = (
+            hf_expert_names(name, tuple(shape), config.get("model_type"))
+            if layout == "hf"
+            else None
+        )
+        if experts:
+            written += [(n, tuple(shape[1:]), name, e) for e, n in enumerate(experts)]
+        else:
+            written.append((name, tuple(shape), name, None))
+    plan = [(n, shape) for n, shape, _, _ in written]
     specs = output_specs(plan, dtype, quantize)
     metadata = {"format": "mlx" if layout == "mlx" else "pt"}
     names = [n for n, _ in plan]
     with atomic_folder(target) as tmp:
         with ShardedWriter(tmp, specs, shard_size=shard_size, metadata=metadata) as writer:
-            for name, shape in plan:
-                x = compute(name)
+            stacked = (None, None)  # (planned name, computed tensor) shared by its expert slices
+            for name, shape, source, expert in written:
+                if expert is None:
+                    x = compute(name)
+                else:
+                    if stacked[0] != source:
+                        stacked = (source, compute(source))
+                    x = stacked[1][expert]
                 if tuple(x.shape) != tuple(shape):
                     raise MlxmergeError(
                         f"{name}: computed shape {tuple(x.shape)}, planned {tuple(shape)}"
@@ -186,8 +206,8 @@ def write_model(
                 else:
                     writer.write(name, x)
                 mx.clear_cache()
-                if progress:
-                    progress(name)
+                if progress and (expert is None or expert == 0):
+                    progress(source)
         out_config = patch_config(config, names, dtype, layout, quantize, num_layers)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
         if tokenizer_source is not None:
