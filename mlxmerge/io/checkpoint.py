@@ -14,6 +14,7 @@ from mlxmerge.errors import CheckpointError
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.hub import resolve_reference
 from mlxmerge.io.safetensors_file import TensorEntry, read_header
+from mlxmerge.io.writer import RawTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -101,6 +102,14 @@ class Checkpoint:
         if isinstance(override, dict):
             params.update({k: override[k] for k in ("group_size", "bits", "mode") if k in override})
         return params
+
+    def raw(self, name: str) -> RawTensor | None:
+        """The tensor's stored bytes (None when stored quantized: those must be dequantized)."""
+        if self.is_quantized(name):
+            return None
+        e = self._entry(name)
+        return RawTensor(e.file, e.data_start + e.begin, e.nbytes, self.dtype(name), e.shape,
+                         lambda: self.get(name))  # fmt: skip
 
     def get(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
         """The tensor as a lazy array (dequantized if stored quantized), optionally cast."""

@@ -17,7 +17,7 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
 from mlxmerge.io.layout import hf_expert_names
 from mlxmerge.io.output import atomic_folder, check_output
-from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec
+from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,9 @@ def write_model(
 ) -> Path:
     """Compute each planned tensor with ``compute(name)`` and write the model atomically.
 
+    ``compute`` may return a ``RawTensor`` (a tensor's unchanged stored bytes): when its dtype is
+    the output dtype and it is not quantized, its bytes are copied file to file.
+
     ``plan`` lists (name, shape) of the float tensors, in output order. ``compute`` returns
     a (lazy) array for one name; it is cast, quantized if asked, evaluated and written
     before the next one is computed, which is what bounds memory.
@@ -185,9 +188,19 @@ def write_model(
             for name, shape, source, expert in written:
                 if expert is None:
                     x = compute(name)
+                    if isinstance(x, RawTensor):
+                        if x.dtype == dtype and not (
+                            quantize and quantizable(name, shape, quantize.group_size)
+                        ):
+                            writer.write_raw(name, x)  # unchanged bytes: a kernel copy
+                            if progress:
+                                progress(source)
+                            continue
+                        x = x.load()
                 else:
                     if stacked[0] != source:
-                        stacked = (source, compute(source))
+                        got = compute(source)
+                        stacked = (source, got.load() if isinstance(got, RawTensor) else got)
                     x = stacked[1][expert]
                 if tuple(x.shape) != tuple(shape):
                     raise MlxmergeError(

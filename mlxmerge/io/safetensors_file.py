@@ -34,6 +34,7 @@ class TensorEntry:
     file: Path
     begin: int  # byte offsets relative to the start of the data section
     end: int
+    data_start: int = 0  # absolute offset of the data section (8 + header length)
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +73,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     data_size = size - 8 - n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        entries[name] = _entry(path, name, info, data_size)
+        entries[name] = _entry(path, name, info, data_size, 8 + n)
     spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
     for (b0, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
@@ -80,7 +81,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return entries, metadata
 
 
-def _entry(path: Path, name: str, info, data_size: int) -> TensorEntry:
+def _entry(path: Path, name: str, info, data_size: int, data_start: int) -> TensorEntry:
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         # Exact ints only: mx.load fails with a bare RuntimeError on strings, misreads bools.
@@ -105,4 +106,4 @@ def _entry(path: Path, name: str, info, data_size: int) -> TensorEntry:
             f"{path}: tensor {name} lies outside the file (bytes {begin}-{end} of {data_size}); "
             "the file is truncated"
         )
-    return TensorEntry(name, dtype, shape, path, begin, end)
+    return TensorEntry(name, dtype, shape, path, begin, end, data_start)

@@ -16,6 +16,7 @@ from mlxmerge.io import Checkpoint, ModelCard, layer_index, open_checkpoint, par
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
+from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.recipe import (
     Recipe,
@@ -433,7 +434,12 @@ def merge(
     chat_template = recipe.chat_template if recipe.chat_template not in (None, "auto") else None
     checked: set[str] = set()
 
-    def compute(name: str) -> mx.array:
+    def compute(name: str) -> mx.array | RawTensor:
+        p = plan.tensor(name)
+        if recipe.merge_method == "passthrough" and p.tensor_params.get("scale") == [1.0]:
+            i, src = p.inputs[0]
+            if plan.checkpoints[i].shape(src) == p.shape:
+                return plan.checkpoints[i].raw(src) or compute_tensor(plan, name, seed)
         _task_vector_check(plan, name, checked)
         return compute_tensor(plan, name, seed)
 

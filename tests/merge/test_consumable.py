@@ -10,7 +10,7 @@ from mlxmerge.merge.registry import METHODS
 def test_release_only_when_allowed_and_same_result():
     k = mx.random.split(mx.random.key(3), 3)
     base, a, b = (mx.random.normal((16, 8), key=key) for key in k)
-    kw = dict(weight=[1.0, 0.5], density=[0.5, 0.5])
+    kw = {"weight": [1.0, 0.5], "density": [0.5, 0.5]}
     plain = [a, b]
     want = METHODS["ties"].fn(plain, base, **kw)
     assert plain[0] is a and plain[1] is b
