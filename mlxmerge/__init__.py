@@ -1,4 +1,10 @@
-"""mlxmerge: merge, abliterate and dissect open-weight LLMs with MLX."""
+"""mlxmerge: merge, abliterate and dissect open-weight LLMs with MLX.
+
+The public verbs are importable from here; each is loaded on first use, so ``import mlxmerge``
+stays cheap (and loads OpenBLAS before anything imports ``mlx.core``).
+"""
+
+import importlib
 
 from mlxmerge._blas import load_optimized_blas
 
@@ -7,4 +13,43 @@ load_optimized_blas()
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# These share their name with a module (mlxmerge/merge/, mlxmerge/convert.py,
+# mlxmerge/abliterate/), so they are bound eagerly: the function then wins over the submodule
+# attribute for good. (Cheap: none of them imports mlx-lm at import time.)
+from mlxmerge.abliterate.pipeline import abliterate
+from mlxmerge.convert import convert
+from mlxmerge.merge.runner import merge
+
+# public name → module that defines it
+_VERBS = {
+    "open_checkpoint": "mlxmerge.io",
+    "write_model": "mlxmerge.io",
+    "inspect_model": "mlxmerge.inspect",
+    "plan_merge": "mlxmerge.merge.runner",
+    "parse_recipe": "mlxmerge.merge.recipe",
+    "diff_models": "mlxmerge.merge.diagnostics",
+    "soup": "mlxmerge.merge.soup",
+    "evaluate": "mlxmerge.eval.scoring",
+    "orthogonalize_model": "mlxmerge.abliterate",
+    "refusals": "mlxmerge.abliterate",
+    "collect": "mlxmerge.sae",
+    "train_sae": "mlxmerge.sae.pipeline",
+    "evaluate_sae": "mlxmerge.sae",
+    "feature_report": "mlxmerge.sae",
+    "steer": "mlxmerge.sae",
+    "load_sae": "mlxmerge.sae",
+    "save_sae": "mlxmerge.sae",
+    "run_demo": "mlxmerge.demo",
+}
+
+__all__ = [  # noqa: PLE0604 (the lazy verbs are listed from _VERBS)
+    "__version__", "abliterate", "convert", "merge", *_VERBS,
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _VERBS:
+        raise AttributeError(f"module 'mlxmerge' has no attribute {name!r}")
+    # ``train_sae`` here is the folder-level verb (``mlxmerge.sae.pipeline.train``).
+    attr = "train" if name == "train_sae" else name
+    return getattr(importlib.import_module(_VERBS[name]), attr)
