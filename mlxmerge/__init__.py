@@ -25,7 +25,7 @@ _VERBS = {
     "open_checkpoint": "mlxmerge.io",
     "write_model": "mlxmerge.io",
     "inspect_model": "mlxmerge.inspect",
-    "plan_merge": "mlxmerge.merge.runner",
+    "plan_merge": "mlxmerge.merge.plan",
     "parse_recipe": "mlxmerge.merge.recipe",
     "diff_models": "mlxmerge.merge.diagnostics",
     "soup": "mlxmerge.merge.soup",

@@ -1,0 +1,296 @@
+"""Plan a merge from headers alone: every check, every output tensor and its parameters.
+
+Nothing here reads tensor data; ``runner`` computes and writes what the plan lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxmerge.errors import RecipeError
+from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
+from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.merge.recipe import Recipe, Slice, parse_recipe, resolve_parameter
+from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, get_method
+
+log = logging.getLogger(__name__)
+
+# Config fields that make two checkpoints different architectures (mergekit needs --allow-crimes).
+ARCHITECTURE_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rope_theta", "moe_intermediate_size", "num_experts",
+    "num_local_experts",
+)  # fmt: skip
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    inputs: list[tuple[int, str]]  # (model index, tensor name) of the merged (non-base) inputs
+    base: tuple[int, str] | None
+    t: float
+    global_params: dict
+    tensor_params: dict[str, list]
+    is_embed: bool = False
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    models: list[str]
+    checkpoints: list[Checkpoint]
+    tensors: list[PlannedTensor]
+    num_layers: int
+    config: dict
+    warnings: list[str] = field(default_factory=list)
+    trim_thresholds: list[float] | None = None  # set by prepare() for TIES trim_scope: model
+
+    def tensor(self, name: str) -> PlannedTensor:
+        return self._by_name[name]
+
+    def __post_init__(self):
+        self._by_name = {p.name: p for p in self.tensors}
+
+
+def is_embedding(name: str) -> bool:
+    return "embed_tokens" in name or name.endswith(("lm_head.weight", "wte.weight"))
+
+
+def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
+    # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
+    return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
+
+
+def _relayer(name: str, new_index: int) -> str:
+    return re.sub(r"(\.(?:layers|h|blocks)\.)\d+\.", rf"\g<1>{new_index}.", name, count=1)
+
+
+def _check_architectures(
+    ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]
+):
+    ref = ckpts[0]
+    for ckpt, model in zip(ckpts[1:], models[1:]):
+        diffs = [
+            f"{k} {ref.config_value(k)} vs {ckpt.config_value(k)}"
+            for k in ARCHITECTURE_FIELDS
+            if ref.config_value(k) != ckpt.config_value(k)
+        ]
+        if diffs:
+            msg = f"{models[0]} and {model} are different architectures ({'; '.join(diffs)})"
+            if not allow_crimes:
+                raise RecipeError(f"{msg}; pass --allow-crimes to merge them where shapes allow")
+            warnings.append(msg)
+
+
+def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False) -> MergePlan:
+    """Validate ``recipe`` against the checkpoints' headers and list every output tensor."""
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe)
+    spec = get_method(recipe.merge_method)
+    method = recipe.merge_method
+    check_params(method, recipe.parameters, "parameters", scope="global")
+    for i, sl in enumerate(recipe.slices):
+        check_params(method, sl.parameters, f"slices[{i}].parameters", scope="global")
+        for src in sl.sources:
+            check_params(method, src.parameters, f"{src.model} parameters", scope="model")
+    base = recipe.base_model
+    if spec.base == "required" and not base:
+        raise RecipeError(
+            f"{method} needs a base_model (the model the task vectors are taken from)"
+        )
+    uses_base = bool(base) and spec.base != "none"
+
+    models = recipe.models
+    ckpts = [open_checkpoint(m) for m in models]
+    by_ref = dict(zip(models, range(len(models))))
+    warnings: list[str] = []
+    _check_architectures(ckpts, models, allow_crimes, warnings)
+
+    for i, sl in enumerate(recipe.slices):
+        for src in sl.sources:
+            n = ckpts[by_ref[src.model]].num_layers
+            if src.layer_range is None:
+                src.layer_range = (0, n)
+            if src.layer_range[1] > n:
+                raise RecipeError(
+                    f"slices[{i}]: layer_range {list(src.layer_range)} of {src.model} is out of range; it has {n} layers"
+                )
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) > 1:
+            raise RecipeError(
+                f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}"
+            )
+        if uses_base and base not in [s.model for s in sl.sources]:
+            raise RecipeError(
+                f"slices[{i}]: the base model {base} must be one of the slice's sources"
+            )
+        merged = [s for s in sl.sources if not (uses_base and s.model == base)]
+        if len(merged) < spec.min_models or (spec.max_models and len(merged) > spec.max_models):
+            want = spec.min_models if spec.min_models == spec.max_models else f"{spec.min_models}+"
+            raise RecipeError(
+                f"{method} merges {want} model(s) besides the base, got {len(merged)} in slices[{i}]"
+            )
+
+    tensors: list[PlannedTensor] = []
+    first, last = recipe.slices[0], recipe.slices[-1]
+
+    def plan_one(out_name: str, in_names: dict[str, str], sl: Slice, t: float):
+        srcs = [s for s in sl.sources if not (uses_base and s.model == base)]
+        inputs = [(by_ref[s.model], in_names[s.model]) for s in srcs]
+        base_in = (by_ref[base], in_names[base]) if uses_base else None
+        gparams = {}
+        for p, default in spec.global_params.items():
+            v = resolve_parameter(p, out_name, t, source=None, slice_=sl, recipe=recipe)
+            if v is None and default is REQUIRED:
+                raise RecipeError(f"{method}: parameter {p!r} is required (tensor {out_name})")
+            gparams[p] = default if v is None else v
+        tparams = {}
+        for p, default in spec.tensor_params.items():
+            values = []
+            for s in srcs:
+                v = resolve_parameter(p, out_name, t, source=s, slice_=sl, recipe=recipe)
+                if v is None and default is REQUIRED:
+                    raise RecipeError(
+                        f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name})"
+                    )
+                values.append(default if v is None else v)
+            tparams[p] = values
+        shape = _output_shape(out_name, inputs, base_in, ckpts, models, spec, warnings)
+        tensors.append(
+            PlannedTensor(
+                out_name, shape, inputs, base_in, t, gparams, tparams, is_embedding(out_name)
+            )
+        )
+
+    def outside_names(sl: Slice, pre: bool) -> list[str]:
+        names: dict[str, None] = {}
+        for s in sl.sources:
+            for n in ckpts[by_ref[s.model]].names():
+                if (
+                    layer_index(n) is None
+                    and (("embed" in n) == pre)
+                    and not n.endswith("lm_head.weight")
+                ):
+                    names[n] = None
+        return list(names)
+
+    def source_names(sl: Slice, name: str) -> dict[str, str] | None:
+        got = {}
+        for s in sl.sources:
+            ck = ckpts[by_ref[s.model]]
+            if name in ck:
+                got[s.model] = name
+            elif name.endswith("lm_head.weight") and ck.tie_word_embeddings:
+                got[s.model] = name.replace("lm_head.weight", "model.embed_tokens.weight")
+            else:
+                return None
+        return got
+
+    for name in outside_names(first, pre=True):
+        got = source_names(first, name)
+        if got is None:
+            raise RecipeError(f"tensor {name} is missing from some models of slices[0]")
+        plan_one(name, got, first, 0.0)
+
+    out_layer = 0
+    for i, sl in enumerate(recipe.slices):
+        n_layers = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        lead = ckpts[by_ref[sl.sources[0].model]]
+        for offset in range(n_layers):
+            t = offset / (n_layers - 1) if n_layers > 1 else 1.0
+            lead_layer = sl.sources[0].layer_range[0] + offset
+            for name in (n for n in lead.names() if layer_index(n) == lead_layer):
+                in_names = {}
+                for s in sl.sources:
+                    src_name = _relayer(name, s.layer_range[0] + offset)
+                    if src_name not in ckpts[by_ref[s.model]]:
+                        raise RecipeError(f"slices[{i}]: {s.model} has no tensor {src_name}")
+                    in_names[s.model] = src_name
+                plan_one(_relayer(name, out_layer), in_names, sl, t)
+            out_layer += 1
+
+    post = outside_names(last, pre=False)
+    lm_head = "lm_head.weight"
+    if any(lm_head in ckpts[by_ref[s.model]] for s in last.sources):
+        post.append(lm_head)
+    for name in post:
+        got = source_names(last, name)
+        if got is None:
+            raise RecipeError(f"tensor {name} is missing from some models of the last slice")
+        plan_one(name, got, last, 1.0)
+
+    tensors.sort(key=lambda p: natural_key(p.name))
+    donor = ckpts[by_ref[base]] if base else ckpts[0]
+    config = dict(donor.config)
+    embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
+    if embed is not None:
+        config["vocab_size"] = embed.shape[0]
+    for w in warnings:
+        log.warning(w)
+    return MergePlan(recipe, spec, models, ckpts, tensors, out_layer, config, warnings)
+
+
+def _output_shape(name, inputs, base_in, ckpts, models, spec, warnings) -> tuple[int, ...]:
+    shapes = [ckpts[i].shape(n) for i, n in inputs]
+    base_shape = ckpts[base_in[0]].shape(base_in[1]) if base_in else None
+    every = shapes + ([base_shape] if base_shape else [])
+    if all(s == every[0] for s in every):
+        return every[0]
+    if not is_embedding(name) or any(len(s) != 2 for s in every):
+        detail = ", ".join(
+            f"{tuple(ckpts[i].shape(n))} in {models[i]}"
+            for i, n in ([*inputs] + ([base_in] if base_in else []))
+        )
+        raise RecipeError(
+            f"tensor {name} has different shapes: {detail}; the models must share an architecture"
+        )
+    if spec.embed_rectify == "base" and base_shape:
+        out = base_shape
+    else:
+        out = (min(s[0] for s in every), min(s[1] for s in every))
+    rows = max(s[0] for s in every) - out[0]
+    warnings.append(
+        f"{name}: vocabulary sizes differ ({sorted({s[0] for s in every})}); "
+        f"output keeps {out[0]} rows, {rows} rows of the larger vocab are dropped or filled from the base"
+    )
+    return tuple(out)
+
+
+def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
+    """What --dry-run prints: tensors, layers, parameters per tensor group, memory, size."""
+    groups: dict[str, list] = {}
+    for p in plan.tensors:
+        key = re.sub(r"\.\d+\.", ".N.", p.name)
+        groups.setdefault(key, []).append(p)
+    rows = []
+    for key, ps in groups.items():
+        params = {}
+        for k in list(ps[0].global_params) + list(ps[0].tensor_params):
+            vals = [p.global_params.get(k, p.tensor_params.get(k)) for p in ps]
+            params[k] = vals[0] if all(v == vals[0] for v in vals) else vals
+        rows.append(
+            {"tensors": key, "count": len(ps), "shape": list(ps[0].shape), "parameters": params}
+        )
+    largest = max(math.prod(p.shape) for p in plan.tensors) * 4
+    n_inputs = max(len(p.inputs) + (p.base is not None) for p in plan.tensors)
+    return {
+        "method": plan.recipe.merge_method,
+        "models": plan.models,
+        "base_model": plan.recipe.base_model,
+        "output_tensors": len(plan.tensors),
+        "output_layers": plan.num_layers,
+        "groups": rows,
+        "largest_tensor_fp32_bytes": largest,
+        # inputs + result + a few temporaries, each at most the largest fp32 tensor
+        "estimated_peak_bytes": largest * (n_inputs + 3),
+        "output_bytes": sum(math.prod(p.shape) for p in plan.tensors) * out_dtype.size,
+        "warnings": plan.warnings,
+    }
