@@ -24,6 +24,7 @@ from mlxmerge.abliterate.orthogonalize import (
     write_component,
 )  # fmt: skip
 from mlxmerge.abliterate.prompts import prompt_set
+from mlxmerge.abliterate.report import card_markdown, public_report, rewrite_report
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.eval.generation import (
     chat_tokens,
@@ -280,8 +281,8 @@ def abliterate(
     # 5. Export: every residual writer edited in float32, streamed through the writer.
     t = time.perf_counter()
     report["timings"] = timings
-    card_body = _card_body(report)
-    extra = {"abliteration.json": json.dumps(_public(report), indent=2)}
+    card_body = card_markdown(report)
+    extra = {"abliteration.json": json.dumps(public_report(report), indent=2)}
     if adapter:
         from mlxmerge.abliterate.adapter import export_adapter
 
@@ -313,7 +314,7 @@ def abliterate(
     plot = plot_report(report, Path(output) / "abliteration.png")
     report["plot"] = str(plot) if plot else None
     timings["total_s"] = time.perf_counter() - t0
-    _rewrite_report(Path(output), report)
+    rewrite_report(Path(output), report)
     return report
 
 
@@ -439,84 +440,6 @@ def _before_after(base, tokenizer, output, toks, *, max_tokens, batch_size, mark
     res["after"]["same_harmless_answers"] = same / len(answers["before"])
     res["n_test"] = {"harmful": len(toks[("harmful", "test")]), "harmless": len(answers["before"])}
     return res
-
-
-def _public(report: dict) -> dict:
-    return {k: v for k, v in report.items() if not k.startswith("_")}
-
-
-def _rewrite_report(folder: Path, report: dict) -> None:
-    """Replace the report and card with the final numbers (written to a temp file, then renamed)."""
-    import os
-
-    for fname, text in (
-        ("abliteration.json", json.dumps(_public(report), indent=2)),
-        ("README.md", None),
-    ):
-        path = folder / fname
-        if text is None:
-            old = path.read_text()
-            head, _, _ = old.partition("\n## Abliteration\n")
-            text = head.rstrip() + "\n\n" + _card_body(report) + "\n"
-        tmp = path.with_name(f".{fname}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-
-def _card_body(report: dict) -> str:
-    d = report.get("direction", {})
-    lines = [
-        "## Abliteration",
-        "",
-        (
-            "Made with `mlxmerge abliterate`: the refusal direction r (difference of mean residual "
-            "activations on harmful and harmless prompts, Arditi et al. 2024, arXiv 2406.11717) "
-            "was removed from every edited residual writer, W ← W − λ r rᵀ W."
-        ),
-        "",
-        (
-            f"- direction: residual point {d.get('layer')} (input of layer {d.get('layer')}), "
-            f"position {d.get('position')}; {d.get('why', '')}"
-        ),
-        f"- edited layers: {_ranges(report.get('edited_layers', []))}; strength λ = {report.get('strength')}",
-        f"- projected direction: {report.get('projected')}; norm-preserving: {report.get('norm_preserving')}; "
-        f"embeddings edited: {report.get('embeddings')}"
-        + (" (tied: the LM head changes too)" if report.get("embeddings") and report.get("tied_embeddings") else ""),
-    ]  # fmt: skip
-    if "search" in report:
-        s = report["search"]
-        lines.append(f"- heretic-style search: {s['trials']} trials, picked trial {s['picked']}")
-    if "before" in report:
-        b, a = report["before"], report["after"]
-        lines += [
-            "",
-            "| held-out test | before | after |",
-            "|---|---|---|",
-            f"| refusal rate, harmful ({report['n_test']['harmful']} prompts) | {b['refusal_rate']:.0%} | {a['refusal_rate']:.0%} |",
-            f"| refusal rate, harmless ({report['n_test']['harmless']} prompts) | {b['harmless_refusal_rate']:.0%} | {a['harmless_refusal_rate']:.0%} |",
-            f"| first-token KL(base ‖ edited), harmless | 0 | {a['kl']:.4f} |",
-            f"| identical harmless answers | | {a['same_harmless_answers']:.0%} |",
-        ]  # fmt: skip
-    if "quantization_residual" in report:
-        lines.append(
-            f"\nRe-quantization noise along r is {report['quantization_residual']:.0%} of the "
-            "edit's size (0% is an exact edit)."
-        )
-    return "\n".join(lines)
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}-{prev}" if start != prev else f"{start}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(out)
 
 
 __all__ = ["abliterate", "orthogonalize_model", "parse_layers"]

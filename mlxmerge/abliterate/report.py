@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -44,3 +45,81 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def public_report(report: dict) -> dict:
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def rewrite_report(folder: Path, report: dict) -> None:
+    """Replace the report and card with the final numbers (written to a temp file, then renamed)."""
+    import os
+
+    for fname, text in (
+        ("abliteration.json", json.dumps(public_report(report), indent=2)),
+        ("README.md", None),
+    ):
+        path = folder / fname
+        if text is None:
+            old = path.read_text()
+            head, _, _ = old.partition("\n## Abliteration\n")
+            text = head.rstrip() + "\n\n" + card_markdown(report) + "\n"
+        tmp = path.with_name(f".{fname}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def card_markdown(report: dict) -> str:
+    d = report.get("direction", {})
+    lines = [
+        "## Abliteration",
+        "",
+        (
+            "Made with `mlxmerge abliterate`: the refusal direction r (difference of mean residual "
+            "activations on harmful and harmless prompts, Arditi et al. 2024, arXiv 2406.11717) "
+            "was removed from every edited residual writer, W ← W − λ r rᵀ W."
+        ),
+        "",
+        (
+            f"- direction: residual point {d.get('layer')} (input of layer {d.get('layer')}), "
+            f"position {d.get('position')}; {d.get('why', '')}"
+        ),
+        f"- edited layers: {_ranges(report.get('edited_layers', []))}; strength λ = {report.get('strength')}",
+        f"- projected direction: {report.get('projected')}; norm-preserving: {report.get('norm_preserving')}; "
+        f"embeddings edited: {report.get('embeddings')}"
+        + (" (tied: the LM head changes too)" if report.get("embeddings") and report.get("tied_embeddings") else ""),
+    ]  # fmt: skip
+    if "search" in report:
+        s = report["search"]
+        lines.append(f"- heretic-style search: {s['trials']} trials, picked trial {s['picked']}")
+    if "before" in report:
+        b, a = report["before"], report["after"]
+        lines += [
+            "",
+            "| held-out test | before | after |",
+            "|---|---|---|",
+            f"| refusal rate, harmful ({report['n_test']['harmful']} prompts) | {b['refusal_rate']:.0%} | {a['refusal_rate']:.0%} |",
+            f"| refusal rate, harmless ({report['n_test']['harmless']} prompts) | {b['harmless_refusal_rate']:.0%} | {a['harmless_refusal_rate']:.0%} |",
+            f"| first-token KL(base ‖ edited), harmless | 0 | {a['kl']:.4f} |",
+            f"| identical harmless answers | | {a['same_harmless_answers']:.0%} |",
+        ]  # fmt: skip
+    if "quantization_residual" in report:
+        lines.append(
+            f"\nRe-quantization noise along r is {report['quantization_residual']:.0%} of the "
+            "edit's size (0% is an exact edit)."
+        )
+    return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
