@@ -215,10 +215,15 @@ def soup(models, greedy, as_json, **kw):
 
     from mlxmerge.merge.soup import soup as run
 
+    printed: list[bool] = []  # the heading goes out with the first score, after all checks
+
     def on_step(step: dict):
         if as_json:
             return
         if step["stage"] == "individual":
+            if not printed:
+                click.echo("individual models:")
+                printed.append(True)
             click.echo(f"  score {_fmt(step['score'])}  {step['model']}")
         elif step["stage"] == "soup" and step["candidate"] == "all":
             click.echo(f"uniform soup of {len(step['soup'])}: {_fmt(step['score'])}")
@@ -235,8 +240,6 @@ def soup(models, greedy, as_json, **kw):
         elif step["stage"] == "ensemble":
             click.echo(f"  ensemble of {len(models)} (output-averaged): {_fmt(step['score'])}")
 
-    if not as_json:
-        click.echo("individual models:")
     result = run(
         list(models),
         kw.pop("output"),
