@@ -159,8 +159,6 @@ def build_method_recipe(method: str, models: list[str], base: str | None, option
     recipe["models"] = entries
     if params:
         recipe["parameters"] = params
-    if options.get("dtype"):
-        recipe["dtype"] = options["dtype"]
     return recipe
 
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.errors import RecipeError
+from mlxmerge.merge.methods.common import kth_bracket
 
 SAMPLE_SIZE = 1 << 18
 
@@ -48,12 +49,7 @@ def model_thresholds(plan, density: list[float]) -> list[float]:
         if k <= 0:
             brackets.append((np.inf, np.inf, 0))
             continue
-        s = np.sort(np.concatenate(samples[j]))
-        q = 1.0 - k / total
-        margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / total) / s.size) + 2.0 / s.size
-        lo_i, hi_i = math.floor((q - margin) * s.size), math.ceil((q + margin) * s.size)
-        lo = s[lo_i] if lo_i >= 0 else -np.inf
-        hi = s[hi_i] if hi_i < s.size else np.inf
+        lo, hi = kth_bracket(np.sort(np.concatenate(samples[j])), k, total)
         brackets.append((lo, hi, k))
     above = [0] * n_models
     bands: list[list[np.ndarray]] = [[] for _ in range(n_models)]

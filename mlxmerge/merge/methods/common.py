@@ -81,6 +81,21 @@ EXACT_PARTITION_BELOW = 1 << 20
 SAMPLE_SIZE = 1 << 16
 
 
+def kth_bracket(sorted_sample: np.ndarray, k: int, n: int) -> tuple[float, float]:
+    """[lo, hi] holding the k-th largest of ``n`` values, from a sorted uniform sample of them.
+
+    The margin is six binomial standard deviations of the sample quantile (plus two ranks), so
+    the k-th value falls outside only with negligible probability; callers verify and fall back.
+    """
+    m = sorted_sample.size
+    q = 1.0 - k / n  # the answer is the q-quantile
+    margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / n) / m) + 2.0 / m
+    lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    lo = sorted_sample[lo_i] if lo_i >= 0 else -np.inf
+    hi = sorted_sample[hi_i] if hi_i < m else np.inf
+    return lo, hi
+
+
 def kth_largest(flat: mx.array, k: int) -> float:
     """The ``k``-th largest entry of a 1-D array, exactly, in a few linear passes.
 
@@ -94,11 +109,7 @@ def kth_largest(flat: mx.array, k: int) -> float:
         return mx.partition(flat, n - k)[n - k].item()
     a = np.asarray(mx.contiguous(flat.astype(mx.float32)))  # CPU view of unified memory
     sample = np.sort(a[np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)])
-    q = 1.0 - k / n  # the answer is the q-quantile
-    margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / n) / SAMPLE_SIZE) + 2.0 / SAMPLE_SIZE
-    lo_i, hi_i = math.floor((q - margin) * SAMPLE_SIZE), math.ceil((q + margin) * SAMPLE_SIZE)
-    lo = sample[lo_i] if lo_i >= 0 else -np.inf
-    hi = sample[hi_i] if hi_i < SAMPLE_SIZE else np.inf
+    lo, hi = kth_bracket(sample, k, n)
     n_above = int(mx.sum(flat > float(hi)).item())
     band = a[(a >= lo) & (a <= hi)]
     need = k - n_above
