@@ -1,32 +1,11 @@
-"""The embedded default job: build small models locally, merge them, run the result."""
+"""The embedded default job: train a small refusing model, abliterate, merge, train an SAE."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
-from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
-
 log = logging.getLogger(__name__)
-
-
-def build_family(out: Path, seed: int = 0, spread: float = 0.02) -> dict[str, Path]:
-    """A base model and two 'fine-tunes' of it (base + small seeded perturbations)."""
-    tok = build_tokenizer(out / "tokenizer")
-    config = tiny_config(hidden_size=64, num_layers=4)
-    base = dict(tree_flatten(model_from_config(config, seed).parameters()))
-    paths = {"base": save_weights(out / "base", base, config, tok, force=True, title="demo base")}
-    for i, name in enumerate(("model_a", "model_b"), start=1):
-        keys = mx.random.split(mx.random.key(seed * 1000 + i), len(base))
-        tuned = {}
-        for j, (k, v) in enumerate(sorted(base.items())):
-            noise = mx.random.normal(v.shape, key=keys[j])
-            tuned[k] = v + spread * mx.abs(v).mean() * noise
-        paths[name] = save_weights(out / name, tuned, config, tok, force=True, title=f"demo {name}")
-    return paths
 
 
 def generate_text(model_path: Path, prompt: str, max_tokens: int = 12) -> str:
