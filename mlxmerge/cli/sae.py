@@ -134,7 +134,7 @@ def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
     result = evaluate_sae(
         sae_path, model, data, tokens=tokens, context_size=context_size, layer=layer
     )
-    warnings = result["warnings"] if as_json else result.pop("warnings")
+    warnings = [] if as_json else result.pop("warnings")  # JSON keeps them as a field
     _print(result, as_json)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
