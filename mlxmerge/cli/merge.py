@@ -10,6 +10,7 @@ from mlxmerge.cli import cli
 from mlxmerge.cli.models import DTYPE, LAYOUT, human_bytes
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import RecipeError
+from mlxmerge.merge.registry import METHODS
 
 
 def output_options(fn=None, *, seed: bool = True):
@@ -126,8 +127,12 @@ def parse_setting(values: tuple[str, ...], name: str):
             entries.append({"filter": flt, "value": parse_value(val)})
         else:
             entries.append({"value": parse_value(v)})
-    if sum("filter" not in e for e in entries) > 1:
-        raise RecipeError(f"--{name}: give at most one unfiltered value")
+    plain = sum("filter" not in e for e in entries)
+    if plain > 1:
+        raise RecipeError(
+            f"--{_flag(name)}: with filters (NAME=VALUE), give at most one value without a filter "
+            f"(it applies to the other tensors); got {plain}"
+        )
     return entries
 
 
@@ -220,7 +225,7 @@ def _base_help(spec) -> str:
     if spec.base == "optional":
         return "Optional base: with it, the task vectors (model − base) are merged."
     if spec.max_models == 1:
-        return "Base model (t=0 end). Without --base the first model is the base."
+        return "Base model. Without --base the first of the two MODELS is the base."
     return "Base model: the task vectors (model − base) are taken from it."
 
 
@@ -285,13 +290,27 @@ def _register_methods():
 _register_methods()
 
 
+DARE_PARAMS = METHODS["dare_ties"].params
+
+
 @cli.command("dare")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--base", required=True, help="Base model.")
 @click.option(
-    "--density", "density", multiple=True, help="Keep probability per model (one for all)."
+    "--base", required=True, help="Base model: the task vectors (model − base) are taken from it."
 )
-@click.option("--weight", multiple=True, help="Weight per model (one for all).")
+@click.option(
+    "--density",
+    "density",
+    multiple=True,
+    metavar="VALUE",
+    help=option_help("density", DARE_PARAMS["density"], per_model=True),
+)
+@click.option(
+    "--weight",
+    multiple=True,
+    metavar="VALUE",
+    help=option_help("weight", DARE_PARAMS["weight"], per_model=True),
+)
 @click.option(
     "--ties/--no-ties",
     default=True,

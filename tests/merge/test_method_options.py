@@ -171,3 +171,31 @@ def test_model_card_names_the_project_without_a_made_up_url(family, tmp_path):
     assert "mlxmerge" in card
     links = re.findall(r"https?://\S+", card)
     assert links and all("mlxmerge" not in u for u in links)  # only the paper link remains
+
+
+def test_recipe_path_names_the_real_problem_too(family, tmp_path):
+    a, b, base = (str(family[k]) for k in ("model_a", "model_b", "base"))
+    recipe = tmp_path / "slerp3.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "slerp",
+                "parameters": {"t": 0.5},
+                "models": [{"model": m} for m in (a, b, base)],
+            }
+        )
+    )
+    r = run("merge", recipe, "--dry-run")
+    assert r.exit_code == 1
+    assert "slerp merges exactly two models, base_model and one other" in r.output
+    assert "task vectors" not in r.output
+    r = run("slerp", a, b, "--t", "self_attn=0,1", "--t", "0.5", "--t", "0.3", "--dry-run")
+    assert r.exit_code == 1
+    assert "--t: with filters (NAME=VALUE), give at most one value without a filter" in r.output
+
+
+def test_dare_help_comes_from_the_table():
+    out = flat(run("dare", "--help").output)
+    param = METHODS["dare_ties"].params["density"]
+    assert f"mergekit `density`: {param.meaning}" in out and "--seed" in out
+    assert "--seed" not in flat(run("frankenmerge", "--help").output)
