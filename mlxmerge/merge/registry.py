@@ -613,8 +613,7 @@ def parameters_markdown() -> str:
         for p, param in spec.params.items():
             scope = "per model" if p in spec.tensor_params else "global"
             values = param.range_text() + (", gradient or filtered" if param.gradient else "")
-            lines.append(
-                f"| `{p}` | {scope} | {values} | {param.default_text()} | {param.meaning} |"
-            )
+            meaning = param.meaning.replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{p}` | {scope} | {values} | {param.default_text()} | {meaning} |")
         lines.append("")
-    return "\n".join(lines).replace("|δ|", "\\|δ\\|")
+    return "\n".join(lines)
