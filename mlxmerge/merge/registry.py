@@ -19,95 +19,25 @@ from mlxmerge.errors import RecipeError
 from mlxmerge.merge import methods as m
 from mlxmerge.merge.methods.sparsify import RESCALE_MODES, check_della, derive_key
 from mlxmerge.merge.methods.task_arithmetic import DISJOINT_MEAN, ELECT
+from mlxmerge.merge.params import (
+    REQUIRED,
+    Param,
+    choice,
+    flag,
+    from_default,
+    gradients,
+    leaves,
+    number,
+    whole,
+)
 
 __all__ = [
     "METHODS", "REQUIRED", "MethodSpec", "Param", "call_method", "check_params", "derive_key",
 ]  # fmt: skip
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-"""Sentinel default of a parameter the recipe must set."""
-
 # Recipe names that are Python keywords map to a trailing underscore in the function signature.
 _KWARG = {"lambda": "lambda_"}
-
-KINDS = ("number", "int", "bool", "choice")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a merge method: what it holds, its range, default and meaning.
-
-    The single source for validation (``check_params``), ``--help`` of the per-method commands
-    and the parameter tables of docs/merging-methods.md.
-    """
-
-    kind: str
-    """'number' (a real; takes gradients and filtered values), 'int', 'bool' or 'choice'."""
-    meaning: str
-    """One line: what the value does."""
-    default: Any = REQUIRED
-    low: float | None = None
-    """Smallest allowed value (inclusive), numbers and ints."""
-    high: float | None = None
-    """Largest allowed value (inclusive), numbers."""
-    choices: tuple[str, ...] = ()
-    """Allowed strings of a 'choice'."""
-
-    @property
-    def gradient(self) -> bool:
-        """Whether a gradient (``[0, 0.5, 1]``) makes sense: only for real numbers."""
-        return self.kind == "number"
-
-    def range_text(self) -> str:
-        """The allowed values in words: ``in [0, 1]``, ``>= 0``, ``true or false``, ..."""
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "choice":
-            return "one of " + ", ".join(self.choices)
-        what = "a whole number" if self.kind == "int" else "a number"
-        if self.low is not None and self.high is not None:
-            return f"in [{self.low:g}, {self.high:g}]"
-        if self.low is not None:
-            return f"{what} >= {self.low:g}"
-        if self.high is not None:
-            return f"{what} <= {self.high:g}"
-        return "any real number" if self.kind == "number" else what
-
-    def default_text(self) -> str:
-        if self.default is REQUIRED:
-            return "required"
-        if self.default is None:
-            return "none"
-        if isinstance(self.default, bool):
-            return str(self.default).lower()
-        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
-
-    def accepts(self, value: Any) -> bool:
-        """Whether one scalar value (one point of a gradient) is allowed."""
-        if self.kind == "bool":
-            return isinstance(value, bool)
-        if self.kind == "choice":
-            return value in self.choices
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return False
-        if self.kind == "int" and int(value) != value:
-            return False
-        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-
-
-def _from_default(default: Any, choices: tuple[str, ...] = ()) -> Param:
-    """A Param for a row that gives a bare default (undocumented: its meaning is empty)."""
-    if choices:
-        return Param("choice", "", default, choices=tuple(choices))
-    if isinstance(default, bool):
-        return Param("bool", "", default)
-    return Param("number", "", default)
 
 
 @dataclass(frozen=True)
@@ -149,7 +79,7 @@ class MethodSpec:
             for name, p in group.items():
                 if name not in params or isinstance(p, Param):
                     params[name] = (
-                        p if isinstance(p, Param) else _from_default(p, self.choices.get(name, ()))
+                        p if isinstance(p, Param) else from_default(p, self.choices.get(name, ()))
                     )
         object.__setattr__(self, "params", params)
         for attr in ("tensor_params", "global_params"):
@@ -160,22 +90,6 @@ class MethodSpec:
             object.__setattr__(self, attr, defaults)
         choices = {k: p.choices for k, p in params.items() if p.kind == "choice"}
         object.__setattr__(self, "choices", choices)
-
-
-def number(meaning: str, default: Any = REQUIRED, low=None, high=None) -> Param:
-    return Param("number", meaning, default, low, high)
-
-
-def flag(meaning: str, default: bool) -> Param:
-    return Param("bool", meaning, default)
-
-
-def choice(meaning: str, default: str, choices: tuple[str, ...]) -> Param:
-    return Param("choice", meaning, default, choices=tuple(choices))
-
-
-def whole(meaning: str, default: int, low: int | None = None) -> Param:
-    return Param("int", meaning, default, low)
 
 
 # Parameters shared by the task-arithmetic family (mergekit's generalized_task_arithmetic).
@@ -489,44 +403,14 @@ def get_method(name: str) -> MethodSpec:
     )
 
 
-def _leaves(value):
-    """Scalar values inside a parameter: a number, a gradient list, or [{filter, value}, ...]."""
-    if isinstance(value, dict):
-        if "value" in value:
-            yield from _leaves(value["value"])
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v)
-        return
-    yield value
-
-
-def _is_gradient(value) -> bool:
-    """A list of values (not of ``{filter, value}`` entries): interpolated across layers."""
-    return isinstance(value, (list, tuple)) and not any(isinstance(v, dict) for v in value)
-
-
-def _gradients(value):
-    """The gradients inside a parameter (itself, or the value of a filtered entry)."""
-    if _is_gradient(value):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            if isinstance(v, dict) and _is_gradient(v.get("value")):
-                yield v["value"]
-    elif isinstance(value, dict) and _is_gradient(value.get("value")):
-        yield value["value"]
-
-
 def _check_value(method: str, key: str, value, where: str, spec: MethodSpec) -> None:
     param = spec.params[key]
-    if not param.gradient and any(True for _ in _gradients(value)):
+    if not param.gradient and any(True for _ in gradients(value)):
         raise RecipeError(
             f"{where}: parameter {key!r} of {method} takes one value ({param.range_text()}), "
             f"not a gradient; got {value!r}."
         )
-    for leaf in _leaves(value):
+    for leaf in leaves(value):
         if not param.accepts(leaf):
             raise RecipeError(
                 f"{where}: parameter {key!r} of {method} must be {param.range_text()}, "

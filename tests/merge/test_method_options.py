@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from mlxmerge.cli import cli
 from mlxmerge.errors import RecipeError
+from mlxmerge.merge.params import KINDS
 from mlxmerge.merge.registry import (
-    KINDS,
     MERGEKIT_METHODS,
     METHODS,
     REQUIRED,
