@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -16,6 +17,22 @@ DATA_HELP = (
     ".txt (documents separated by blank lines; one per line when it has none) "
     "or .jsonl with 'text'."
 )
+
+
+def output_option(help_text: str):
+    """``-o, --output`` like every other command; ``--out``, the old spelling, still works."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def command(*args, out=None, out_alias=None, **kw):
+            if not (out or out_alias):
+                raise click.UsageError("give the output folder with -o/--output")
+            return fn(*args, out=out or out_alias, **kw)
+
+        command = click.option("--out", "out_alias", hidden=True)(command)
+        return click.option("-o", "--output", "out", help=help_text)(command)
+
+    return deco
 
 
 def _size(_ctx, _param, value):
@@ -49,20 +66,16 @@ def sae():
 @click.option(
     "--tokens", default="2M", callback=_size, show_default=True, help="Tokens to collect."
 )
-@click.option("-o", "--output", "out", help="Output folder.")
-@click.option("--out", "out_alias", hidden=True)  # the old spelling, kept working
+@output_option("Output folder.")
 @click.option("--context-size", default=128, show_default=True, help="Tokens per row (BOS first).")
 @click.option(
     "--dtype", default="float32", type=click.Choice(["float32", "float16"]), show_default=True
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def collect(model, layer, data, tokens, out, out_alias, context_size, dtype, force):
+def collect(model, layer, data, tokens, out, context_size, dtype, force):
     """Cache residual-stream activations of MODEL at one or more layers."""
     from mlxmerge.sae import collect as run
 
-    out = out or out_alias
-    if not out:
-        raise click.UsageError("give the output folder with -o/--output")
     quiet_length_warning()
     with progress_bar(tokens, "collect", "tok") as bar:
         meta = run(model, list(layer), data, out, tokens=tokens, context_size=context_size,
@@ -83,7 +96,7 @@ def collect(model, layer, data, tokens, out, out_alias, context_size, dtype, for
 @click.option("--acts", help="Activation folder from `sae collect`.")
 @click.option("--layer", type=int, help="Block index (on the fly, or to pick one layer of --acts).")
 @click.option("--data", help=f"Text for on-the-fly training: {DATA_HELP}")
-@click.option("-o", "--out", required=True, help="Output SAE folder (SAELens format).")
+@output_option("Output SAE folder (SAELens format).")
 @click.option("--k", default=32, show_default=True, help="Active latents per token.")
 @click.option("--expansion", default=8, show_default=True, help="d_sae = expansion x d_in.")
 @click.option("--arch", "architecture", default="topk", show_default=True,
@@ -144,7 +157,7 @@ def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
 @click.argument("sae_path", metavar="SAE")
 @click.argument("model")
 @click.option("--data", required=True, help="Text to find top-activating contexts in.")
-@click.option("-o", "--out", required=True, help="Report folder (index.html + features.json).")
+@output_option("Report folder (index.html + features.json).")
 @click.option(
     "--feature", "features", type=int, multiple=True, help="Latent to report (repeatable)."
 )

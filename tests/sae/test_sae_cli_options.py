@@ -32,6 +32,9 @@ def test_collect_takes_output_like_every_command_and_keeps_out(tmp_path, tiny_mo
     assert "-o, --output" in help_text and "--out " not in help_text
     r = run("sae", "collect", tiny_model, "--layer", "0", "--data", text_file)
     assert r.exit_code == 2 and "-o/--output" in r.output
+    for command in ("train", "features"):  # the other sae commands spell it the same way
+        help_text = run("sae", command, "--help").output
+        assert "-o, --output" in help_text and "--out " not in help_text
 
 
 def test_collect_says_when_the_corpus_runs_out(tmp_path, tiny_model):
