@@ -23,6 +23,7 @@ from mlxmerge.sae.model import SAEConfig, SAEError
 SAE_LENS_VERSION = (
     "6.18.0"  # the cfg layout we write; any value >= 6.0.0 selects SAELens's v6 loader
 )
+ACTIVATION_SCALER_NAME = "activation_scaler.json"  # SAELens training checkpoints
 CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = (
     "cfg.json",
     "sae_weights.safetensors",
@@ -160,6 +161,13 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         params = fold_decoder_norm(params, w_path)
         cfg.metadata["rescale_acts_by_decoder_norm"] = "folded into W_enc, b_enc and W_dec"
+    if raw.get("normalize_activations") == "expected_average_only_in":
+        # After the decoder-norm fold: that one uses the stored (scaled-space) decoder norms.
+        scale = _scaling_factor(folder, cfg_path)
+        if scale is not None:
+            params = {**params, "encoder": params["encoder"] * scale,
+                      "W_dec": params["W_dec"] / scale, "b_dec": params["b_dec"] / scale}  # fmt: skip
+            cfg.metadata["activation_scaling_factor"] = f"{scale} folded into W_enc, W_dec, b_dec"
     mx.eval(params)
     return cfg, params
 
@@ -169,7 +177,7 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "torch.float32", "torch.float16",
                  "torch.bfloat16")  # fmt: skip
 _SUPPORTED_VALUES = {
-    "normalize_activations": ("none", None),
+    "normalize_activations": ("none", "expected_average_only_in", None),  # the latter: see below
     "reshape_activations": ("none", None),
     "finetuning_scaling_factor": (False, None),  # pre-v6: a learnt per-latent scale
     "activation_fn_str": ("relu", "topk", None),  # pre-v6
@@ -197,6 +205,24 @@ def _check_maths_fields(raw: dict, arch_name: str, cfg_path: Path) -> None:
             )
     if arch_name == "topk" and not isinstance(raw.get("rescale_acts_by_decoder_norm", False), bool):
         raise SAEError(f"{cfg_path}: rescale_acts_by_decoder_norm must be true or false")
+
+
+def _scaling_factor(folder: Path, cfg_path: Path) -> float | None:
+    """The input scale of a SAELens training checkpoint (``normalize_activations:
+    expected_average_only_in``): SAELens trains on ``s·x`` and keeps ``s`` in activation_scaler.json
+    until the final save folds it (W_enc·s, W_dec/s, b_dec/s). None: no scale was estimated."""
+    path = folder / ACTIVATION_SCALER_NAME
+    try:
+        s = json.loads(path.read_text())["scaling_factor"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SAEError(
+            f"{cfg_path}: normalize_activations='expected_average_only_in' needs the input scale "
+            f"from {ACTIVATION_SCALER_NAME} (a SAELens training checkpoint), which is missing or "
+            "unreadable; the final SAELens save folds it and writes 'none'"
+        ) from None
+    if s is not None and not (isinstance(s, (int, float)) and s > 0):
+        raise SAEError(f"{path}: scaling_factor must be a positive number, got {s!r}")
+    return None if s is None else float(s)
 
 
 def fold_decoder_norm(params: dict, where: Path | str = "W_dec") -> dict:

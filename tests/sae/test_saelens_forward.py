@@ -130,3 +130,24 @@ def test_zero_decoder_row_with_rescale_is_refused(tmp_path):
     folder = _folder(tmp_path / "s", w, architecture="topk", k=2, rescale_acts_by_decoder_norm=True)
     with pytest.raises(SAEError, match=r"W_dec rows \[5\] have zero norm"):
         load_sae(folder)
+
+
+def test_training_checkpoint_input_scale_is_folded_after_the_decoder_norms(tmp_path):
+    # SAELens's trainer feeds s·x to the SAE and divides its output by s (activation_scaler.json);
+    # the final save folds s in. A checkpoint folder keeps s apart: reproduce the same maths.
+    rng = np.random.default_rng(4)
+    d_in, d_sae, k, s = 12, 48, 5, 2.5
+    w = _weights(rng, d_in, d_sae)
+    folder = _folder(tmp_path / "ckpt", w, architecture="topk", k=k,
+                     rescale_acts_by_decoder_norm=True,
+                     normalize_activations="expected_average_only_in")  # fmt: skip
+    with pytest.raises(SAEError, match="expected_average_only_in' needs the input scale"):
+        load_sae(folder)
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": s}))
+    cfg, p = load_sae(folder)
+    x = rng.standard_normal((40, d_in)).astype(np.float32)
+    z_ref, out_ref = saelens_topk(w, s * x, k, rescale=True)
+    z = np.array(encode(p, cfg, mx.array(x)))
+    assert ((z != 0) == (z_ref != 0)).all()
+    np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(decode(p, mx.array(z))), out_ref / s, rtol=1e-4, atol=1e-4)
