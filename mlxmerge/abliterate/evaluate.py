@@ -11,6 +11,7 @@ from mlxmerge.eval.generation import chat_tokens, check_chat_template, last_logi
 from mlxmerge.eval.prompts import read_prompts
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import open_checkpoint
+from mlxmerge.io.documents import read_documents
 
 Progress = Callable[[str, int, int], None]
 
@@ -38,7 +39,7 @@ def refusals(
     good = read_prompts(harmless, column) if harmless else bundled_prompts("harmless", "test")
     if limit:
         harm, good = harm[:limit], good[:limit]
-    texts = read_prompts(text) if text else None
+    texts = read_documents(text) if text else None
     out: dict = {"max_tokens": max_tokens, "n_harmful": len(harm), "n_harmless": len(good),
                  "models": {}}  # fmt: skip
     answers, logits = {}, {}

@@ -228,8 +228,10 @@ def abliterate(
         base_val_refusal = sum(is_refusal(a, markers) for a in val_answers) / len(val_answers)
         if not refusal_ids:
             raise MlxmergeError(
-                f"{model} refuses none of the {len(harmful_val)} harmful validation prompts "
-                "(by the refusal markers); there is no refusal to remove"
+                f"{model} refuses none of the {len(harmful_val)} harmful validation prompts by "
+                "the refusal markers. If it does refuse in words the markers miss (another "
+                "language or phrasing), pass --markers FILE with its own refusal openings "
+                "(one per line), or give the direction's layer explicitly with --direction-layer"
             )
         report["refusal_tokens"] = [tokenizer.decode([i]) for i in refusal_ids]
 

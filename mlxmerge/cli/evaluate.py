@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -11,6 +12,21 @@ from mlxmerge.cli import cli
 from mlxmerge.cli.models import DTYPE, LAYOUT
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import MlxmergeError
+
+
+class _DropLengthWarning(logging.Filter):
+    """transformers warns that a long document exceeds the model's length; it is split first."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sequence length is longer than the specified maximum" not in record.getMessage()
+
+
+def quiet_length_warning() -> None:
+    """Drop transformers' misleading "sequence length is longer than the maximum" warning:
+    perplexity splits documents into --max-length windows and ``sae`` packs context-size rows."""
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    if not any(isinstance(f, _DropLengthWarning) for f in logger.filters):
+        logger.addFilter(_DropLengthWarning())
 
 
 def scoring_options(fn):
@@ -157,6 +173,7 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 
     if plot and kw["samples"] < 2:
         raise click.UsageError("--plot draws the --samples curve; give --samples 2 or more")
+    quiet_length_warning()
     with progress_bar(None, "eval", "seq") as bar:
         state = {"label": None}
 
@@ -199,8 +216,12 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
     type=click.Path(),
     help="Held-out task file that selects the soup.",
 )
-@click.option("--greedy/--uniform", "greedy", default=True, show_default=True,
-              help="Greedy soup (Wortsman et al.) or the uniform average of all models.")  # fmt: skip
+@click.option(
+    "--greedy",
+    is_flag=True,
+    help="Greedy soup (Wortsman et al.): add models while the score improves [default].",
+)
+@click.option("--uniform", is_flag=True, help="The uniform average of all models.")  # fmt: skip
 @click.option(
     "--ensemble", is_flag=True, help="Also score the output-averaged ensemble (N× inference cost)."
 )
@@ -209,11 +230,15 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 @click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def soup(models, greedy, as_json, **kw):
+def soup(models, greedy, uniform, as_json, **kw):
     """Average fine-tunes of one base into a soup, chosen on a held-out task (--eval)."""
     import yaml
 
     from mlxmerge.merge.soup import soup as run
+
+    if greedy and uniform:
+        raise click.UsageError("give --greedy or --uniform, not both")
+    quiet_length_warning()
 
     printed: list[bool] = []  # the heading goes out with the first score, after all checks
 
@@ -240,13 +265,19 @@ def soup(models, greedy, as_json, **kw):
         elif step["stage"] == "ensemble":
             click.echo(f"  ensemble of {len(models)} (output-averaged): {_fmt(step['score'])}")
 
-    result = run(
-        list(models),
-        kw.pop("output"),
-        method="greedy" if greedy else "uniform",
-        on_step=on_step,
-        **kw,
-    )
+    with progress_bar(None, "soup", "seq") as bar:
+        state = {"label": None}
+
+        def progress(label, done, total):
+            if label != state["label"]:
+                state["label"] = label
+                bar.reset(total=total)
+                bar.set_description(f"score {label}")
+            bar.n = done
+            bar.refresh()
+
+        result = run(list(models), kw.pop("output"), method="uniform" if uniform else "greedy",
+                     on_step=on_step, progress=progress, **kw)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

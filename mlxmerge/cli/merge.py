@@ -10,29 +10,34 @@ from mlxmerge.cli import cli
 from mlxmerge.cli.models import DTYPE, LAYOUT, human_bytes
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import RecipeError
+from mlxmerge.merge.registry import METHODS
 
 
-def output_options(fn):
-    """Options every merge command shares."""
+def output_options(fn=None, *, seed: bool = True):
+    """Options every merge command shares (``seed=False``: the command draws nothing at random)."""
+    if fn is None:
+        return lambda f: output_options(f, seed=seed)
     opts = [
         click.option("-o", "--output", type=click.Path(), help="Output folder."),
         click.option("--dry-run", is_flag=True, help="Print the plan (tensors, parameters, memory, size); compute nothing."),
         click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON."),
         click.option("--allow-crimes", is_flag=True, help="Merge different architectures where shapes allow."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE/DELLA masks."),
         click.option("--out-dtype", type=DTYPE, default=None, help="Output dtype [recipe's out_dtype/dtype, else bfloat16]."),
         click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True,
                      help="mlx: what mlx_lm.load reads; hf: what transformers reads."),
         click.option("--shard-size", default="5GB", show_default=True),
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
     ]  # fmt: skip
+    if seed:  # only where something is drawn at random (DARE, DELLA masks)
+        opts.append(click.option("--seed", type=int, default=0, show_default=True,
+                                 help="Seed for DARE/DELLA masks (same seed, same merge)."))  # fmt: skip
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
 def run_recipe(
-    recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force
+    recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0
 ):
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
@@ -122,20 +127,43 @@ def parse_setting(values: tuple[str, ...], name: str):
             entries.append({"filter": flt, "value": parse_value(val)})
         else:
             entries.append({"value": parse_value(v)})
-    if sum("filter" not in e for e in entries) > 1:
-        raise RecipeError(f"--{name}: give at most one unfiltered value")
+    plain = sum("filter" not in e for e in entries)
+    if plain > 1:
+        raise RecipeError(
+            f"--{_flag(name)}: with filters (NAME=VALUE), give at most one value without a filter "
+            f"(it applies to the other tensors); got {plain}"
+        )
     return entries
+
+
+def _check_model_count(method: str, spec, models: list[str], base: str | None) -> None:
+    """One-line errors that name the real problem with the number of models."""
+    n, lo, hi = len(models), spec.min_models, spec.max_models
+    if spec.base == "required" and base is None and hi == 1:
+        if n != 2:
+            raise RecipeError(
+                f"{method} merges exactly two models, the base and one other (the first model is "
+                f"the base unless --base is given); got {n}: {' '.join(models)}"
+            )
+        return
+    if spec.base == "required" and base is None:
+        raise RecipeError(
+            f"{method} needs --base BASE, the model the task vectors (model − base) are taken from"
+        )
+    others = [m for m in models if m != base] if spec.base != "none" else models
+    if len(others) < lo or (hi is not None and len(others) > hi):
+        want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi else f"at least {lo}")
+        extra = " besides the base" if spec.base != "none" and base else ""
+        raise RecipeError(f"{method} merges {want} model(s){extra}; got {len(others)}")
 
 
 def build_method_recipe(method: str, models: list[str], base: str | None, options: dict) -> dict:
     from mlxmerge.merge.registry import get_method
 
     spec = get_method(method)
+    _check_model_count(method, spec, models, base)
     if spec.base == "required" and base is None:
-        if spec.max_models == 1 and len(models) == 2:
-            base, models = models[0], models[1:]  # `slerp A B`: A is the base, like mergekit-legacy
-        else:
-            raise RecipeError(f"{method} needs --base BASE")
+        base, models = models[0], models[1:]  # `slerp A B`: A is the base, like mergekit-legacy
     recipe: dict = {"merge_method": method}
     if base:
         recipe["base_model"] = base
@@ -145,13 +173,20 @@ def build_method_recipe(method: str, models: list[str], base: str | None, option
         values = options.get(name) or ()
         if not values:
             continue
-        if (
-            name in spec.tensor_params
-            and len(values) == len(models) > 1
-            and all("=" not in v for v in values)
-        ):
+        plain = all("=" not in v for v in values)
+        if name in spec.tensor_params and len(values) > 1 and plain:
+            if len(values) != len(models):
+                raise RecipeError(
+                    f"--{_flag(name)}: got {len(values)} values for {len(models)} models "
+                    f"({' '.join(models)}); give one per model, in order, or one for all"
+                )
             for e, v in zip(entries, values):
                 e.setdefault("parameters", {})[name] = parse_value(v)
+        elif len(values) > 1 and plain:
+            raise RecipeError(
+                f"--{_flag(name)} is one value for all models, got {len(values)}; "
+                "a gradient over the layers is comma-separated (0,0.5,1)"
+            )
         else:
             params[name] = parse_setting(values, name)
     if base and spec.base != "none" and base not in models:
@@ -162,56 +197,120 @@ def build_method_recipe(method: str, models: list[str], base: str | None, option
     return recipe
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_METAVAR = {"number": "VALUE", "int": "N", "bool": "true|false"}
+
+
+def option_help(name: str, param, per_model: bool) -> str:
+    """``--help`` of one method option, from its registry Param."""
+    default = param.default_text()
+    text = f"mergekit `{name}`: {param.meaning} {param.range_text().capitalize()}"
+    text += "; required." if default == "required" else f"; default {default}."
+    if per_model:
+        text += " Per model: once per model in order, or once for all."
+    if param.gradient:
+        text += " Gradient: 0,0.5,1. Filter: self_attn=0,1."
+    return text
+
+
+def _base_help(spec) -> str:
+    if spec.base == "none":
+        return (
+            "Model mergekit lists as base_model; this method has no base (no task vectors): "
+            "it is merged as one more model."
+        )
+    if spec.base == "optional":
+        return "Optional base: with it, the task vectors (model − base) are merged."
+    if spec.max_models == 1:
+        return "Base model. Without --base the first of the two MODELS is the base."
+    return "Base model: the task vectors (model − base) are taken from it."
+
+
 def _method_command(method: str):
-    from mlxmerge.merge.registry import METHODS, REQUIRED
+    from mlxmerge.merge.registry import METHODS
 
     spec = METHODS[method]
     params = list(spec.tensor_params) + list(spec.global_params)
 
     def command(models, base, output, **kw):
-        opts = {p: kw.pop(p.replace("-", "_") + "_opt") for p in params}
+        opts = {p: kw.pop(p + "_opt") for p in params}
         recipe = build_method_recipe(method, list(models), base, opts)
         run_recipe(recipe, output, **kw)
 
-    command.__doc__ = f"{spec.summary} ({spec.paper})\n\nmergekit method `{method}`."
+    first = (
+        " Without --base the first of the two MODELS is the base."
+        if spec.base == "required" and spec.max_models == 1
+        else ""
+    )
+    command.__doc__ = (
+        f"{spec.summary}{first} ({spec.paper})\n\nmergekit method `{method}`; "
+        "values are given as in a recipe."
+    )
     for p in reversed(params):
-        kind = (
-            "per model, repeat once per model or give one for all"
-            if p in spec.tensor_params
-            else "global"
-        )
-        default = spec.tensor_params.get(p, spec.global_params.get(p))
-        shown = "required" if default is REQUIRED else f"default {default}"
+        param = spec.params[p]
+        metavar = "|".join(param.choices) if param.kind == "choice" else _METAVAR[param.kind]
         command = click.option(
-            f"--{p.replace('_', '-')}", f"{p}_opt", multiple=True,
-            help=f"{p} ({kind}; {shown}). Gradient: 0,0.5,1. Filter: self_attn=0,1.",
+            f"--{_flag(p)}", f"{p}_opt", multiple=True, metavar=metavar,
+            help=option_help(p, param, p in spec.tensor_params),
         )(command)  # fmt: skip
-    command = output_options(command)
-    command = click.option(
-        "--base", default=None, help="Base model (task vectors are taken from it)."
-    )(command)
+    command = output_options(command, seed=spec.random)
+    command = click.option("--base", default=None, help=_base_help(spec))(command)
     command = click.argument("models", nargs=-1, required=True)(command)
     cli.command(method.replace("_", "-"))(command)
 
 
+def _not_implemented_command(method: str):
+    """A hidden command for a mergekit method name mlxmerge lacks: says so instead of 'No such command'."""
+    from mlxmerge.merge.registry import not_implemented_message
+
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args):
+        raise RecipeError(not_implemented_message(method))
+
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True}
+    cli.command(_flag(method), hidden=True, context_settings=settings, add_help_option=False)(
+        command
+    )
+
+
 def _register_methods():
-    from mlxmerge.merge.registry import METHODS
+    from mlxmerge.merge.registry import MERGEKIT_METHODS, METHODS
 
     for method in METHODS:
         if method != "passthrough":
             _method_command(method)
+    for method in MERGEKIT_METHODS:
+        if method not in METHODS:
+            _not_implemented_command(method)
 
 
 _register_methods()
 
 
+DARE_PARAMS = METHODS["dare_ties"].params
+
+
 @cli.command("dare")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--base", required=True, help="Base model.")
 @click.option(
-    "--density", "density", multiple=True, help="Keep probability per model (one for all)."
+    "--base", required=True, help="Base model: the task vectors (model − base) are taken from it."
 )
-@click.option("--weight", multiple=True, help="Weight per model (one for all).")
+@click.option(
+    "--density",
+    "density",
+    multiple=True,
+    metavar="VALUE",
+    help=option_help("density", DARE_PARAMS["density"], per_model=True),
+)
+@click.option(
+    "--weight",
+    multiple=True,
+    metavar="VALUE",
+    help=option_help("weight", DARE_PARAMS["weight"], per_model=True),
+)
 @click.option(
     "--ties/--no-ties",
     default=True,
@@ -242,7 +341,7 @@ def parse_slice(text: str) -> dict:
 @cli.command()
 @click.option("--slice", "slices", multiple=True, required=True,
               help="MODEL:START-END, half-open like mergekit's layer_range; repeat in output order.")  # fmt: skip
-@output_options
+@output_options(seed=False)
 def frankenmerge(slices, output, **kw):
     """Stack layer ranges of one or more models (passthrough merge, depth up-scaling)."""
     recipe = {"merge_method": "passthrough", "slices": [parse_slice(s) for s in slices]}

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.evaluate import quiet_length_warning
 from mlxmerge.cli.progress import is_quiet, progress_bar
 from mlxmerge.io.writer import parse_size
+
+DATA_HELP = (
+    ".txt (documents separated by blank lines; one per line when it has none) "
+    "or .jsonl with 'text'."
+)
+
+
+def output_option(help_text: str):
+    """``-o, --output`` like every other command; ``--out``, the old spelling, still works."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def command(*args, out=None, out_alias=None, **kw):
+            if not (out or out_alias):
+                raise click.UsageError("give the output folder with -o/--output")
+            return fn(*args, out=out or out_alias, **kw)
+
+        command = click.option("--out", "out_alias", hidden=True)(command)
+        return click.option("-o", "--output", "out", help=help_text)(command)
+
+    return deco
 
 
 def _size(_ctx, _param, value):
@@ -39,11 +62,11 @@ def sae():
 @click.option(
     "--layer", "layer", type=int, multiple=True, required=True, help="Block index (repeatable)."
 )
-@click.option("--data", required=True, help="A .txt (one document per line) or .jsonl with 'text'.")
+@click.option("--data", required=True, help=f"Text: {DATA_HELP}")
 @click.option(
     "--tokens", default="2M", callback=_size, show_default=True, help="Tokens to collect."
 )
-@click.option("-o", "--out", required=True, help="Output folder.")
+@output_option("Output folder.")
 @click.option("--context-size", default=128, show_default=True, help="Tokens per row (BOS first).")
 @click.option(
     "--dtype", default="float32", type=click.Choice(["float32", "float16"]), show_default=True
@@ -53,20 +76,27 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
     """Cache residual-stream activations of MODEL at one or more layers."""
     from mlxmerge.sae import collect as run
 
+    quiet_length_warning()
     with progress_bar(tokens, "collect", "tok") as bar:
         meta = run(model, list(layer), data, out, tokens=tokens, context_size=context_size,
                    dtype=dtype, force=force, progress=bar.update)  # fmt: skip
     click.echo(
         f"{meta['tokens']} tokens x {len(meta['layers'])} layer(s), d_in {meta['d_in']} -> {out}"
     )
+    if meta["tokens"] < tokens:
+        click.echo(
+            f"warning: {data} ran out after {meta['tokens']} tokens of the {tokens} asked for "
+            "(--tokens); add text or ask for fewer",
+            err=True,
+        )
 
 
 @sae.command()
 @click.argument("model", required=False)
 @click.option("--acts", help="Activation folder from `sae collect`.")
 @click.option("--layer", type=int, help="Block index (on the fly, or to pick one layer of --acts).")
-@click.option("--data", help="Text for on-the-fly training (.txt or .jsonl).")
-@click.option("-o", "--out", required=True, help="Output SAE folder (SAELens format).")
+@click.option("--data", help=f"Text for on-the-fly training: {DATA_HELP}")
+@output_option("Output SAE folder (SAELens format).")
 @click.option("--k", default=32, show_default=True, help="Active latents per token.")
 @click.option("--expansion", default=8, show_default=True, help="d_sae = expansion x d_in.")
 @click.option("--arch", "architecture", default="topk", show_default=True,
@@ -89,6 +119,8 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
     from mlxmerge.sae import train as run
 
+    quiet_length_warning()
+
     with progress_bar(tokens, "train", "tok") as bar:
         result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
                      architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
@@ -101,22 +133,31 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
 @sae.command("eval")
 @click.argument("sae_path", metavar="SAE")
 @click.argument("model")
-@click.option("--data", required=True, help="Evaluation text (.txt or .jsonl).")
+@click.option("--data", required=True, help=f"Evaluation text: {DATA_HELP}")
 @click.option("--tokens", default="20K", callback=_size, show_default=True)
+@click.option("--context-size", type=int, default=None,
+              help="Tokens per row [the SAE's own, from its cfg.json; else 128].")  # fmt: skip
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(sae_path, model, data, tokens, layer, as_json):
+def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
     """FVU, explained variance, L0, dead latents and loss recovered with the SAE spliced in."""
     from mlxmerge.sae import evaluate_sae
 
-    _print(evaluate_sae(sae_path, model, data, tokens=tokens, layer=layer), as_json)
+    quiet_length_warning()
+    result = evaluate_sae(
+        sae_path, model, data, tokens=tokens, context_size=context_size, layer=layer
+    )
+    warnings = [] if as_json else result.pop("warnings")  # JSON keeps them as a field
+    _print(result, as_json)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
 
 
 @sae.command()
 @click.argument("sae_path", metavar="SAE")
 @click.argument("model")
 @click.option("--data", required=True, help="Text to find top-activating contexts in.")
-@click.option("-o", "--out", required=True, help="Report folder (index.html + features.json).")
+@output_option("Report folder (index.html + features.json).")
 @click.option(
     "--feature", "features", type=int, multiple=True, help="Latent to report (repeatable)."
 )
@@ -128,6 +169,8 @@ def evaluate(sae_path, model, data, tokens, layer, as_json):
 def features(sae_path, model, data, out, features, n_features, tokens, force):
     """Write a browsable HTML + JSON report of latents: contexts, density, logit lens."""
     from mlxmerge.sae import feature_report
+
+    quiet_length_warning()
 
     report = feature_report(sae_path, model, data, out, features=list(features) or None,
                             n_features=n_features, tokens=tokens, force=force)  # fmt: skip
@@ -144,12 +187,13 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.option("--prompt", required=True)
 @click.option("--max-tokens", default=40, show_default=True)
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
-def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer):
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat):
     """Generate with a feature added, clamped or ablated, next to the plain output."""
     from mlxmerge.sae import steer as run
 
     result = run(sae_path, model, prompt, feature=feature, scale=scale, clamp=clamp, ablate=ablate,
-                 max_tokens=max_tokens, layer=layer)  # fmt: skip
+                 max_tokens=max_tokens, layer=layer, chat=chat)  # fmt: skip
     click.echo(
         f"--- plain\n{result['plain']}\n--- steered (feature {feature}, layer {result['layer']})"
     )

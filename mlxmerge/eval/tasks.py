@@ -1,6 +1,7 @@
 """Task files for ``mlxmerge eval``: plain text, multiple choice and generation.
 
-* plain text (any extension but ``.jsonl``): documents separated by blank lines, scored by perplexity.
+* plain text (any extension but ``.jsonl``): documents as ``mlxmerge.io.documents`` splits them
+  (blank lines; one per line when the file has none), scored by perplexity.
 * ``.jsonl`` with ``prompt``, ``choices`` (list of strings) and ``answer`` (index): multiple choice,
   each choice scored by the log-likelihood of ``prompt + choice``.
 * ``.jsonl`` with ``prompt`` and ``answer`` (string or number): generation, exact match of the
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxmerge.errors import MlxmergeError
+from mlxmerge.io.documents import split_documents
 
 PERPLEXITY, CHOICE, GENERATION = "perplexity", "choice", "generation"
 KINDS = (PERPLEXITY, CHOICE, GENERATION)
@@ -49,7 +51,7 @@ class Task:
     """'perplexity', 'choice' or 'generation'."""
     path: Path
     documents: list[str] = field(default_factory=list)
-    """Perplexity: the texts (blank-line separated paragraphs of the file)."""
+    """Perplexity: the texts (``split_documents`` of the file)."""
     items: list = field(default_factory=list)
     """Choice / generation: the items, in file order."""
 
@@ -91,7 +93,7 @@ def load_task(path: str | Path, kind: str | None = None) -> Task:
     if kind is None:
         kind = PERPLEXITY if path.suffix.lower() != ".jsonl" else None
     if kind == PERPLEXITY:
-        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+        docs = split_documents(text)
         return Task(path.stem, PERPLEXITY, path, documents=docs)
     return _load_jsonl(path, text, kind)
 

@@ -103,6 +103,11 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             check_params(method, src.parameters, f"{src.model} parameters", scope="model")
     base = recipe.base_model
     if spec.base == "required" and not base:
+        if spec.max_models == 1:  # slerp, nearswap: the base is one end, not a task-vector origin
+            raise RecipeError(
+                f"{method} merges exactly two models, base_model and one other; the recipe "
+                f"lists {len(recipe.models)} model(s) and sets no base_model"
+            )
         raise RecipeError(
             f"{method} needs a base_model (the model the task vectors are taken from)"
         )

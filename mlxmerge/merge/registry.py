@@ -19,17 +19,22 @@ from mlxmerge.errors import RecipeError
 from mlxmerge.merge import methods as m
 from mlxmerge.merge.methods.sparsify import RESCALE_MODES, check_della, derive_key
 from mlxmerge.merge.methods.task_arithmetic import DISJOINT_MEAN, ELECT
+from mlxmerge.merge.params import (
+    REQUIRED,
+    Param,
+    choice,
+    flag,
+    from_default,
+    gradients,
+    leaves,
+    number,
+    whole,
+)
 
-__all__ = ["METHODS", "REQUIRED", "MethodSpec", "call_method", "check_params", "derive_key"]
+__all__ = [
+    "METHODS", "REQUIRED", "MethodSpec", "Param", "call_method", "check_params", "derive_key",
+]  # fmt: skip
 
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-"""Sentinel default of a parameter the recipe must set."""
 
 # Recipe names that are Python keywords map to a trailing underscore in the function signature.
 _KWARG = {"lambda": "lambda_"}
@@ -37,14 +42,20 @@ _KWARG = {"lambda": "lambda_"}
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One merge method: its function and what a recipe may set for it."""
+    """One merge method: its function and what a recipe may set for it.
+
+    A row declares ``tensor_params``/``global_params`` as ``{name: Param}``; once built, the spec
+    holds every Param in ``params`` and the two dicts map names to defaults (what the runner
+    fills in). A bare value instead of a Param is read as an undocumented parameter with that
+    default (a test flags it).
+    """
 
     fn: Callable[..., mx.array]
     """Pure function ``(tensors, base, *, params) -> mx.array`` over float32 arrays."""
     tensor_params: dict[str, Any]
-    """Per-model parameters and defaults (``REQUIRED`` when the recipe must set them)."""
+    """Per-model parameters: name → default (``REQUIRED`` when the recipe must set them)."""
     global_params: dict[str, Any]
-    """Global parameters and defaults."""
+    """Global parameters: name → default."""
     base: str
     """'none' (all models in ``tensors``), 'optional' or 'required' (base passed apart)."""
     random: bool = False
@@ -58,12 +69,61 @@ class MethodSpec:
     paper: str = ""
     summary: str = ""
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Allowed values of string parameters."""
+    """Allowed values of string parameters given as bare defaults (a Param carries its own)."""
+    params: dict[str, Param] = field(default_factory=dict)
+    """Every parameter's Param, per-model ones first (filled from the two dicts)."""
+
+    def __post_init__(self):
+        params = dict(self.params)
+        for group in (self.tensor_params, self.global_params):
+            for name, p in group.items():
+                if name not in params or isinstance(p, Param):
+                    params[name] = (
+                        p if isinstance(p, Param) else from_default(p, self.choices.get(name, ()))
+                    )
+        object.__setattr__(self, "params", params)
+        for attr in ("tensor_params", "global_params"):
+            defaults = {
+                k: (v.default if isinstance(v, Param) else v)
+                for k, v in getattr(self, attr).items()
+            }
+            object.__setattr__(self, attr, defaults)
+        choices = {k: p.choices for k, p in params.items() if p.kind == "choice"}
+        object.__setattr__(self, "choices", choices)
 
 
-_GTA_GLOBAL = {"lambda": 1.0, "int8_mask": False}
-_TIES_EXTRA = {"elect": "weighted", "disjoint_mean": "weight"}
-_GTA_CHOICES = {"rescale_mode": RESCALE_MODES, "elect": ELECT, "disjoint_mean": DISJOINT_MEAN}
+# Parameters shared by the task-arithmetic family (mergekit's generalized_task_arithmetic).
+_WEIGHT_GTA = number("Scale of this model's task vector (model − base).")
+_DENSITY = number("Fraction of task-vector entries kept.", 1.0, 0, 1)
+_LAMBDA = number("Scale of the merged task vector before it is added to the base.", 1.0)
+_INT8_MASK = flag("mergekit stores masks as int8 to save memory; accepted, no effect here.", False)
+_RESCALE_MODE = choice(
+    "With rescale: l1 keeps the task vector's L1 norm (mergekit); inverse_p divides by the "
+    "keep probability (papers).",
+    "l1",
+    RESCALE_MODES,
+)
+_ELECT = choice(
+    "TIES sign election: weighted sign(Σwᵢδᵢ) (mergekit) or unweighted sign(Σδᵢ) (paper).",
+    "weighted",
+    ELECT,
+)
+_DISJOINT_MEAN = choice(
+    "With normalize: divide by the sum of agreeing weights (weight) or their count (count).",
+    "weight",
+    DISJOINT_MEAN,
+)
+_GAMMA = number("Fraction of the largest |δ| dropped as outliers (breadcrumbs).", 0.01, 0, 1)
+_EPSILON = number(
+    "Spread of the keep probability around density (DELLA); density ± epsilon stays in (0, 1).",
+    0.15,
+    0,
+)
+_TRIM_SCOPE = choice(
+    "TIES trim per tensor (mergekit) or one threshold over each model's whole task vector (paper).",
+    "tensor",
+    ("tensor", "model"),
+)
 _DARE_PAPER = (
     "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
     "Lunch — https://arxiv.org/abs/2311.03099"
@@ -78,14 +138,26 @@ _DELLA_PAPER = (
 )
 
 
-def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, extra_tensor=()):
-    tensor_params = {"weight": REQUIRED, "density": 1.0}
-    tensor_params.update(extra_tensor)
-    global_params = dict(_GTA_GLOBAL, normalize=normalize, rescale=rescale)
+def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, extra_tensor=(),
+              extra_global=()):  # fmt: skip
+    """A row of the task-arithmetic family: which sparsification, consensus and defaults."""
+    density = _DENSITY
+    if sparsify == "none":  # mergekit accepts density for task_arithmetic and ignores it
+        density = number("Accepted as in mergekit; no effect (nothing is dropped).", 1.0, 0, 1)
+    tensor_params = {"weight": _WEIGHT_GTA, "density": density, **dict(extra_tensor)}
+    global_params = {
+        "lambda": _LAMBDA,
+        "int8_mask": _INT8_MASK,
+        "normalize": flag("Divide by the sum of the weights (of the agreeing models).", normalize),
+        "rescale": flag(
+            "Rescale the kept task-vector entries after dropping (see rescale_mode).", rescale
+        ),
+    }
     if sparsify != "none":
-        global_params["rescale_mode"] = "l1"
+        global_params["rescale_mode"] = _RESCALE_MODE
     if consensus:
-        global_params.update(_TIES_EXTRA)
+        global_params.update(elect=_ELECT, disjoint_mean=_DISJOINT_MEAN)
+    global_params.update(extra_global)
     return MethodSpec(
         fn=fn,
         tensor_params=tensor_params,
@@ -95,17 +167,16 @@ def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, ex
         embed_rectify="base",
         paper=paper,
         summary=summary,
-        choices={k: v for k, v in _GTA_CHOICES.items() if k in global_params},
     )
 
 
-_TRIM_SCOPES = ("tensor", "model")
+_INTERP_WEIGHT = number("Relative weight of this model in the interpolation.")
 
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         fn=m.linear,
-        tensor_params={"weight": REQUIRED},
-        global_params={"normalize": True},
+        tensor_params={"weight": number("Weight of this model in the average.")},
+        global_params={"normalize": flag("Divide by the sum of the weights.", True)},
         base="none",
         embed_rectify="common",
         paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy "
@@ -115,7 +186,9 @@ METHODS: dict[str, MethodSpec] = {
     "slerp": MethodSpec(
         fn=m.slerp,
         tensor_params={},
-        global_params={"t": REQUIRED},
+        global_params={
+            "t": number("Position on the arc: 0 gives the base, 1 the other model.", REQUIRED, 0, 1)
+        },
         base="required",
         embed_rectify="common",
         min_models=1,
@@ -126,8 +199,13 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "nuslerp": MethodSpec(
         fn=m.nuslerp,
-        tensor_params={"weight": REQUIRED},
-        global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+        tensor_params={"weight": _INTERP_WEIGHT},
+        global_params={
+            "nuslerp_flatten": flag("Interpolate each tensor as one flat vector.", True),
+            "nuslerp_row_wise": flag(
+                "Without flattening: interpolate rows (true) or columns (false).", False
+            ),
+        },
         base="optional",
         embed_rectify="common",
         min_models=2,
@@ -137,8 +215,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "multislerp": MethodSpec(
         fn=m.multislerp,
-        tensor_params={"weight": REQUIRED},
-        global_params={"normalize_weights": True, "eps": 1e-8},
+        tensor_params={"weight": _INTERP_WEIGHT},
+        global_params={
+            "normalize_weights": flag("Divide the weights by their sum.", True),
+            "eps": number("Added to norms so a zero tensor does not divide by zero.", 1e-8, 0),
+        },
         base="optional",
         embed_rectify="common",
         min_models=2,
@@ -147,8 +228,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "karcher": MethodSpec(
         fn=m.karcher,
-        tensor_params={"weight": None},
-        global_params={"max_iter": 10, "tol": 1e-5},
+        tensor_params={"weight": number("Weight of this model in the mean (none: equal).", None)},
+        global_params={
+            "max_iter": whole("Most fixed-point iterations of the mean.", 10, 1),
+            "tol": number("Stop when the tangent step's norm is below this.", 1e-5, 0),
+        },
         base="none",
         embed_rectify="common",
         min_models=2,
@@ -170,6 +254,7 @@ METHODS: dict[str, MethodSpec] = {
         rescale=False,
         consensus=True,
         sparsify="magnitude",
+        extra_global={"trim_scope": _TRIM_SCOPE},
         paper="TIES-Merging: Resolving Interference When Merging Models — "
         "https://arxiv.org/abs/2306.01708",
         summary="Trim to the top-density |δ|, elect signs, disjoint mean of agreeing deltas.",
@@ -198,7 +283,7 @@ METHODS: dict[str, MethodSpec] = {
         rescale=False,
         consensus=False,
         sparsify="magnitude_outliers",
-        extra_tensor={"gamma": 0.01},
+        extra_tensor={"gamma": _GAMMA},
         paper=_BREADCRUMBS_PAPER,
         summary="Drop the largest gamma and smallest |δ|, keep density, sum.",
     ),
@@ -208,7 +293,7 @@ METHODS: dict[str, MethodSpec] = {
         rescale=False,
         consensus=True,
         sparsify="magnitude_outliers",
-        extra_tensor={"gamma": 0.01},
+        extra_tensor={"gamma": _GAMMA},
         paper=_BREADCRUMBS_PAPER,
         summary="Breadcrumbs masks, then TIES sign election.",
     ),
@@ -218,7 +303,7 @@ METHODS: dict[str, MethodSpec] = {
         rescale=True,
         consensus=True,
         sparsify="della_magprune",
-        extra_tensor={"epsilon": 0.15},
+        extra_tensor={"epsilon": _EPSILON},
         paper=_DELLA_PAPER,
         summary="Drop with magnitude-ranked probability, rescale, TIES election, normalized.",
     ),
@@ -228,14 +313,19 @@ METHODS: dict[str, MethodSpec] = {
         rescale=True,
         consensus=False,
         sparsify="della_magprune",
-        extra_tensor={"epsilon": 0.15},
+        extra_tensor={"epsilon": _EPSILON},
         paper=_DELLA_PAPER,
         summary="DELLA drop and rescale, then sum.",
     ),
     "sce": MethodSpec(
         fn=m.sce,
         tensor_params={},
-        global_params={"select_topk": 1.0, "int8_mask": False},
+        global_params={
+            "select_topk": number(
+                "Fraction of entries kept, those that vary most across models.", 1.0, 0, 1
+            ),
+            "int8_mask": _INT8_MASK,
+        },
         base="required",
         embed_rectify="base",
         paper="FuseChat: Knowledge Fusion of Chat Models — https://arxiv.org/abs/2408.07990",
@@ -244,7 +334,9 @@ METHODS: dict[str, MethodSpec] = {
     "model_stock": MethodSpec(
         fn=m.model_stock,
         tensor_params={},
-        global_params={"filter_wise": False},
+        global_params={
+            "filter_wise": flag("Compute the interpolation ratio per row, not per tensor.", False)
+        },
         base="required",
         embed_rectify="common",
         min_models=2,
@@ -255,7 +347,11 @@ METHODS: dict[str, MethodSpec] = {
     "nearswap": MethodSpec(
         fn=m.nearswap,
         tensor_params={},
-        global_params={"t": REQUIRED},
+        global_params={
+            "t": number(
+                "Distance below which the other model's value replaces the base's.", REQUIRED, 0
+            )
+        },
         base="required",
         embed_rectify="base",
         min_models=1,
@@ -265,7 +361,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "passthrough": MethodSpec(
         fn=m.passthrough,
-        tensor_params={"scale": 1.0},
+        tensor_params={"scale": number("Factor the copied tensor is multiplied by.", 1.0)},
         global_params={},
         base="none",
         embed_rectify="common",
@@ -277,11 +373,29 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+# Every method name mergekit 0.1.5 registers, so a real name not (yet) here gets an honest message.
+MERGEKIT_METHODS = (
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+    "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
+    "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
+)  # fmt: skip
+
+
+def not_implemented_message(name: str) -> str:
+    """What to say about a mergekit method name mlxmerge does not implement."""
+    return (
+        f"merge method {name!r} is one of mergekit's, but mlxmerge does not implement it yet; "
+        f"run this recipe with mergekit, or pick one of: {', '.join(sorted(METHODS))}."
+    )
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec of a merge method; an unknown name raises RecipeError naming the closest."""
     spec = METHODS.get(name)
     if spec is not None:
         return spec
+    if str(name) in MERGEKIT_METHODS:
+        raise RecipeError(not_implemented_message(name))
     close = difflib.get_close_matches(str(name).replace("-", "_"), METHODS, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise RecipeError(
@@ -289,44 +403,19 @@ def get_method(name: str) -> MethodSpec:
     )
 
 
-def _leaves(value):
-    """Scalar values inside a parameter: a number, a gradient list, or [{filter, value}, ...]."""
-    if isinstance(value, dict):
-        if "value" in value:
-            yield from _leaves(value["value"])
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v)
-        return
-    yield value
-
-
 def _check_value(method: str, key: str, value, where: str, spec: MethodSpec) -> None:
-    def bad(expect: str):
+    param = spec.params[key]
+    if not param.gradient and any(True for _ in gradients(value)):
         raise RecipeError(
-            f"{where}: parameter {key!r} of {method} must be {expect}, got {value!r}."
+            f"{where}: parameter {key!r} of {method} takes one value ({param.range_text()}), "
+            f"not a gradient; got {value!r}."
         )
-
-    default = spec.global_params.get(key, spec.tensor_params.get(key))
-    if key in spec.choices:
-        if value not in spec.choices[key]:
-            bad("one of " + ", ".join(spec.choices[key]))
-        return
-    if isinstance(default, bool) or key in ("normalize", "rescale"):
-        if not isinstance(value, bool):
-            bad("true or false")
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        bad("a number")
-    unit = {"density", "gamma", "select_topk"}
-    if key in unit or (key == "t" and method == "slerp"):
-        if not 0 <= value <= 1:
-            bad("in [0, 1]")
-    elif key in ("epsilon", "tol", "eps", "t") and value < 0:
-        bad(">= 0")
-    elif key == "max_iter" and (value < 1 or int(value) != value):
-        bad("a whole number >= 1")
+    for leaf in leaves(value):
+        if not param.accepts(leaf):
+            raise RecipeError(
+                f"{where}: parameter {key!r} of {method} must be {param.range_text()}, "
+                f"got {leaf!r}."
+            )
 
 
 def check_params(
@@ -355,8 +444,7 @@ def check_params(
                 f"{where}: unknown parameter {key!r} for merge method {method_name!r}.{hint} "
                 f"Accepted: {names}."
             )
-        for leaf in _leaves(value):
-            _check_value(method_name, key, leaf, where, spec)
+        _check_value(method_name, key, value, where, spec)
     if scope == "merged":
         for key, default in accepted.items():
             if default is REQUIRED and key not in params:
@@ -391,11 +479,25 @@ def call_method(
     return spec.fn(tensors, base, **kwargs)
 
 
-# TIES paper: trim over each model's whole task vector, not per tensor (the runner's pre-pass).
-METHODS["ties"] = MethodSpec(
-    **{
-        **METHODS["ties"].__dict__,
-        "global_params": {**METHODS["ties"].global_params, "trim_scope": "tensor"},
-        "choices": {**METHODS["ties"].choices, "trim_scope": _TRIM_SCOPES},
-    }
-)
+def parameters_markdown() -> str:
+    """The parameter tables of docs/merging-methods.md, one per method, from METHODS.
+
+    docs/merging-methods.md holds this text between ``<!-- parameters:begin -->`` and
+    ``<!-- parameters:end -->``; a test keeps the two equal.
+    """
+    lines = []
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        base = {"none": "no base", "optional": "base optional", "required": "base required"}
+        lines += [f"### `{name}` ({base[spec.base]})", ""]
+        if not spec.params:
+            lines += ["No parameters.", ""]
+            continue
+        lines += ["| parameter | scope | values | default | meaning |", "|---|---|---|---|---|"]
+        for p, param in spec.params.items():
+            scope = "per model" if p in spec.tensor_params else "global"
+            values = param.range_text() + (", gradient or filtered" if param.gradient else "")
+            meaning = param.meaning.replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{p}` | {scope} | {values} | {param.default_text()} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

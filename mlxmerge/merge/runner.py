@@ -117,7 +117,7 @@ def model_card(plan: MergePlan) -> ModelCard:
     names = "\n".join(f"* {m}" for m in plan.models)
     base = f"\n\nBase model: {plan.recipe.base_model}" if plan.recipe.base_model else ""
     body = (
-        "This model was merged with [mlxmerge](https://github.com/mlxmerge/mlxmerge).\n\n"
+        "This model was merged with mlxmerge.\n\n"
         f"## Merge method\n\n`{plan.recipe.merge_method}`: {spec.summary} ({spec.paper}){base}\n\n"
         f"## Models merged\n\n{names}\n\n## Recipe\n\n```yaml\n{recipe_yaml(plan.recipe)}```"
     )

@@ -31,6 +31,7 @@ from mlxmerge.eval.scoring import (
     primary_metric,
     score_task,
     tokenizer_key,
+    work_units,
 )
 from mlxmerge.eval.tasks import Task, load_task
 from mlxmerge.io.dtypes import parse_float_dtype
@@ -117,9 +118,13 @@ def soup(
     batch_size: int = 16, max_length: int = 512, max_tokens: int = 32, extract: str | None = None,
     chat: bool = False, out_dtype: str | None = None, layout: str = "mlx", force: bool = False,
     in_memory: bool | None = None, on_step: Callable[[dict], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:  # fmt: skip
     """Build a uniform or greedy soup of ``models`` selected on ``eval_task`` and write it to
-    ``output`` (skipped when ``output`` is None). Returns scores, steps and the recipe."""
+    ``output`` (skipped when ``output`` is None). Returns scores, steps and the recipe.
+
+    ``on_step(step)`` gets each score as it is known; ``progress(label, done, total)`` is called
+    per scored batch, ``label`` naming the candidate being built and scored."""
     from mlxmerge.io import open_checkpoint
     from mlxmerge.io.output import check_output
     from mlxmerge.merge.runner import merge
@@ -149,9 +154,21 @@ def soup(
     kw = {"batch_size": batch_size, "max_tokens": max_tokens, "extract": extract}
     builder = _Builder(models, dtype, in_memory)
 
+    total = work_units(prepared)
+
     def score(ingredients: Sequence[str]) -> float:
+        label = ingredients[0] if len(ingredients) == 1 else f"soup of {len(ingredients)}"
+        done = [0]
+
+        def step(k: int) -> None:
+            done[0] += k
+            progress(label, done[0], total)
+
+        if progress:
+            progress(label, 0, total)  # building a candidate takes time too: say which one
         model = builder.build(ingredients)
-        value = score_task([model], tokenizer, prepared, **kw)[metric]
+        value = score_task([model], tokenizer, prepared, progress=step if progress else None,
+                           **kw)[metric]  # fmt: skip
         del model
         mx.clear_cache()
         return value

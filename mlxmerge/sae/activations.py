@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxmerge.io.documents import split_documents
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.sae.model import SAEError
 
@@ -30,7 +31,7 @@ META_NAME = "meta.json"
 
 
 def read_texts(data: str | os.PathLike) -> list[str]:
-    """Documents from a ``.txt`` (one per non-empty line) or ``.jsonl`` (the ``text`` field)."""
+    """Documents from a ``.txt`` (``split_documents``) or ``.jsonl`` (the ``text`` field)."""
     path = Path(data).expanduser()
     if not path.is_file():
         raise SAEError(f"{path}: data file not found")
@@ -47,7 +48,7 @@ def read_texts(data: str | os.PathLike) -> list[str]:
                 raise SAEError(f"{path}:{n}: each line needs a string field 'text'")
             texts.append(row["text"])
     else:
-        texts = [line for line in path.read_text().splitlines() if line.strip()]
+        texts = split_documents(path.read_text())
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise SAEError(f"{path}: no text found (empty data file)")

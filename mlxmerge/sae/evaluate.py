@@ -27,6 +27,8 @@ from mlxmerge.sae.saelens import load_sae
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTEXT_SIZE = 128  # when the SAE's cfg.json records none
+
 
 def check_fits(cfg: SAEConfig, model, layer: int | None) -> int:
     """The layer to hook; errors when the SAE cannot read this model's residual stream."""
@@ -66,10 +68,18 @@ def _kl(clean: mx.array, other: mx.array, mask: mx.array) -> float:
 
 def evaluate_sae(
     sae: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, *,
-    tokens: int = 20_000, context_size: int = 128, batch_rows: int = 8, layer: int | None = None,
+    tokens: int = 20_000, context_size: int | None = None, batch_rows: int = 8,
+    layer: int | None = None,
 ) -> dict:  # fmt: skip
-    """Reconstruction (FVU, EV, legacy EV), L0, dead/dense latents and spliced-in CE/KL."""
+    """Reconstruction (FVU, EV, legacy EV), L0, dead/dense latents and spliced-in CE/KL.
+
+    ``context_size``: tokens per row; None takes the SAE's own (``metadata.context_size`` in its
+    cfg.json, else 128): an SAE scored on other context lengths than it was trained on scores
+    differently. ``warnings`` in the result lists what makes a number meaningless.
+    """
     cfg, params = load_sae(sae)
+    if context_size is None:
+        context_size = int(cfg.metadata.get("context_size") or DEFAULT_CONTEXT_SIZE)
     texts = read_texts(data)
     m, tok = load_model(model)
     layer = check_fits(cfg, m, layer)
@@ -115,6 +125,13 @@ def evaluate_sae(
         "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
         "loss_recovered": (ce_zero - ce_sae) / denom if abs(denom) > 1e-12 else float("nan"),
         "kl": float(kl[0] / max(ce[0, 1], 1)), "kl_zero": float(kl[1] / max(ce[0, 1], 1)),
-        "layer": layer, "fvu_formula": FVU_FORMULA,
+        "layer": layer, "context_size": context_size, "fvu_formula": FVU_FORMULA,
     })  # fmt: skip
+    warnings = []
+    if ce_zero <= ce_clean:  # the denominator of loss_recovered is not positive
+        warnings.append(
+            f"zero-ablating layer {layer} does not raise the loss on this data (CE {ce_zero:.4g} "
+            f"vs {ce_clean:.4g} clean), so loss_recovered is meaningless here; use ce_sae, kl"
+        )
+    result["warnings"] = warnings  # the CLI prints them; the numbers stay as computed
     return result

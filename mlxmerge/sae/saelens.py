@@ -23,6 +23,7 @@ from mlxmerge.sae.model import SAEConfig, SAEError
 SAE_LENS_VERSION = (
     "6.18.0"  # the cfg layout we write; any value >= 6.0.0 selects SAELens's v6 loader
 )
+ACTIVATION_SCALER_NAME = "activation_scaler.json"  # SAELens training checkpoints
 CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = (
     "cfg.json",
     "sae_weights.safetensors",
@@ -122,9 +123,7 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     if arch_name not in _FROM_SAELENS:
         raise SAEError(f"{cfg_path}: architecture {arch_name!r} is not supported "
                        f"(supported: {', '.join(_FROM_SAELENS)})")  # fmt: skip
-    norm = raw.get("normalize_activations", "none") or "none"
-    if norm != "none":
-        raise SAEError(f"{cfg_path}: normalize_activations={norm!r} is not supported; only 'none'")
+    _check_maths_fields(raw, arch_name, cfg_path)
     for key in ("d_in", "d_sae"):
         if not isinstance(raw.get(key), int):
             raise SAEError(f"{cfg_path}: {key} is missing or not an integer")
@@ -159,8 +158,94 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     }
     if arch == "jumprelu":
         params["threshold"] = weights["threshold"].astype(mx.float32)
+    if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+        params = fold_decoder_norm(params, w_path)
+        cfg.metadata["rescale_acts_by_decoder_norm"] = "folded into W_enc, b_enc and W_dec"
+    if raw.get("normalize_activations") == "expected_average_only_in":
+        # After the decoder-norm fold: that one uses the stored (scaled-space) decoder norms.
+        scale = _scaling_factor(folder, cfg_path)
+        if scale is not None:
+            params = {**params, "encoder": params["encoder"] * scale,
+                      "W_dec": params["W_dec"] / scale, "b_dec": params["b_dec"] / scale}  # fmt: skip
+            cfg.metadata["activation_scaling_factor"] = f"{scale} folded into W_enc, W_dec, b_dec"
     mx.eval(params)
     return cfg, params
+
+
+# cfg.json fields SAELens's inference forward reads, with the values mlxmerge reproduces.
+# Any other value would change the maths, so it is refused by name rather than ignored.
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "torch.float32", "torch.float16",
+                 "torch.bfloat16")  # fmt: skip
+_SUPPORTED_VALUES = {
+    "normalize_activations": ("none", "expected_average_only_in", None),  # the latter: see below
+    "reshape_activations": ("none", None),
+    "finetuning_scaling_factor": (False, None),  # pre-v6: a learnt per-latent scale
+    "activation_fn_str": ("relu", "topk", None),  # pre-v6
+    "activation_fn": ("relu", "topk", None),  # pre-v6
+    "dtype": (*_FLOAT_DTYPES, None),
+}
+
+
+def _check_maths_fields(raw: dict, arch_name: str, cfg_path: Path) -> None:
+    """Refuse, by name, any cfg.json value that changes SAELens's forward and is not reproduced.
+
+    Reproduced: architecture (topk, standard, jumprelu), d_in, d_sae, k, apply_b_dec_to_input,
+    rescale_acts_by_decoder_norm (topk; SAELens ignores it for the others) and any float dtype
+    (the maths runs in float32 whatever the stored dtype, as SAELens does for float32 folders).
+    """
+    for key, allowed in _SUPPORTED_VALUES.items():
+        value = raw.get(key)
+        if isinstance(value, str) and key != "dtype":
+            value = value or None
+        if value not in allowed:
+            shown = ", ".join(repr(a) for a in allowed if a is not None)
+            raise SAEError(
+                f"{cfg_path}: {key}={value!r} changes the SAE's forward pass and mlxmerge does not "
+                f"implement it (supported: {shown})"
+            )
+    if arch_name == "topk" and not isinstance(raw.get("rescale_acts_by_decoder_norm", False), bool):
+        raise SAEError(f"{cfg_path}: rescale_acts_by_decoder_norm must be true or false")
+
+
+def _scaling_factor(folder: Path, cfg_path: Path) -> float | None:
+    """The input scale of a SAELens training checkpoint (``normalize_activations:
+    expected_average_only_in``): SAELens trains on ``s·x`` and keeps ``s`` in activation_scaler.json
+    until the final save folds it (W_enc·s, W_dec/s, b_dec/s). None: no scale was estimated."""
+    path = folder / ACTIVATION_SCALER_NAME
+    try:
+        s = json.loads(path.read_text())["scaling_factor"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SAEError(
+            f"{cfg_path}: normalize_activations='expected_average_only_in' needs the input scale "
+            f"from {ACTIVATION_SCALER_NAME} (a SAELens training checkpoint), which is missing or "
+            "unreadable; the final SAELens save folds it and writes 'none'"
+        ) from None
+    if s is not None and not (isinstance(s, (int, float)) and s > 0):
+        raise SAEError(f"{path}: scaling_factor must be a positive number, got {s!r}")
+    return None if s is None else float(s)
+
+
+def fold_decoder_norm(params: dict, where: Path | str = "W_dec") -> dict:
+    """SAELens's TopK with ``rescale_acts_by_decoder_norm`` as a plain TopK with folded weights.
+
+    SAELens: ``pre = ((x − b_dec) W_enc + b_enc) · n``, ``z = TopK(pre)``, ``x̂ = (z / n) W_dec +
+    b_dec`` with ``n = ‖W_dec‖`` per latent row. Scaling the encoder rows and ``b_enc`` by ``n``
+    and dividing the decoder rows by it gives the same ``z`` and ``x̂`` with the plain forward
+    (SAELens's own ``fold_W_dec_norm``). A zero row would divide by zero (NaN in SAELens): refused.
+    """
+    n = mx.linalg.norm(params["W_dec"], axis=-1)  # (d_sae,)
+    dead = np.flatnonzero(np.array(n) == 0)
+    if dead.size:
+        raise SAEError(
+            f"{where}: W_dec rows {dead[:5].tolist()} have zero norm; with "
+            "rescale_acts_by_decoder_norm the decoder is divided by its row norms"
+        )
+    return {
+        **params,
+        "encoder": params["encoder"] * n[:, None],
+        "b_enc": params["b_enc"] * n,
+        "W_dec": params["W_dec"] / n[:, None],
+    }
 
 
 def load_sparsity(folder: str | os.PathLike) -> np.ndarray | None:

@@ -39,9 +39,12 @@ def steering_edit(params: dict, cfg, feature: int, *, scale: float | None = None
 def steer(
     sae: str | os.PathLike, model: str | os.PathLike, prompt: str, *, feature: int,
     scale: float | None = None, clamp: float | None = None, ablate: bool = False,
-    max_tokens: int = 40, layer: int | None = None,
+    max_tokens: int = 40, layer: int | None = None, chat: bool = False,
 ) -> dict:  # fmt: skip
-    """Greedy generation without and with the edit; returns ``{"plain": ..., "steered": ...}``."""
+    """Greedy generation without and with the edit; returns ``{"plain": ..., "steered": ...}``.
+
+    ``chat``: the prompt is a user turn in the tokenizer's chat template (assistant turn opened).
+    """
     from mlx_lm import generate
 
     if sum(x is not None for x in (scale, clamp)) + bool(ablate) != 1:
@@ -51,14 +54,21 @@ def steer(
         raise SAEError(f"feature {feature} does not exist: the SAE has {cfg.d_sae} latents")
     m, tok = load_model(model)
     layer = check_fits(cfg, m, layer)
-    plain = generate(m, tok, prompt, max_tokens=max_tokens, verbose=False)
+    if chat:
+        from mlxmerge.eval.generation import chat_tokens
+
+        prompt_in = chat_tokens(tok, [prompt])[0]
+    else:
+        prompt_in = prompt
+    plain = generate(m, tok, prompt_in, max_tokens=max_tokens, verbose=False)
     edit = steering_edit(params, cfg, feature, scale=scale, clamp=clamp, ablate=ablate)
     with capture_layers(m, [layer], {layer: edit}):
-        steered = generate(m, tok, prompt, max_tokens=max_tokens, verbose=False)
+        steered = generate(m, tok, prompt_in, max_tokens=max_tokens, verbose=False)
     return {
         "prompt": prompt,
         "feature": feature,
         "layer": layer,
+        "chat": chat,
         "plain": plain,
         "steered": steered,
     }
