@@ -332,3 +332,56 @@ def test_deepseek_v2_all_experts_match(tmp_path):
         del archs.ARCHS["deepseek_v2_all"]
     assert problems == {}
     np.testing.assert_allclose(got, mlx_logits(hf), atol=1e-4, rtol=1e-4)
+
+
+# -- the rows, through the CLI ---------------------------------------------------------
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_linear_of_mixtral_mlx_and_hf_layouts(zoo, tmp_path):
+    a, b = zoo["mixtral"]["ft_mlx"], zoo["mixtral"]["ft_hf"]
+    res = _cli("linear", str(a), str(b), "--weight", "0.5", "--weight", "0.5", "-o",
+               str(tmp_path / "x"), "--out-dtype", "float32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got, wa, wb = (
+        loaded_weights(tmp_path / "x"),
+        _w(zoo, "mixtral", "ft_mlx"),
+        _w(zoo, "mixtral", "ft_hf"),
+    )
+    k = "model.layers.2.block_sparse_moe.switch_mlp.down_proj.weight"
+    np.testing.assert_allclose(got[k], 0.5 * wa[k] + 0.5 * wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["phimoe", "granitemoe"])
+def test_cli_convert_moe_to_hf_format(zoo, name, tmp_path):
+    res = _cli("convert", str(zoo[name]["mlx"]), "-o", str(tmp_path / "hf"), "--format", "hf",
+               "--dtype", "float32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    names = stored(tmp_path / "hf")
+    assert not [n for n in names if "switch_mlp" in n]
+    assert names.keys() == stored(zoo[name]["hf"]).keys()
+
+
+def test_cli_hf_export_of_unknown_experts_refused_at_dry_run(zoo, tmp_path):
+    folders = []
+    for which in ("mlx", "ft_mlx"):
+        folder = tmp_path / which
+        folder.mkdir()
+        for f in zoo["qwen3_moe"][which].iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3_moe_custom"}))
+        folders.append(str(folder))
+    res = _cli(
+        "linear", *folders, "--weight", "0.5", "--weight", "0.5", "--format", "hf", "--dry-run"
+    )
+    assert res.exit_code != 0
+    assert len(res.output.strip().splitlines()) == 1 and "qwen3_moe_custom" in res.output
+    assert "switch_mlp" in res.output
