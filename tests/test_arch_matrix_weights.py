@@ -318,6 +318,25 @@ def test_converted_and_merged_hf_outputs_load_in_transformers(zoo, name, tmp_pat
     _check_in_transformers(merge(recipe, tmp_path / "merged", layout="hf"), name)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", *MOE_ARCHS])
+def test_checkpoint_saved_by_transformers_reads_as_built(zoo, name, tmp_path):
+    # A file written by another library: transformers' save_pretrained (GPT-2 gets its
+    # "transformer." prefix there), converted to MLX layout, holds exactly the built weights.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(zoo[name]["hf"]), dtype=torch.float32
+    )
+    model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(ARCHS[name]))  # mlx-lm's fields
+    mlx = convert(str(tmp_path / "saved"), tmp_path / "mlx", dtype="float32", layout="mlx")
+    got = loaded_weights(mlx)
+    want = {k: np.array(v) for k, v in zoo[name]["weights"].items()}
+    for k, w in want.items():
+        np.testing.assert_array_equal(got[k], w, err_msg=k)
+
+
 def test_deepseek_v2_all_experts_match(tmp_path):
     # The layout is right even where routing differs: with top-k = n_experts no routing choice.
     import archs
