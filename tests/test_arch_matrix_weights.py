@@ -329,6 +329,10 @@ def test_checkpoint_saved_by_transformers_reads_as_built(zoo, name, tmp_path):
         str(zoo[name]["hf"]), dtype=torch.float32
     )
     model.save_pretrained(tmp_path / "saved")
+    theirs, ours = stored(tmp_path / "saved"), stored(zoo[name]["hf"])
+    if name == "gpt2":  # transformers adds "transformer."; mlx-lm reads only the hub's bare names
+        theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
+    assert theirs.keys() == ours.keys()  # our HF layout is what transformers itself writes
     (tmp_path / "saved" / "config.json").write_text(json.dumps(ARCHS[name]))  # mlx-lm's fields
     mlx = convert(str(tmp_path / "saved"), tmp_path / "mlx", dtype="float32", layout="mlx")
     got = loaded_weights(mlx)
