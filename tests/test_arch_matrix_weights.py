@@ -408,3 +408,15 @@ def test_cli_hf_export_of_unknown_experts_refused_at_dry_run(zoo, tmp_path):
     assert res.exit_code != 0
     assert len(res.output.strip().splitlines()) == 1 and "qwen3_moe_custom" in res.output
     assert "switch_mlp" in res.output
+
+
+def test_frankenmerge_refuses_a_moe_layer_where_the_config_says_dense(zoo):
+    from mlxmerge.errors import RecipeError
+    from mlxmerge.merge.plan import plan_merge
+
+    a = str(zoo["deepseek_v2"]["mlx"])  # layer 0 dense (first_k_dense_replace 1), 1-3 MoE
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": a, "layer_range": [1, 3]}]},
+                         {"sources": [{"model": a, "layer_range": [0, 2]}]}]}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"output layer 0 is not the kind .* model.layers.0.mlp"):
+        plan_merge(recipe)

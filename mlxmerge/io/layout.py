@@ -261,6 +261,21 @@ def renumber_layer(name: str, new_index: int) -> str:
     return _LAYER.sub(rf"\g<1>\g<2>.{new_index}.", name, count=1)
 
 
+def layer_structure(names) -> dict[int, frozenset[str]]:
+    """Per decoder layer index, its tensor names with the index blanked (``model.layers.N.mlp...``).
+
+    Two layers with different structures (a dense MLP and MoE experts) cannot swap places: the
+    config describes each layer's kind by its index (DeepSeek ``first_k_dense_replace``,
+    Qwen-MoE ``mlp_only_layers``).
+    """
+    out: dict[int, set[str]] = {}
+    for name in names:
+        m = _LAYER.search(name)
+        if m is not None:
+            out.setdefault(int(m.group(3)), set()).add(_LAYER.sub(r"\g<1>\g<2>.N.", name, count=1))
+    return {i: frozenset(v) for i, v in out.items()}
+
+
 def is_input_embedding(name: str) -> bool:
     """Token/position embeddings: the tensors a frankenmerge takes from its first slice."""
     return _INPUT_EMBEDDING.search(name) is not None
