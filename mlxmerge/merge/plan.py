@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.io.layout import is_input_embedding, layer_structure, renumber_layer
 from mlxmerge.merge.recipe import Recipe, Slice, parse_recipe, resolve_parameter
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, get_method
 
@@ -69,8 +70,20 @@ def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
 
 
-def _relayer(name: str, new_index: int) -> str:
-    return re.sub(r"(\.(?:layers|h|blocks)\.)\d+\.", rf"\g<1>{new_index}.", name, count=1)
+def _check_layer_kinds(tensors: list[PlannedTensor], donor: Checkpoint, donor_ref: str) -> None:
+    # The output's config.json is the donor's: each output layer must be the kind it describes.
+    want = layer_structure(donor.names())
+    for i, got in layer_structure(p.name for p in tensors).items():
+        if i in want and got != want[i]:
+            odd = min(got ^ want[i]).replace(".N.", f".{i}.")
+            raise RecipeError(
+                f"output layer {i} is not the kind of layer the config (from {donor_ref}) describes "
+                f"at index {i} (differs in {odd}); dense and MoE layers cannot swap places"
+            )
+
+
+def _has_layers(ckpt: Checkpoint) -> bool:
+    return any(layer_index(n) is not None for n in ckpt.names())
 
 
 def _check_architectures(
@@ -128,6 +141,14 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                 raise RecipeError(
                     f"slices[{i}]: layer_range {list(src.layer_range)} of {src.model} is out of range; it has {n} layers"
                 )
+            if (len(recipe.slices) > 1 or tuple(src.layer_range) != (0, n)) and not _has_layers(
+                ckpts[by_ref[src.model]]
+            ):
+                raise RecipeError(
+                    f"slices[{i}]: {src.model} (model_type {ckpts[by_ref[src.model]].model_type}) "
+                    "names its decoder layers in a way mlxmerge cannot slice (no layers.N, h.N or "
+                    "blocks.N tensors)"
+                )
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) > 1:
             raise RecipeError(
@@ -181,7 +202,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             for n in ckpts[by_ref[s.model]].names():
                 if (
                     layer_index(n) is None
-                    and (("embed" in n) == pre)
+                    and is_input_embedding(n) == pre
                     and not n.endswith("lm_head.weight")
                 ):
                     names[n] = None
@@ -215,11 +236,11 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             for name in (n for n in lead.names() if layer_index(n) == lead_layer):
                 in_names = {}
                 for s in sl.sources:
-                    src_name = _relayer(name, s.layer_range[0] + offset)
+                    src_name = renumber_layer(name, s.layer_range[0] + offset)
                     if src_name not in ckpts[by_ref[s.model]]:
                         raise RecipeError(f"slices[{i}]: {s.model} has no tensor {src_name}")
                     in_names[s.model] = src_name
-                plan_one(_relayer(name, out_layer), in_names, sl, t)
+                plan_one(renumber_layer(name, out_layer), in_names, sl, t)
             out_layer += 1
 
     post = outside_names(last, pre=False)
@@ -233,7 +254,16 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         plan_one(name, got, last, 1.0)
 
     tensors.sort(key=lambda p: natural_key(p.name))
+    seen: set[str] = set()
+    for p in tensors:  # a naming scheme renumber_layer does not know would collide here
+        if p.name in seen:
+            raise RecipeError(
+                f"output tensor {p.name} would be written twice; its layer naming is not one "
+                "mlxmerge can renumber"
+            )
+        seen.add(p.name)
     donor = ckpts[by_ref[base]] if base else ckpts[0]
+    _check_layer_kinds(tensors, donor, base or models[0])
     config = dict(donor.config)
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
     if embed is not None:
