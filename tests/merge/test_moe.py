@@ -164,6 +164,25 @@ def test_experts_all_equal_to_the_base_give_the_base_logits(family, tmp_path):
     np.testing.assert_allclose(_logits(out), _logits(family["base"]), atol=1e-4)
 
 
+def test_residual_scale_and_seeded_noise(family, tmp_path):
+    a, b = str(family["model_a"]), str(family["model_b"])
+    experts = [{"source_model": a, "residual_scale": 0.5},
+               {"source_model": b, "noise_scale": 0.01}]  # fmt: skip
+    cfg = _config(family["base"], experts, gate_mode="random")
+    w1, w2 = (_weights(moe(cfg, tmp_path / f"n{i}", seed=3)) for i in (1, 2))
+    src_a, src_b = _weights(family["model_a"]), _weights(family["model_b"])
+    name = "model.layers.1.block_sparse_moe.switch_mlp.{}.weight"
+    np.testing.assert_allclose(w1[name.format("down_proj")][0],
+                               0.5 * src_a["model.layers.1.mlp.down_proj.weight"], rtol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(
+        w1[name.format("up_proj")][0], src_a["model.layers.1.mlp.up_proj.weight"]
+    )
+    noise = w1[name.format("up_proj")][1] - src_b["model.layers.1.mlp.up_proj.weight"]
+    assert 0.008 < noise.std() < 0.012 and abs(noise.mean()) < 0.002
+    for n in w1:  # the same seed gives the same model (noise and random gates)
+        np.testing.assert_array_equal(w1[n], w2[n])
+
+
 def test_cheap_embed_rows_are_normalized_embedding_sums(family, tmp_path):
     from mlx_lm.utils import load_tokenizer
 
