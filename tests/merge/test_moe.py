@@ -257,6 +257,9 @@ def test_qwen3_base_gives_qwen3_moe_equal_to_base_when_experts_are_the_base(fami
     out = moe(cfg, tmp_path / "q3", allow_all_same=True)
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
     np.testing.assert_allclose(_logits(out), _logits(q["base"]), atol=1e-4)
+    hf, problems = _hf_logits(moe(cfg, tmp_path / "q3hf", layout="hf", allow_all_same=True))
+    assert problems == []
+    np.testing.assert_allclose(hf, _logits(q["base"]), atol=1e-4)
 
 
 def test_bad_configs_fail_before_any_work(family, tmp_path):
