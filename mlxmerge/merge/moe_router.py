@@ -24,7 +24,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
+# "hidden_last" is mergekit's other name for "hidden".
+GATE_MODES = ("hidden", "hidden_last", "cheap_embed", "random", "uniform_random")
 _EPS = 1e-8  # mergekit's clamp on the norm
 
 
