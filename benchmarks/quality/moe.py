@@ -72,16 +72,54 @@ def linear(b: Bench, name: str, models: list[Path]) -> Path:
     return b.merged(name, recipe)
 
 
-def build_moe(b: Bench, name: str, experts: list[tuple[Path, str]], **kw) -> Path:
+def build_moe(
+    b: Bench, name: str, experts: list[tuple[Path, str]], negatives: bool = False, **kw
+) -> Path:
+    """``negatives``: each expert's negative prompts are the other experts' positive prompts."""
     from mlxmerge.merge.moe import moe
 
-    cfg = {
-        "base_model": str(b.base()),
-        "dtype": "float32",
-        "experts": [{"source_model": str(p), "positive_prompts": prompts(t)} for p, t in experts],
-        **kw,
-    }
+    def spec(path: Path, task: str) -> dict:
+        neg = [q for _, t in experts if t != task for q in prompts(t)] if negatives else []
+        return {"source_model": str(path), "positive_prompts": prompts(task),
+                "negative_prompts": neg}  # fmt: skip
+
+    cfg = {"base_model": str(b.base()), "dtype": "float32",
+           "experts": [spec(p, t) for p, t in experts], **kw}  # fmt: skip
     return moe(cfg, b.root / "moe" / name, force=True)
+
+
+def routed_right(moe_path: Path, expert_tasks: list[str], n: int = 50) -> dict[str, float]:
+    """Per task: the share of (token, layer) pairs of held-out prompt+answer sequences whose
+    top-1 expert is that task's expert."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx import nn
+
+    model, tok = mlx_lm.load(str(moe_path))
+    picks: list[mx.array] = []
+
+    class Record(nn.Module):
+        def __init__(self, gate):
+            super().__init__()
+            self.gate = gate
+
+        def __call__(self, x):
+            y = self.gate(x)
+            picks.append(mx.argmax(y, axis=-1))
+            return y
+
+    for layer in model.layers:
+        layer.block_sparse_moe.gate = Record(layer.block_sparse_moe.gate)
+    out = {}
+    for e, task in enumerate(expert_tasks):
+        right = total = 0
+        for p, a in examples(task, n, seed=2000):
+            picks.clear()
+            model(mx.array([tok.encode(p + a)]))
+            hits = mx.concatenate([x.reshape(-1) for x in picks]) == e
+            right, total = right + hits.sum().item(), total + hits.size
+        out[task] = right / total
+    return out
 
 
 def rows_for(b: Bench, tag: str, arith: Path, rev: Path) -> dict[str, Path]:
@@ -97,6 +135,9 @@ def rows_for(b: Bench, tag: str, arith: Path, rev: Path) -> dict[str, Path]:
         f"{tag}: linear merge of the 3": linear(b, f"{tag}-linear3", [arith, rev, base]),
         f"{tag}: MoE 2 experts, top-1": build_moe(b, f"{tag}-moe2-k1", two, experts_per_token=1),
         f"{tag}: MoE 2 experts, top-2": build_moe(b, f"{tag}-moe2-k2", two, experts_per_token=2),
+        f"{tag}: MoE 2, top-1, negatives": build_moe(
+            b, f"{tag}-moe2-neg", two, negatives=True, experts_per_token=1
+        ),
         f"{tag}: MoE 2, top-1, cheap_embed": build_moe(
             b, f"{tag}-moe2-cheap", two, experts_per_token=1, gate_mode="cheap_embed"
         ),
@@ -105,6 +146,9 @@ def rows_for(b: Bench, tag: str, arith: Path, rev: Path) -> dict[str, Path]:
         ),
         f"{tag}: MoE 3 (+base), top-1": build_moe(b, f"{tag}-moe3-k1", three, experts_per_token=1),
         f"{tag}: MoE 3 (+base), top-2": build_moe(b, f"{tag}-moe3-k2", three, experts_per_token=2),
+        f"{tag}: MoE 3 (+base), top-1, negatives": build_moe(
+            b, f"{tag}-moe3-neg", three, negatives=True, experts_per_token=1
+        ),
     }
 
 
@@ -119,8 +163,14 @@ def main() -> None:
     models.update(rows_for(b, "full", *b.experts()))
     models.update(rows_for(b, "MLP-only", *mlp_experts(b)))
     s = scores(list(models.values()), [b.test[t] for t in TASKS])
-    rows = [[label] + [s[path.name, f"{t}-test"] for t in TASKS] for label, path in models.items()]
-    md = table(["model", *TASKS], rows)
+    rows = []
+    for label, path in models.items():
+        routed = ""
+        if "MoE 2, top-1" in label or "MoE 2 experts, top-1" in label:
+            r = routed_right(path, ["arithmetic", "reversal"])
+            routed = f"{r['arithmetic']:.2f} / {r['reversal']:.2f}"
+        rows.append([label] + [s[path.name, f"{t}-test"] for t in TASKS] + [routed])
+    md = table(["model", *TASKS, "routed right (arith / rev)"], rows)
     print(f"\n{md}\n", flush=True)
     (args.dir / "moe-results.md").write_text(md + "\n")
     (args.dir / "moe-results.json").write_text(json.dumps({"rows": rows}, indent=2))
