@@ -30,8 +30,9 @@ import mlxmerge  # noqa: F401
 TASKS = ("arithmetic", "reversal", "copy")
 
 
-def prompts(task: str, n: int = 16) -> list[str]:
-    return [p for p, _ in examples(task, n, seed=7)]  # a training seed (< 1000)
+def prompts(task: str, n: int = 16, answers: bool = False) -> list[str]:
+    """Training prompts (seed < 1000); ``answers``: with the answer, so the last token differs by task."""
+    return [p + (a if answers else "") for p, a in examples(task, n, seed=7)]
 
 
 @contextlib.contextmanager
@@ -73,14 +74,15 @@ def linear(b: Bench, name: str, models: list[Path]) -> Path:
 
 
 def build_moe(
-    b: Bench, name: str, experts: list[tuple[Path, str]], negatives: bool = False, **kw
-) -> Path:
+    b: Bench, name: str, experts: list[tuple[Path, str]], negatives: bool = False,
+    answers: bool = False, **kw,
+) -> Path:  # fmt: skip
     """``negatives``: each expert's negative prompts are the other experts' positive prompts."""
     from mlxmerge.merge.moe import moe
 
     def spec(path: Path, task: str) -> dict:
         neg = [q for _, t in experts if t != task for q in prompts(t)] if negatives else []
-        return {"source_model": str(path), "positive_prompts": prompts(task),
+        return {"source_model": str(path), "positive_prompts": prompts(task, answers=answers),
                 "negative_prompts": neg}  # fmt: skip
 
     cfg = {"base_model": str(b.base()), "dtype": "float32",
@@ -137,6 +139,9 @@ def rows_for(b: Bench, tag: str, arith: Path, rev: Path) -> dict[str, Path]:
         f"{tag}: MoE 2 experts, top-2": build_moe(b, f"{tag}-moe2-k2", two, experts_per_token=2),
         f"{tag}: MoE 2, top-1, negatives": build_moe(
             b, f"{tag}-moe2-neg", two, negatives=True, experts_per_token=1
+        ),
+        f"{tag}: MoE 2, top-1, prompts with answers": build_moe(
+            b, f"{tag}-moe2-ans", two, answers=True, experts_per_token=1
         ),
         f"{tag}: MoE 2, top-1, cheap_embed": build_moe(
             b, f"{tag}-moe2-cheap", two, experts_per_token=1, gate_mode="cheap_embed"

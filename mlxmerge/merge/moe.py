@@ -239,6 +239,8 @@ def plan_moe(config: MoEConfig | str | Path | dict, *, allow_all_same: bool = Fa
     dtype = parse_float_dtype(cfg.dtype or base_dtype or "bfloat16")
     out_config = _out_config(base, arch, cfg, where)
     tensors = _plan_tensors(base, arch, len(cfg.experts))
+    log.info("output architecture: %s, %d experts, %d tensors", arch.name, len(cfg.experts),
+             len(tensors))  # fmt: skip
     return MoEPlan(cfg, arch, base, experts, tensors, out_config, dtype)
 
 
