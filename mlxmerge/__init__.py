@@ -29,6 +29,7 @@ _VERBS = {
     "parse_recipe": "mlxmerge.merge.recipe",
     "diff_models": "mlxmerge.merge.diagnostics",
     "soup": "mlxmerge.merge.soup",
+    "moe": "mlxmerge.merge.moe",
     "evaluate": "mlxmerge.eval.scoring",
     "orthogonalize_model": "mlxmerge.abliterate",
     "refusals": "mlxmerge.abliterate",
