@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,26 @@ def _model_ref(value, where: str) -> str:
     return value
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers(value):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; mergekit's validators read it as a number."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) if k in ("value",) else v for k, v in value.items()}
+    return value
+
+
 def _params(value, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: parameters must be a mapping, got {type(value).__name__}")
-    return dict(value)
+    return {k: _numbers(v) for k, v in value.items()}
 
 
 def load_documents(source: str | Path) -> list[dict]:

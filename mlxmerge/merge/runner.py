@@ -146,7 +146,16 @@ def merge(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Run a mergekit recipe (or an already checked plan) and write the merged model."""
+    """Run a mergekit recipe (or an already checked plan) and write the merged model.
+
+    A recipe file with several YAML documents is a mergekit-multi recipe (``merge.multi``).
+    """
+    from mlxmerge.merge.multi import is_multi_document, merge_multi
+
+    if is_multi_document(recipe):
+        return merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
+                           out_dtype=out_dtype, shard_size=shard_size, force=force,
+                           progress=progress)  # fmt: skip
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )

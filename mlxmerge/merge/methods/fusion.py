@@ -75,8 +75,9 @@ def ram(tensors: list[mx.array], base: mx.array, *, epsilon: float = 1e-5) -> mx
         return base
     tv, _, counts = _ram_parts(tensors, base, epsilon)
     unique = (counts == 1).astype(tv.dtype)
-    shared = (counts > 1).astype(tv.dtype) / mx.maximum(counts, 1).astype(tv.dtype)
-    return base + (tv * (unique + shared)).sum(axis=0)
+    shared = (counts > 1).astype(tv.dtype)
+    # the order of mergekit's operations, so float32 rounding matches too
+    return base + (tv * unique + tv * shared / mx.maximum(counts, 1).astype(tv.dtype)).sum(axis=0)
 
 
 def ramplus_tl(
@@ -99,5 +100,6 @@ def ramplus_tl(
     lam = 1 + r * mx.clip(shared_n / mx.maximum(unique_n, epsilon), 0, alpha)
     lam = lam.reshape((n,) + (1,) * (tv.ndim - 1))
     unique = (counts == 1).astype(tv.dtype)
-    shared = (counts > 1).astype(tv.dtype) / mx.maximum(counts, 1).astype(tv.dtype)
-    return base + (tv * (unique * lam + shared)).sum(axis=0)
+    shared = (counts > 1).astype(tv.dtype)
+    merged = tv * unique * lam + tv * shared / mx.maximum(counts, 1).astype(tv.dtype)
+    return base + merged.sum(axis=0)
