@@ -5,6 +5,7 @@ Nothing here reads tensor data; ``runner`` computes and writes what the plan lis
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -259,10 +260,37 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
     if embed is not None:
         config["vocab_size"] = embed.shape[0]
+        if vocab is None:
+            _check_tokenizer_rows(donor, embed)
     for w in warnings:
         log.warning(w)
     warnings = recipe.warnings + warnings  # the recipe's own were logged when it was read
     return MergePlan(recipe, spec, models, ckpts, tensors, out_layer, config, warnings, vocab=vocab)
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """1 + the largest token id in ``folder/tokenizer.json`` (added tokens included), if any."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (tok.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t["id"] for t in tok.get("added_tokens") or []]
+    return max(ids) + 1 if ids else None
+
+
+def _check_tokenizer_rows(donor: Checkpoint, embed: PlannedTensor) -> None:
+    # Cropping to the common vocabulary (as mergekit does) must not leave the copied tokenizer
+    # with ids past the last row: their logits would be garbage (NaN in mlx-lm).
+    n = tokenizer_size(donor.path)
+    own = donor.shape(embed.name)[0] if embed.name in donor else None
+    if n is not None and embed.shape[0] < n and own is not None and own >= n:
+        raise RecipeError(
+            f"{embed.name}: the merged vocabulary keeps {embed.shape[0]} rows but the tokenizer "
+            f"copied from {donor.path} has {n} tokens; add tokenizer_source: union (or base) "
+            "so rows are built for every token"
+        )
 
 
 def _vocab_shape(name, inputs, base_in, ckpts, rows: int) -> tuple[int, ...]:

@@ -227,16 +227,26 @@ def test_different_base_is_warned(family, tmp_path, caplog):
     assert any("really fine-tuned from" in r.message for r in caplog.records)
 
 
-def test_vocab_mismatch_crops_with_warning(family, tmp_path, caplog):
+def test_vocab_mismatch_is_refused_or_built_for_the_tokenizer(family, tmp_path):
+    """Cropping 512 rows to 500 would leave the copied 512-token tokenizer with 12 ids past the
+    last row (NaN logits): refused. With ``tokenizer_source: base`` every token gets a row, and
+    the 12 tokens the small model lacks take the base's row (mergekit's rule)."""
     from mlxmerge.tiny import build_model
 
     small = build_model(tmp_path / "small", family["tokenizer"], seed=0, vocab_size=500)
     recipe = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 1}},
                                                    {"model": str(small), "parameters": {"weight": 1}}]}  # fmt: skip
-    out = merge(recipe, tmp_path / "v", out_dtype="float32")
-    assert open_checkpoint(out).shape("model.embed_tokens.weight") == (500, 64)
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 500
-    assert any("12 rows" in r.message for r in caplog.records)
+    with pytest.raises(RecipeError, match="500 rows .* 512 tokens.*tokenizer_source"):
+        merge(recipe, tmp_path / "v", out_dtype="float32")
+    out = merge({**recipe, "tokenizer_source": "base"}, tmp_path / "v", out_dtype="float32")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 512
+    got = weights(out)["model.embed_tokens.weight"]
+    base, sm = (
+        weights(family["base"])["model.embed_tokens.weight"],
+        weights(small)["model.embed_tokens.weight"],
+    )
+    np.testing.assert_allclose(got[500:], base[500:], rtol=1e-6)
+    np.testing.assert_allclose(got[:500], (base[:500] + sm) / 2, rtol=1e-5, atol=1e-7)
 
 
 def test_missing_input_leaves_no_output(family, tmp_path):
