@@ -122,7 +122,7 @@ def set_chat_template(folder: Path, template: str) -> None:
     It goes to ``chat_template.jinja``; a template inside ``tokenizer_config.json`` or
     ``chat_template.json`` would compete with it, so those copies are removed.
     """
-    if len(template) < 20 or "{" not in template:  # a name, never stored as the template
+    if "{" not in template:  # a template name such as "chatml", never stored as the template
         raise MlxmergeError(f"chat template {template!r} is not Jinja text")
     tok_cfg_path = folder / "tokenizer_config.json"
     if tok_cfg_path.exists():

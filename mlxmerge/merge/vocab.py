@@ -204,10 +204,10 @@ def permute_rows(vocab: Vocabulary, arrays: dict[str, mx.array]) -> dict[str, mx
             defaults[i] = sum(rows[1:], rows[0]) / len(rows)
         elif cfg is not None:
             defaults[i] = _default_row(vocab, arrays, perm, t, i, cfg)
+    forced_ids = [i for t, i in vocab.tokens.items() if t in cfgs and cfgs[t].force]
     out = {}
     for m in models:
         p = perm[m]
-        forced_ids = [i for t, i in vocab.tokens.items() if t in cfgs and cfgs[t].force]
         own = p >= 0
         own[forced_ids] = False
         x = arrays[m]

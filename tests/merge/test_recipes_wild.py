@@ -84,3 +84,15 @@ def test_tied_models_with_a_head_copy_stay_tied():
     assert not any(p.name == "lm_head.weight" for p in plan.tensors)
     norm = plan.tensor("model.norm.weight")
     assert norm.t == 0.0 and norm.global_params["t"] == 0  # outside the layers: t = 0
+
+
+def test_cli_runs_a_mergekit_multi_file_and_removes_the_intermediates(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    monkeypatch.chdir(MODELS.parent)
+    r = CliRunner().invoke(cli, ["merge", "07_docs_multimerge.yml", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no intermediates left beside it
