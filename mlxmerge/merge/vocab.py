@@ -36,7 +36,8 @@ class Vocabulary:
     permutations: dict[str, np.ndarray]  # model -> (len(tokens),) old row per output id, -1 if none
     original_vocabs: dict[str, dict[str, int]]
     spec: TokenizerSpec
-    base: str
+    base: str  # the model whose tokenizer the output starts from
+    base_model: str | None = None  # the recipe's base_model: its row fills tokens others lack
 
     def save(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
@@ -121,7 +122,7 @@ def build_vocabulary(
     listed model plays the base (mergekit picks an arbitrary one: its model set is unordered).
     """
     by_ref = dict(zip(models, ckpts))
-    base = base or models[0]
+    base_model, base = base, base or models[0]
     sizes = {}
     toks = {}
     for m in models:
@@ -157,7 +158,7 @@ def build_vocabulary(
     if pad and size % pad:
         size += pad - size % pad
     original = {m: dict(toks[m].get_vocab()) for m in models}
-    return Vocabulary(out, tokens, size, perms, original, spec, base)
+    return Vocabulary(out, tokens, size, perms, original, spec, base, base_model)
 
 
 def _check_token_sources(spec, tokens, perms, models) -> None:
@@ -189,8 +190,8 @@ def permute_rows(vocab: Vocabulary, arrays: dict[str, mx.array]) -> dict[str, mx
         elif sum(has) == 0:
             cfgs[t] = TokenSource("zero")
             log.warning("token %r is in no model: its row is zero", t)
-        elif vocab.base in models and perm[vocab.base][i] >= 0:
-            cfgs[t] = TokenSource("model", vocab.base)
+        elif vocab.base_model in models and perm[vocab.base_model][i] >= 0:
+            cfgs[t] = TokenSource("model", vocab.base_model)
         else:
             average.add(t)
     defaults: dict[int, mx.array] = {}

@@ -9,7 +9,7 @@ from mlxmerge.merge.recipe import TokenizerSpec, TokenSource
 from mlxmerge.merge.vocab import Vocabulary, permute_rows
 
 
-def vocab(tokens, perms, spec=None, size=None, originals=None):
+def vocab(tokens, perms, spec=None, size=None, originals=None, base_model="base"):
     spec = spec or TokenizerSpec("union")
     return Vocabulary(
         tokenizer=None,
@@ -19,6 +19,7 @@ def vocab(tokens, perms, spec=None, size=None, originals=None):
         original_vocabs=originals or {},
         spec=spec,
         base="base",
+        base_model=base_model,
     )
 
 
@@ -68,3 +69,11 @@ def test_a_source_model_this_tensor_does_not_read_is_an_error():
     v = vocab(["a", "b"], {"base": [0, -1], "x": [0, -1]}, spec)
     with pytest.raises(RecipeError, match="other"):
         permute_rows(v, {"base": rows(1), "x": rows(2)})
+
+
+def test_without_a_base_model_shared_tokens_are_averaged():
+    """mergekit's PermutedVocabulary has no base then: a token two of three models have is their
+    mean in the third, even for the model whose tokenizer the output started from."""
+    v = vocab(["a", "b"], {"base": [0, 1], "x": [0, 1], "y": [0, -1]}, base_model=None)
+    got = permute_rows(v, {"base": rows(1, 2), "x": rows(3, 8), "y": rows(5)})
+    assert np.array(got["y"])[:, 0].tolist() == [5, 5]
