@@ -152,20 +152,27 @@ def build_vocabulary(
             if 0 <= old < sizes[m]:
                 p[new] = old
         perms[m] = p
-    _check_token_sources(spec, tokens, perms, models)
+    original = {m: dict(toks[m].get_vocab()) for m in models}
+    _check_token_sources(spec, tokens, perms, models, original)
     size = len(tokens)
     pad = spec.pad_to_multiple_of
     if pad and size % pad:
         size += pad - size % pad
-    original = {m: dict(toks[m].get_vocab()) for m in models}
     return Vocabulary(out, tokens, size, perms, original, spec, base, base_model)
 
 
-def _check_token_sources(spec, tokens, perms, models) -> None:
+def _check_token_sources(spec, tokens, perms, models, original) -> None:
+    # before any tensor is computed: every source the tokens: block names must exist
     for t, src in spec.tokens.items():
         where = f"tokenizer.tokens[{t!r}]"
         if src.kind in ("model", "model_token") and src.model not in models:
             raise RecipeError(f"{where}: model {src.model} is not one of the recipe's models")
+        if (
+            src.kind == "model_token"
+            and src.token is not None
+            and src.token not in original[src.model]
+        ):
+            raise RecipeError(f"{where}: token {src.token!r} is not in {src.model}'s tokenizer")
         missing = any(perms[m][tokens[t]] < 0 for m in models)
         if src.kind is None and (src.force or missing):
             raise RecipeError(f"{where}: give a source (a model, kind: zero or kind: model_token)")

@@ -206,3 +206,15 @@ def test_several_documents_need_the_multi_runner(tmp_path):
     )
     with pytest.raises(RecipeError, match="2 YAML documents"):
         parse_recipe(p)
+
+
+def test_yaml_11_exponent_strings_are_numbers():
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; mergekit's validators take it as a number."""
+    r = parse_recipe_text(
+        "merge_method: karcher\nmodels: [a, b]\nparameters: {tol: 1e-5, max_iter: 10}\n"
+    )
+    assert r.parameters == {"tol": 1e-5, "max_iter": 10}
+    r = parse_recipe_text(
+        "merge_method: nearswap\nbase_model: a\nmodels: [b]\nparameters:\n  t: [{filter: mlp, value: 2e-3}, {value: 1e-3}]\n"
+    )
+    assert r.parameters["t"] == [{"filter": "mlp", "value": 2e-3}, {"value": 1e-3}]
