@@ -67,14 +67,14 @@ def is_embedding(name: str) -> bool:
     return "embed_tokens" in name or name.endswith(("lm_head.weight", "wte.weight"))
 
 
-def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
-    # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
-    return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
-
-
 def stores_head(ckpt: Checkpoint, name: str = "lm_head.weight") -> bool:
     """Whether ``ckpt`` has its own output head: a tied model's redundant lm_head copy does not count."""
     return name in ckpt and ckpt.config_value("tie_word_embeddings") is not True
+
+
+def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
+    # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
+    return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
 
 
 def _relayer(name: str, new_index: int) -> str:
