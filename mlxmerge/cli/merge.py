@@ -40,8 +40,18 @@ def run_recipe(
     recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0
 ):
     from mlxmerge.io.dtypes import parse_float_dtype
+    from mlxmerge.merge.multi import is_multi_document, merge_multi
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
 
+    if is_multi_document(recipe):  # mergekit-multi: named intermediate merges, then the final
+        if dry_run:
+            raise click.UsageError("--dry-run plans one recipe; this file holds several documents")
+        if not output:
+            raise click.UsageError("give the output folder with -o/--output")
+        out = merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
+                          out_dtype=out_dtype, shard_size=shard_size, force=force)  # fmt: skip
+        click.echo(f"wrote {out}")
+        return
     if dry_run:
         plan = plan_merge(recipe, allow_crimes=allow_crimes)
         _check_layout(plan, layout)

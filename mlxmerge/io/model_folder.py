@@ -116,12 +116,25 @@ def copy_tokenizer(source: Path, target: Path, chat_template: str | None = None)
             shutil.copyfile(source / fname, target / fname)
             copied.append(fname)
     if chat_template is not None:
-        tok_cfg_path = target / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
-        tok_cfg["chat_template"] = chat_template
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
-        (target / "chat_template.jinja").unlink(missing_ok=True)
+        set_chat_template(target, chat_template)
     return copied
+
+
+def set_chat_template(folder: Path, template: str) -> None:
+    """Make ``template`` (Jinja text) the folder's one chat template, as transformers >= 4.50 saves it.
+
+    It goes to ``chat_template.jinja``; a template inside ``tokenizer_config.json`` or
+    ``chat_template.json`` would compete with it, so those copies are removed.
+    """
+    if "{" not in template:  # a template name such as "chatml", never stored as the template
+        raise MlxmergeError(f"chat template {template!r} is not Jinja text")
+    tok_cfg_path = folder / "tokenizer_config.json"
+    if tok_cfg_path.exists():
+        tok_cfg = json.loads(tok_cfg_path.read_text())
+        if tok_cfg.pop("chat_template", None) is not None:
+            tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
 def write_card(target: Path, card: ModelCard, layout: str) -> None:

@@ -5,6 +5,7 @@ Nothing here reads tensor data; ``runner`` computes and writes what the plan lis
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -40,6 +41,7 @@ class PlannedTensor:
     global_params: dict
     tensor_params: dict[str, list]
     is_embed: bool = False
+    vocab: object | None = None  # merge.vocab.Vocabulary: rows re-indexed to the output tokenizer
 
 
 @dataclass
@@ -53,6 +55,7 @@ class MergePlan:
     config: dict
     warnings: list[str] = field(default_factory=list)
     trim_thresholds: list[float] | None = None  # set by prepare() for TIES trim_scope: model
+    vocab: object | None = None  # merge.vocab.Vocabulary when the recipe builds a tokenizer
 
     def tensor(self, name: str) -> PlannedTensor:
         return self._by_name[name]
@@ -63,6 +66,11 @@ class MergePlan:
 
 def is_embedding(name: str) -> bool:
     return "embed_tokens" in name or name.endswith(("lm_head.weight", "wte.weight"))
+
+
+def stores_head(ckpt: Checkpoint, name: str = "lm_head.weight") -> bool:
+    """Whether ``ckpt`` has its own output head: a tied model's redundant lm_head copy does not count."""
+    return name in ckpt and ckpt.config_value("tie_word_embeddings") is not True
 
 
 def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
@@ -165,6 +173,11 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                 f"{method} merges {want} model(s) besides the base, got {len(merged)} in slices[{i}]"
             )
 
+    vocab = None
+    if recipe.tokenizer is not None:
+        from mlxmerge.merge.vocab import build_vocabulary
+
+        vocab = build_vocabulary(recipe.tokenizer, base, models, ckpts)
     tensors: list[PlannedTensor] = []
     first, last = recipe.slices[0], recipe.slices[-1]
 
@@ -189,10 +202,22 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                     )
                 values.append(default if v is None else v)
             tparams[p] = values
-        shape = _output_shape(out_name, inputs, base_in, ckpts, models, spec, warnings)
+        on_vocab = vocab is not None and is_embedding(out_name)
+        if on_vocab:
+            shape = _vocab_shape(out_name, inputs, base_in, ckpts, vocab.size)
+        else:
+            shape = _output_shape(out_name, inputs, base_in, ckpts, models, spec, warnings)
         tensors.append(
             PlannedTensor(
-                out_name, shape, inputs, base_in, t, gparams, tparams, is_embedding(out_name)
+                out_name,
+                shape,
+                inputs,
+                base_in,
+                t,
+                gparams,
+                tparams,
+                is_embedding(out_name),
+                vocab if on_vocab else None,
             )
         )
 
@@ -212,9 +237,10 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         got = {}
         for s in sl.sources:
             ck = ckpts[by_ref[s.model]]
-            if name in ck:
+            is_head = name.endswith("lm_head.weight")
+            if name in ck and (not is_head or stores_head(ck, name)):
                 got[s.model] = name
-            elif name.endswith("lm_head.weight") and ck.tie_word_embeddings:
+            elif is_head and (ck.tie_word_embeddings or name in ck):
                 got[s.model] = name.replace("lm_head.weight", "model.embed_tokens.weight")
             else:
                 return None
@@ -245,13 +271,14 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
 
     post = outside_names(last, pre=False)
     lm_head = "lm_head.weight"
-    if any(lm_head in ckpts[by_ref[s.model]] for s in last.sources):
+    if any(stores_head(ckpts[by_ref[s.model]], lm_head) for s in last.sources):
         post.append(lm_head)
     for name in post:
         got = source_names(last, name)
         if got is None:
             raise RecipeError(f"tensor {name} is missing from some models of the last slice")
-        plan_one(name, got, last, 1.0)
+        # mergekit's planner reads pre- and post-layer tensors with t=0: a gradient's first anchor.
+        plan_one(name, got, last, 0.0)
 
     tensors.sort(key=lambda p: natural_key(p.name))
     seen: set[str] = set()
@@ -268,9 +295,48 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
     if embed is not None:
         config["vocab_size"] = embed.shape[0]
+        if vocab is None:
+            _check_tokenizer_rows(donor, embed)
     for w in warnings:
         log.warning(w)
-    return MergePlan(recipe, spec, models, ckpts, tensors, out_layer, config, warnings)
+    warnings = recipe.warnings + warnings  # the recipe's own were logged when it was read
+    return MergePlan(recipe, spec, models, ckpts, tensors, out_layer, config, warnings, vocab=vocab)
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """1 + the largest token id in ``folder/tokenizer.json`` (added tokens included), if any."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (tok.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t["id"] for t in tok.get("added_tokens") or []]
+    return max(ids) + 1 if ids else None
+
+
+def _check_tokenizer_rows(donor: Checkpoint, embed: PlannedTensor) -> None:
+    # Cropping to the common vocabulary (as mergekit does) must not leave the copied tokenizer
+    # with ids past the last row: their logits would be garbage (NaN in mlx-lm).
+    n = tokenizer_size(donor.path)
+    own = donor.shape(embed.name)[0] if embed.name in donor else None
+    if n is not None and embed.shape[0] < n and own is not None and own >= n:
+        raise RecipeError(
+            f"{embed.name}: the merged vocabulary keeps {embed.shape[0]} rows but the tokenizer "
+            f"copied from {donor.path} has {n} tokens; add tokenizer_source: union (or base) "
+            "so rows are built for every token"
+        )
+
+
+def _vocab_shape(name, inputs, base_in, ckpts, rows: int) -> tuple[int, ...]:
+    """An embedding re-indexed to the output tokenizer: ``rows`` by the models' common width."""
+    shapes = {tuple(ckpts[i].shape(n)) for i, n in [*inputs] + ([base_in] if base_in else [])}
+    widths = {s[1:] for s in shapes}
+    if any(len(s) != 2 for s in shapes) or len(widths) != 1:
+        raise RecipeError(
+            f"tensor {name} has shapes {sorted(shapes)}; embeddings must share their width"
+        )
+    return (rows, *widths.pop())
 
 
 def _output_shape(name, inputs, base_in, ckpts, models, spec, warnings) -> tuple[int, ...]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,9 @@ from typing import Any
 import yaml
 
 from mlxmerge.errors import RecipeError
+from mlxmerge.io.chat_template import BUILTIN as BUILTIN_TEMPLATES
+
+log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
@@ -19,6 +24,32 @@ TOP_LEVEL_KEYS = (
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
+
+
+@dataclass
+class TokenSource:
+    """Where one token's embedding row comes from (mergekit ``tokenizer.tokens.<tok>``).
+
+    ``kind``: 'model' (the token's own row in ``model``), 'model_token' (row ``token_id`` or of
+    ``token`` in ``model``), 'zero', or None (no source given).
+    """
+
+    kind: str | None = None
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
+@dataclass
+class TokenizerSpec:
+    """mergekit's ``tokenizer:`` block (``tokenizer_source: X`` is ``TokenizerSpec(source=X)``)."""
+
+    source: str = "union"  # 'union' | 'base' | a model reference
+    tokens: dict[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
 
 
 @dataclass
@@ -48,6 +79,9 @@ class Recipe:
     chat_template: str | None = None
     from_models: bool = False  # written as ``models:`` (one slice over every layer)
     raw: dict = field(default_factory=dict)
+    tokenizer: TokenizerSpec | None = None  # set when a vocabulary is built (source or block)
+    name: str | None = None  # mergekit-multi: the name later documents refer to
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:
@@ -58,11 +92,17 @@ class Recipe:
         return list(dict.fromkeys(refs))
 
 
-def _unknown(keys, accepted, where: str) -> None:
+def _unknown(keys, accepted, where: str, warnings: list[str] | None = None) -> None:
+    """Reject unknown keys; with ``warnings``, only record them (top level, as mergekit ignores them)."""
     for key in keys:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if warnings is not None:
+                msg = f"{where}: unknown top-level key {key!r} ignored{hint}"
+                warnings.append(msg)
+                log.warning(msg)
+                continue
             raise RecipeError(
                 f"{where}: unknown key {key!r}{hint}; accepted: {', '.join(accepted)}"
             )
@@ -82,42 +122,71 @@ def _model_ref(value, where: str) -> str:
     return value
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers(value):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; mergekit's validators read it as a number."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) if k in ("value",) else v for k, v in value.items()}
+    return value
+
+
 def _params(value, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: parameters must be a mapping, got {type(value).__name__}")
-    return dict(value)
+    return {k: _numbers(v) for k, v in value.items()}
+
+
+def load_documents(source: str | Path) -> list[dict]:
+    """The YAML documents of a recipe file (mergekit-multi files hold several, ``---``-separated)."""
+    path = Path(source)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not docs:
+        raise RecipeError(f"{path}: empty recipe")
+    return docs
 
 
 def parse_recipe(source: str | Path | dict) -> Recipe:
-    """Read a mergekit YAML recipe (path, YAML text or dict) into a ``Recipe``."""
+    """Read a mergekit YAML recipe (path, YAML text or dict) into a ``Recipe``.
+
+    A file with several YAML documents is a mergekit-multi recipe: read it with
+    ``mlxmerge.merge.multi`` (``merge()`` and the CLI do).
+    """
     where = "recipe"
     if isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
-        where = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        where = str(source)
+        docs = load_documents(source)
+        if len(docs) > 1:
+            raise RecipeError(
+                f"{where}: holds {len(docs)} YAML documents (a mergekit-multi recipe); "
+                "run it with mlxmerge merge, which builds the named intermediate merges first"
+            )
+        raw = docs[0]
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{where}: a recipe is a YAML mapping with merge_method and models or slices"
         )
-    _unknown(raw, TOP_LEVEL_KEYS, where)
+    warnings: list[str] = []
+    _unknown(raw, TOP_LEVEL_KEYS, where, warnings)
     if "merge_method" not in raw:
         raise RecipeError(f"{where}: merge_method is missing")
     if "modules" in raw:
         raise RecipeError(
             f"{where}: 'modules' (multi-module models) is not supported yet; use models or slices"
-        )
-    if "tokenizer" in raw:
-        raise RecipeError(
-            f"{where}: the 'tokenizer' block (vocabulary union) is not supported yet; use tokenizer_source: base or a model"
         )
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError(f"{where}: give exactly one of models or slices")
@@ -144,10 +213,13 @@ def parse_recipe(source: str | Path | dict) -> Recipe:
             raise RecipeError(f"{where}: slices must be a non-empty list")
         slices = [_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(raw["slices"])]
     tok = raw.get("tokenizer_source")
-    if tok == "union":
-        raise RecipeError(
-            f"{where}: tokenizer_source: union is not supported yet; use base or a model reference"
-        )
+    if tok is not None and "tokenizer" in raw:
+        raise RecipeError(f"{where}: give tokenizer_source or a tokenizer block, not both")
+    if tok is not None:
+        tok = _model_ref(tok, f"{where}: tokenizer_source")
+        tokenizer = TokenizerSpec(source=tok)
+    else:
+        tokenizer = _tokenizer(raw.get("tokenizer"), f"{where}: tokenizer")
     return Recipe(
         merge_method=str(raw["merge_method"]),
         slices=slices,
@@ -156,10 +228,78 @@ def parse_recipe(source: str | Path | dict) -> Recipe:
         dtype=raw.get("dtype"),
         out_dtype=raw.get("out_dtype"),
         tokenizer_source=tok,
-        chat_template=raw.get("chat_template"),
+        chat_template=_chat_template(raw.get("chat_template"), f"{where}: chat_template"),
         from_models="models" in raw,
         raw=raw,
+        tokenizer=tokenizer,
+        name=str(raw["name"]) if raw.get("name") is not None else None,
+        warnings=warnings,
     )
+
+
+def _chat_template(value, where: str) -> str | None:
+    """mergekit's rule: 'auto', a built-in name, or Jinja text (>= 20 characters with a '{')."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecipeError(f"{where}: must be a template name or Jinja text, got {value!r}")
+    if value == "auto" or value in BUILTIN_TEMPLATES:
+        return value
+    if len(value) < 20 or "{" not in value:
+        raise RecipeError(
+            f"{where}: {value!r} is neither a built-in template "
+            f"({', '.join(BUILTIN_TEMPLATES)}, auto) nor Jinja text"
+        )
+    return value
+
+
+def _tokenizer(raw, where: str) -> TokenizerSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: must be a mapping with source, tokens, pad_to_multiple_of")
+    _unknown(raw, TOKENIZER_KEYS, where)
+    source = _model_ref(raw.get("source", "union"), f"{where}.source")
+    pad = raw.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"{where}.pad_to_multiple_of: must be a whole number >= 1, got {pad!r}")
+    tokens = {}
+    for tok, cfg in (raw.get("tokens") or {}).items():
+        w = f"{where}.tokens[{tok!r}]"
+        cfg = cfg or {}
+        if not isinstance(cfg, dict):
+            raise RecipeError(f"{w}: must be a mapping with source and force")
+        _unknown(cfg, TOKEN_KEYS, w)
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise RecipeError(f"{w}.force: must be true or false, got {force!r}")
+        tokens[str(tok)] = _token_source(cfg.get("source"), force, w)
+    return TokenizerSpec(source=source, tokens=tokens, pad_to_multiple_of=pad)
+
+
+def _token_source(src, force: bool, where: str) -> TokenSource:
+    if src is None:
+        return TokenSource(force=force)
+    if isinstance(src, str):
+        return TokenSource("model", _model_ref(src, f"{where}.source"), force=force)
+    if not isinstance(src, dict) or src.get("kind") not in ("model_token", "zero"):
+        raise RecipeError(
+            f"{where}.source: must be a model, {{kind: zero}} or "
+            f"{{kind: model_token, model, token | token_id}}, got {src!r}"
+        )
+    if src["kind"] == "zero":
+        _unknown(src, ("kind",), f"{where}.source")
+        return TokenSource("zero", force=force)
+    _unknown(src, ("kind", "model", "token", "token_id"), f"{where}.source")
+    if ("token" in src) == ("token_id" in src):
+        raise RecipeError(f"{where}.source: give exactly one of token and token_id")
+    token_id = src.get("token_id")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+        raise RecipeError(f"{where}.source.token_id: must be a whole number, got {token_id!r}")
+    return TokenSource(
+        "model_token", _model_ref(src.get("model"), f"{where}.source"),
+        None if token_id is not None else str(src["token"]), token_id, force,
+    )  # fmt: skip
 
 
 def _slice(raw, where: str) -> Slice:
@@ -179,9 +319,11 @@ def _slice(raw, where: str) -> Slice:
                 and len(lr) == 2
                 and all(isinstance(x, int) for x in lr)
             )
-            if not ok or lr[0] < 0 or lr[1] <= lr[0]:
+            # An empty range [n, n] is mergekit's idiom for a last slice that only supplies
+            # the final norm and lm_head.
+            if not ok or lr[0] < 0 or lr[1] < lr[0]:
                 raise RecipeError(
-                    f"{w}: layer_range must be [start, end) with 0 <= start < end, got {lr!r}"
+                    f"{w}: layer_range must be [start, end) with 0 <= start <= end, got {lr!r}"
                 )
             lr = (lr[0], lr[1])
         sources.append(Source(_model_ref(s.get("model"), w), lr, _params(s.get("parameters"), w)))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
-from mlxmerge.io import ModelCard, open_checkpoint, parse_size, write_model
+from mlxmerge.io import ModelCard, parse_size, write_model
+from mlxmerge.io.chat_template import resolve_template
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
@@ -62,6 +64,13 @@ def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
     p = plan.tensor(name)
     xs = [plan.checkpoints[i].get(n, mx.float32) for i, n in p.inputs]
     base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32) if p.base else None
+    if p.vocab is not None:  # rows re-indexed to the output tokenizer before the method runs
+        from mlxmerge.merge.vocab import permute_rows
+
+        refs = [plan.models[i] for i, _ in p.inputs] + ([plan.models[p.base[0]]] if p.base else [])
+        got = permute_rows(p.vocab, dict(zip(refs, xs + ([base] if p.base else []))))
+        xs = [got[r] for r in refs[: len(xs)]]
+        base = got[refs[-1]] if p.base else None
     if base is not None and tuple(base.shape) != p.shape:
         base = _fit_rows(base, p.shape, None)
     # The only reference to the inputs: a method may release each one once it is used.
@@ -137,7 +146,16 @@ def merge(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Run a mergekit recipe (or an already checked plan) and write the merged model."""
+    """Run a mergekit recipe (or an already checked plan) and write the merged model.
+
+    A recipe file with several YAML documents is a mergekit-multi recipe (``merge.multi``).
+    """
+    from mlxmerge.merge.multi import is_multi_document, merge_multi
+
+    if is_multi_document(recipe):
+        return merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
+                           out_dtype=out_dtype, shard_size=shard_size, force=force,
+                           progress=progress)  # fmt: skip
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )
@@ -145,13 +163,19 @@ def merge(
     check_output(output, plan.models, force=force)  # before any long pre-pass
     prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
-    tok_src = recipe.tokenizer_source
-    tok_model = (recipe.base_model or plan.models[0]) if tok_src in (None, "base") else tok_src
-    if tok_model not in plan.models:
-        tok_model_path = open_checkpoint(tok_model).path
-    else:
-        tok_model_path = plan.checkpoints[plan.models.index(tok_model)].path
-    chat_template = recipe.chat_template if recipe.chat_template not in (None, "auto") else None
+    donor = plan.checkpoints[plan.models.index(recipe.base_model or plan.models[0])].path
+    chat_template = resolve_template(recipe.chat_template, [c.path for c in plan.checkpoints])
+    with tempfile.TemporaryDirectory() as built:
+        if plan.vocab is not None:  # the tokenizer built for the output vocabulary
+            plan.vocab.save(Path(built))
+            donor = Path(built)
+        return _write(plan, output, seed, donor, chat_template, dtype, layout, shard_size,
+                      force, progress)  # fmt: skip
+
+
+def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shard_size, force,
+           progress) -> Path:  # fmt: skip
+    recipe = plan.recipe
     checked: set[str] = set()
 
     def compute(name: str) -> mx.array | RawTensor:
@@ -165,7 +189,7 @@ def merge(
 
     return write_model(
         output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
-        tokenizer_source=tok_model_path, card=model_card(plan), dtype=dtype, layout=layout,
+        tokenizer_source=tokenizer_dir, card=model_card(plan), dtype=dtype, layout=layout,
         shard_size=parse_size(shard_size), num_layers=plan.num_layers, chat_template=chat_template,
         extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
         progress=progress,

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from mlxmerge.errors import RecipeError
-from mlxmerge.merge.recipe import Slice, Source, evaluate_setting, parse_recipe, resolve_parameter
+from mlxmerge.merge.recipe import (
+    Slice,
+    Source,
+    TokenSource,
+    evaluate_setting,
+    parse_recipe,
+    resolve_parameter,
+)
 
 
 def test_gradient_interpolates_piecewise_linearly():
@@ -63,10 +70,6 @@ def test_models_form_adds_missing_base():
 @pytest.mark.parametrize(
     "raw, match",
     [
-        (
-            {"merge_method": "linear", "models": ["a"], "paramters": {}},
-            "unknown key .paramters.*did you mean .parameters.",
-        ),
         ({"models": ["a"]}, "merge_method is missing"),
         ({"merge_method": "linear"}, "exactly one of models or slices"),
         (
@@ -74,9 +77,27 @@ def test_models_form_adds_missing_base():
             "exactly one of models or slices",
         ),
         (
-            {"merge_method": "linear", "models": ["a"], "tokenizer_source": "union"},
-            "union is not supported",
+            {
+                "merge_method": "linear",
+                "models": ["a"],
+                "tokenizer_source": "union",
+                "tokenizer": {"source": "union"},
+            },
+            "tokenizer_source or a tokenizer block",
         ),
+        (
+            {
+                "merge_method": "linear",
+                "models": ["a"],
+                "tokenizer": {"tokens": {"x": {"force": 1}}},
+            },
+            r"tokens\['x'\].force",
+        ),
+        (
+            {"merge_method": "linear", "models": ["a"], "tokenizer": {"sorce": "union"}},
+            "unknown key 'sorce'.*did you mean 'source'",
+        ),
+        ({"merge_method": "linear", "models": ["a"], "chat_template": "chatmll"}, "chat_template"),
         (
             {
                 "merge_method": "passthrough",
@@ -113,3 +134,87 @@ def test_source_and_slice_types():
         }
     )
     assert r.slices == [Slice([Source("a", (0, 2), {})], {})]
+
+
+def test_unknown_top_level_keys_warn_with_a_suggestion(caplog):
+    """YAML anchor holders (``const_tag: &x 0.7``) are common on model cards; mergekit ignores them."""
+    text = "const_tag: &w 0.7\nmerge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: *w}\nparamters: {}\n"
+    r = parse_recipe_text(text)
+    assert r.slices[0].sources[0].parameters == {"weight": 0.7}
+    assert any("'const_tag'" in w for w in r.warnings)
+    assert any("'paramters'" in w and "did you mean 'parameters'" in w for w in r.warnings)
+    with pytest.raises(RecipeError, match="merge_method is missing"):
+        parse_recipe({"models": ["a"], "const_tag": 1})
+
+
+def parse_recipe_text(text, tmp=None):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "r.yml"
+        p.write_text(text)
+        return parse_recipe(p)
+
+
+def test_empty_last_slice_is_accepted():
+    r = parse_recipe(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "a", "layer_range": [0, 4]}]},
+                {"sources": [{"model": "b", "layer_range": [4, 4]}]},
+            ],
+        }
+    )
+    assert r.slices[1].sources[0].layer_range == (4, 4)
+
+
+def test_tokenizer_block_is_read():
+    r = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": ["a", "b"],
+            "tokenizer": {
+                "source": "union",
+                "pad_to_multiple_of": 8,
+                "tokens": {
+                    "<x>": {"source": "b", "force": True},
+                    "<y>": {"source": {"kind": "model_token", "model": "a", "token": "<z>"}},
+                    "<w>": {"source": {"kind": "zero"}},
+                },
+            },
+        }
+    )
+    t = r.tokenizer
+    assert (t.source, t.pad_to_multiple_of) == ("union", 8)
+    assert t.tokens["<x>"] == TokenSource("model", "b", force=True)
+    assert t.tokens["<y>"] == TokenSource("model_token", "a", "<z>")
+    assert t.tokens["<w>"].kind == "zero"
+    assert (
+        parse_recipe(
+            {"merge_method": "linear", "models": ["a"], "tokenizer_source": "union"}
+        ).tokenizer.source
+        == "union"
+    )
+
+
+def test_several_documents_need_the_multi_runner(tmp_path):
+    p = tmp_path / "multi.yml"
+    p.write_text(
+        "name: x\nmerge_method: linear\nmodels: [a]\n---\nmerge_method: linear\nmodels: [x]\n"
+    )
+    with pytest.raises(RecipeError, match="2 YAML documents"):
+        parse_recipe(p)
+
+
+def test_yaml_11_exponent_strings_are_numbers():
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; mergekit's validators take it as a number."""
+    r = parse_recipe_text(
+        "merge_method: karcher\nmodels: [a, b]\nparameters: {tol: 1e-5, max_iter: 10}\n"
+    )
+    assert r.parameters == {"tol": 1e-5, "max_iter": 10}
+    r = parse_recipe_text(
+        "merge_method: nearswap\nbase_model: a\nmodels: [b]\nparameters:\n  t: [{filter: mlp, value: 2e-3}, {value: 1e-3}]\n"
+    )
+    assert r.parameters["t"] == [{"filter": "mlp", "value": 2e-3}, {"value": 1e-3}]

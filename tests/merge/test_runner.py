@@ -61,8 +61,9 @@ def test_default_output_is_bf16_mlx_layout(family, tmp_path):
     assert cfg["torch_dtype"] == "bfloat16" and cfg["tie_word_embeddings"] is True
 
 
-def test_gradient_resolves_per_layer_and_ends_at_t1(family, tmp_path):
-    """task_arithmetic with weight gradient [0, 1]: layer i gets weight i/(L-1); norm/lm_head t=1."""
+def test_gradient_resolves_per_layer_and_outside_layers_at_t0(family, tmp_path):
+    """task_arithmetic with weight gradient [0, 1]: layer i gets weight i/(L-1); embeddings, norm
+    and lm_head are read at t=0 (mergekit's planner), so they take the first anchor."""
     base, a = weights(family["base"]), weights(family["model_a"])
     recipe = {
         "merge_method": "task_arithmetic",
@@ -79,7 +80,7 @@ def test_gradient_resolves_per_layer_and_ends_at_t1(family, tmp_path):
     np.testing.assert_allclose(
         got["model.embed_tokens.weight"], base["model.embed_tokens.weight"], atol=1e-7
     )
-    np.testing.assert_allclose(got["model.norm.weight"], a["model.norm.weight"], rtol=1e-6)
+    np.testing.assert_allclose(got["model.norm.weight"], base["model.norm.weight"], rtol=1e-6)
 
 
 def test_cli_gradient_with_filters(family, tmp_path):
@@ -226,16 +227,26 @@ def test_different_base_is_warned(family, tmp_path, caplog):
     assert any("really fine-tuned from" in r.message for r in caplog.records)
 
 
-def test_vocab_mismatch_crops_with_warning(family, tmp_path, caplog):
+def test_vocab_mismatch_is_refused_or_built_for_the_tokenizer(family, tmp_path):
+    """Cropping 512 rows to 500 would leave the copied 512-token tokenizer with 12 ids past the
+    last row (NaN logits): refused. With ``tokenizer_source: base`` every token gets a row, and
+    the 12 tokens the small model lacks take the base's row (mergekit's rule)."""
     from mlxmerge.tiny import build_model
 
     small = build_model(tmp_path / "small", family["tokenizer"], seed=0, vocab_size=500)
     recipe = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 1}},
                                                    {"model": str(small), "parameters": {"weight": 1}}]}  # fmt: skip
-    out = merge(recipe, tmp_path / "v", out_dtype="float32")
-    assert open_checkpoint(out).shape("model.embed_tokens.weight") == (500, 64)
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 500
-    assert any("12 rows" in r.message for r in caplog.records)
+    with pytest.raises(RecipeError, match="500 rows .* 512 tokens.*tokenizer_source"):
+        merge(recipe, tmp_path / "v", out_dtype="float32")
+    out = merge({**recipe, "tokenizer_source": "base"}, tmp_path / "v", out_dtype="float32")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 512
+    got = weights(out)["model.embed_tokens.weight"]
+    base, sm = (
+        weights(family["base"])["model.embed_tokens.weight"],
+        weights(small)["model.embed_tokens.weight"],
+    )
+    np.testing.assert_allclose(got[500:], base[500:], rtol=1e-6)
+    np.testing.assert_allclose(got[:500], (base[:500] + sm) / 2, rtol=1e-5, atol=1e-7)
 
 
 def test_missing_input_leaves_no_output(family, tmp_path):

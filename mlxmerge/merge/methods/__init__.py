@@ -3,6 +3,7 @@
 The table of names, parameters and defaults is ``mlxmerge.merge.registry.METHODS``.
 """
 
+from mlxmerge.merge.methods.fusion import arcee_fusion, ram, ramplus_tl
 from mlxmerge.merge.methods.linear import linear, nearswap, passthrough
 from mlxmerge.merge.methods.model_stock import model_stock
 from mlxmerge.merge.methods.sparsify import derive_key
@@ -21,6 +22,7 @@ from mlxmerge.merge.methods.task_arithmetic import (
 )
 
 __all__ = [
+    "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",
@@ -36,6 +38,8 @@ __all__ = [
     "nearswap",
     "nuslerp",
     "passthrough",
+    "ram",
+    "ramplus_tl",
     "sce",
     "slerp",
     "task_arithmetic",
