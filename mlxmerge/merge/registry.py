@@ -170,6 +170,7 @@ def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, ex
     )
 
 
+_RAM_EPSILON = number("|task-vector entry| above which a model counts as changing it.", 1e-5, 0)
 _INTERP_WEIGHT = number("Relative weight of this model in the interpolation.")
 
 METHODS: dict[str, MethodSpec] = {
@@ -373,7 +374,7 @@ METHODS: dict[str, MethodSpec] = {
     "ram": MethodSpec(
         fn=m.ram,
         tensor_params={},
-        global_params={"epsilon": 1e-5},
+        global_params={"epsilon": _RAM_EPSILON},
         base="required",
         embed_rectify="base",
         paper="Reinforced Agent Merging — https://arxiv.org/abs/2601.13572",
@@ -382,7 +383,11 @@ METHODS: dict[str, MethodSpec] = {
     "ramplus_tl": MethodSpec(
         fn=m.ramplus_tl,
         tensor_params={},
-        global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        global_params={
+            "r": number("Strength of the boost of each model's unique entries.", 0.1),
+            "alpha": number("Cap on the shared/unique ratio in that boost.", 0.2, 0),
+            "epsilon": _RAM_EPSILON,
+        },
         base="required",
         embed_rectify="base",
         paper="Reinforced Agent Merging (RAM+) — https://arxiv.org/abs/2601.13572",
