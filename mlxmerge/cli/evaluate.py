@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.merge import quantize_kwargs, quantize_options
 from mlxmerge.cli.models import DTYPE, LAYOUT
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import MlxmergeError
@@ -209,7 +210,8 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 @click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def soup(models, greedy, as_json, **kw):
+@quantize_options
+def soup(models, greedy, as_json, quantize_bits, group_size, **kw):
     """Average fine-tunes of one base into a soup, chosen on a held-out task (--eval)."""
     import yaml
 
@@ -245,6 +247,7 @@ def soup(models, greedy, as_json, **kw):
         kw.pop("output"),
         method="greedy" if greedy else "uniform",
         on_step=on_step,
+        **quantize_kwargs(quantize_bits, group_size),
         **kw,
     )
     if as_json:
