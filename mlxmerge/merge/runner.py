@@ -13,6 +13,7 @@ from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, wr
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
+from mlxmerge.lora.fused import split_reference
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
@@ -128,7 +129,8 @@ def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCa
             f"\n\n## Quantization\n\nWritten {quantize.bits}-bit (MLX affine quantization, "
             f"group size {quantize.group_size}) as each merged tensor was computed."
         )
-    hub_ids = [m for m in plan.models if not Path(m).exists()]
+    bases = [(split_reference(m) or (m,))[0] for m in plan.models]  # model+lora: the model
+    hub_ids = [m for m in dict.fromkeys(bases) if not Path(m).exists()]
     return ModelCard(f"{plan.recipe.merge_method} merge", body, hub_ids, ["mlxmerge", "merge"])
 
 
