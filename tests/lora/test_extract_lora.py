@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import RANK, load_weights, low_rank_change
+from lora_helpers import RANK, load_weights, low_rank_change
 from safetensors import safe_open
 
 from mlxmerge.cli import cli

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RANK
+from lora_helpers import RANK
 
 from mlxmerge.io import open_checkpoint
 from mlxmerge.lora import extract_lora
