@@ -25,12 +25,15 @@ from mlxmerge.cli.progress import progress_bar
 @click.option("--modules", multiple=True,
               help="Only these modules (q_proj, self_attn.o_proj; repeat or comma-separate).")  # fmt: skip
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="Adapter dtype.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
+              show_default=True,
+              help="auto: randomized (Halko et al.) when the rank is small against the layer, else exact.")  # fmt: skip
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of the share of ‖ΔW‖² kept against rank (needs matplotlib).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def extract_lora(finetuned, base, output, rank, energy, max_rank, adapter_format, modules, dtype,
-                 plot, as_json, force):  # fmt: skip
+                 svd, plot, as_json, force):  # fmt: skip
     """Extract a LoRA adapter from FINETUNED − BASE (truncated SVD per linear layer)."""
     from mlxmerge.io import open_checkpoint
     from mlxmerge.lora.extract import extract_lora as run
@@ -39,7 +42,7 @@ def extract_lora(finetuned, base, output, rank, energy, max_rank, adapter_format
     total = len(open_checkpoint(base).names())
     with progress_bar(total, "extract", "tensor") as bar:
         report = run(finetuned, base, output, rank=rank, energy=energy, max_rank=max_rank,
-                     format=adapter_format, modules=mods or None, dtype=dtype, force=force,
+                     format=adapter_format, modules=mods or None, dtype=dtype, svd=svd, force=force,
                      progress=lambda _n: bar.update())  # fmt: skip
     if plot:
         from mlxmerge.lora.plot import plot_captured

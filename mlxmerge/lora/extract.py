@@ -69,8 +69,8 @@ def _check_pair(ft: Checkpoint, base: Checkpoint) -> None:
 def extract_lora(
     finetuned: str, base: str, output: str | Path, *, rank: int | None = None,
     energy: float | None = None, max_rank: int | None = None, format: str = "mlx",
-    modules: Sequence[str] | None = None, dtype: str = "float32", force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    modules: Sequence[str] | None = None, dtype: str = "float32", svd: str = "auto",
+    force: bool = False, progress: Callable[[str], None] | None = None,
 ) -> dict:  # fmt: skip
     """Write a LoRA adapter approximating ``finetuned − base`` and return a report.
 
@@ -78,7 +78,8 @@ def extract_lora(
     task vector's ``Σ s²`` (capped by ``max_rank``). ``format``: ``mlx`` (what
     ``mlx_lm.load(base, adapter_path=...)`` reads) or ``peft`` (``PeftModel.from_pretrained``).
     Changed embeddings and ``lm_head`` are reported; PEFT output stores them as ``modules_to_save``.
-    The report lists per module: ``rank``, ``energy`` (share of ``Σ s²`` kept) and ``rel_delta``
+    ``svd``: ``exact``, ``randomized`` or ``auto`` (randomized for small ranks; see
+    ``mlxmerge.lora.svd.low_rank``). The report lists per module: ``rank``, ``energy`` (share of ``Σ s²`` kept) and ``rel_delta``
     (‖ΔW‖/‖W_base‖), plus every singular value spectrum as ``captured`` shares for plotting.
     Raises ``MlxmergeError`` on mismatched models, bad options or an unusable output folder.
     """
@@ -105,16 +106,16 @@ def extract_lora(
     for name in targets:
         w = bs.get(name, mx.float32)
         delta = ft.get(name, mx.float32) - w
-        lr = low_rank(delta, rank=rank, energy=energy, max_rank=max_rank)
+        lr = low_rank(delta, rank=rank, energy=energy, max_rank=max_rank, method=svd)
         r = lr.b.shape[1]
         b, a = lr.b.astype(out_dtype), lr.a.astype(out_dtype)
-        shares = captured(lr.s)
+        shares = captured(lr.s, lr.total)
         w_norm = mx.linalg.norm(w.reshape(-1))
         mx.eval(b, a, shares, w_norm)
         module = name.removesuffix(".weight")
         factors[module] = (b, a)
         spectra[module] = shares.tolist()
-        d_norm = math.sqrt(float(mx.sum(lr.s.astype(mx.float32) ** 2).item()))
+        d_norm = math.sqrt(lr.total)
         rows.append({"module": module, "shape": list(bs.shape(name)), "rank": r,
                      "energy": spectra[module][r - 1], "delta_norm": d_norm,
                      "rel_delta": d_norm / max(w_norm.item(), 1e-30)})  # fmt: skip

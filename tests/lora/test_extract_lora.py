@@ -14,7 +14,7 @@ from safetensors import safe_open
 from mlxmerge.cli import cli
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.lora import extract_lora
-from mlxmerge.lora.svd import choose_rank, economy_svd
+from mlxmerge.lora.svd import choose_rank, economy_svd, low_rank, randomized_svd
 from mlxmerge.tiny import save_weights
 
 TOKENS = mx.array([[1, 17, 42, 99, 7, 250, 3, 64, 128, 5]])
@@ -36,6 +36,26 @@ def test_economy_svd_against_numpy(shape):
     np.testing.assert_allclose(s, np.linalg.svd(x, compute_uv=False), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose((u * s) @ vt, x, atol=1e-4)
     np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-4)
+
+
+def test_randomized_svd_finds_the_top_of_a_decaying_spectrum():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((96, 40)) * np.exp(-np.arange(40) / 4)) @ rng.standard_normal(
+        (40, 160)
+    )
+    x = (x + 1e-3 * rng.standard_normal((96, 160))).astype(np.float32)
+    u, s, vt = (np.array(t) for t in randomized_svd(mx.array(x), 16))
+    ref_u, ref_s, ref_vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(s[:8], ref_s[:8], rtol=1e-4)
+    best = (ref_u[:, :8] * ref_s[:8]) @ ref_vt[:8]  # Eckart–Young: the best rank-8 approximation
+    np.testing.assert_allclose((u[:, :8] * s[:8]) @ vt[:8], best, atol=1e-3 * ref_s[0])
+    exact, rand = (low_rank(mx.array(x), rank=8, method=m) for m in ("exact", "randomized"))
+    assert abs(exact.total - float((x.astype(np.float64) ** 2).sum())) < 1e-4 * exact.total
+    np.testing.assert_allclose(
+        np.array(rand.b @ rand.a), np.array(exact.b @ exact.a), atol=1e-3 * ref_s[0]
+    )
+    with pytest.raises(MlxmergeError, match="randomized SVD needs --rank or --max-rank"):
+        low_rank(mx.array(x), energy=0.9, method="randomized")
 
 
 def test_energy_picks_the_smallest_rank_reaching_the_share():
