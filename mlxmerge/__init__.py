@@ -29,6 +29,8 @@ _VERBS = {
     "parse_recipe": "mlxmerge.merge.recipe",
     "diff_models": "mlxmerge.merge.diagnostics",
     "soup": "mlxmerge.merge.soup",
+    "extract_lora": "mlxmerge.lora",
+    "open_adapter": "mlxmerge.lora",
     "evaluate": "mlxmerge.eval.scoring",
     "orthogonalize_model": "mlxmerge.abliterate",
     "refusals": "mlxmerge.abliterate",
