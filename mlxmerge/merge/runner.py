@@ -167,7 +167,9 @@ def merge(
         raise RecipeError(
             "quantized output needs --format mlx (transformers cannot read MLX quantization)"
         )
-    check_output(output, plan.models, force=force)  # before any long pre-pass
+    # model+lora references: neither the model nor the adapter folder may be overwritten.
+    inputs = [part for m in plan.models for part in (split_reference(m) or (m,))]
+    check_output(output, inputs, force=force)  # before any long pre-pass
     prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
     tok_src = recipe.tokenizer_source
@@ -193,6 +195,6 @@ def merge(
         tokenizer_source=tok_model_path, card=model_card(plan, quant), dtype=dtype, layout=layout,
         quantize=quant, shard_size=parse_size(shard_size), num_layers=plan.num_layers,
         chat_template=chat_template,
-        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
+        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=inputs, force=force,
         progress=progress,
     )  # fmt: skip

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from mlxmerge.cli import cli
 from mlxmerge.convert import convert
-from mlxmerge.errors import CheckpointError
+from mlxmerge.errors import CheckpointError, MlxmergeError
 from mlxmerge.io import open_checkpoint
 from mlxmerge.merge.runner import merge
 
@@ -72,6 +72,8 @@ def test_recipe_with_an_mlx_lm_adapter_is_the_fused_model(family, tmp_path):
     assert not np.array_equal(got["model.layers.3.mlp.down_proj.weight"],
                               load_file(str(base / "model.safetensors"))["model.layers.3.mlp.down_proj.weight"])  # fmt: skip
     assert list(tmp_path.glob("**/*fused*")) == []  # nothing fused went to disk besides the output
+    with pytest.raises(MlxmergeError, match="output would overwrite or sit inside the input"):
+        merge(recipe, adapter / "merged")
 
 
 def test_task_arithmetic_of_two_adapters_on_a_quantized_base(family, tmp_path):
