@@ -114,6 +114,18 @@ def test_energy_ranks_are_padded_for_mlx_and_patterned_for_peft(lowrank, tmp_pat
     assert {r["rank"] for r in rep["modules"]} == {3}
 
 
+def test_ranks_capped_by_small_layers_are_zero_padded_for_mlx_lm(lowrank, tmp_path):
+    # k_proj/v_proj have 32 outputs: rank 40 is capped at 32 there, 40 elsewhere.
+    rep = extract_lora(lowrank["ft"], lowrank["base"], tmp_path / "a", rank=40)
+    ranks = {r["module"].rsplit(".", 1)[-1]: r["rank"] for r in rep["modules"]}
+    assert ranks["k_proj"] == ranks["v_proj"] == 32 and ranks["q_proj"] == 40
+    w = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    assert w["model.layers.0.self_attn.k_proj.lora_a"].shape == (64, 40)
+    assert not mx.any(w["model.layers.0.self_attn.k_proj.lora_b"][32:]).item()  # the padding
+    ft, adapted = logits(lowrank["ft"]), logits(lowrank["base"], tmp_path / "a")
+    assert np.linalg.norm(adapted - ft) < 1e-3 * np.linalg.norm(ft - logits(lowrank["base"]))
+
+
 def test_peft_layout_field_by_field(lowrank, tmp_path):
     extract_lora(
         lowrank["ft"], lowrank["base"], tmp_path / "p", rank=RANK, format="peft", modules=["v_proj"]

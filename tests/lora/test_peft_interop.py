@@ -38,6 +38,31 @@ def test_peft_loads_the_extracted_adapter(lowrank, tmp_path):
     np.testing.assert_allclose(w, np.array(ref), atol=1e-5)
 
 
+def test_peft_reads_rank_pattern_and_modules_to_save(lowrank, tmp_path):
+    import json
+
+    import mlx.core as mx
+
+    from mlxmerge.tiny import build_model, save_weights
+
+    base = build_model(tmp_path / "base", lowrank["tokenizer"], seed=3, num_layers=2, tie=False)
+    w = {k: v for f in base.glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+    w["lm_head.weight"] = w["lm_head.weight"] * 1.2
+    w["model.layers.1.self_attn.k_proj.weight"] = 1.1 * w["model.layers.1.self_attn.k_proj.weight"]
+    config = json.loads((base / "config.json").read_text())
+    ft = save_weights(tmp_path / "ft", w, config, lowrank["tokenizer"])
+    extract_lora(ft, base, tmp_path / "p", rank=40, format="peft")  # k/v_proj are capped at 32
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["r"] == 40
+    assert config["rank_pattern"]["model.layers.1.self_attn.k_proj"] == 32
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = peft.PeftModel.from_pretrained(
+        load(str(base), torch_dtype=torch.float32), str(tmp_path / "p")
+    )
+    ref = hf_logits(load(str(ft), torch_dtype=torch.float32))
+    np.testing.assert_allclose(hf_logits(model), ref, atol=1e-3 * np.abs(ref).max())
+
+
 def test_an_adapter_saved_by_peft_fuses_like_peft_merges_it(lowrank, tmp_path):
     torch.manual_seed(0)
     load = transformers.AutoModelForCausalLM.from_pretrained
