@@ -60,6 +60,15 @@ def run_recipe(
             out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16"
         )
         summary = plan_summary(plan, dtype)
+        if quantize_bits:  # the size actually written: packed weights, scales and biases
+            from mlxmerge.io import Quantization
+            from mlxmerge.io.model_folder import output_size
+
+            quant = Quantization(int(quantize_bits), int(group_size))
+            summary["quantization"] = quant.config()
+            summary["output_bytes"] = output_size(
+                [(p.name, p.shape) for p in plan.tensors], dtype, quant
+            )
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:

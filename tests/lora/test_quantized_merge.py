@@ -84,6 +84,37 @@ def test_recipe_and_frankenmerge_quantize_8_bit(family, tmp_path):
     assert config["quantization"]["bits"] == 8 and config["num_hidden_layers"] == 4
 
 
+def test_dry_run_sizes_the_quantized_output(family, tmp_path):
+    common = [
+        "linear",
+        family["model_a"],
+        family["model_b"],
+        "--weight",
+        "1",
+        "--dry-run",
+        "--json",
+    ]
+    flt = json.loads(run(*common, "--out-dtype", "float32").output)
+    q = json.loads(
+        run(*common, "--out-dtype", "float32", "--quantize", "4", "--group-size", "32").output
+    )
+    assert q["quantization"]["bits"] == 4 and "quantization" not in flt
+    run(
+        *common[:-2],
+        "--quantize",
+        "4",
+        "--group-size",
+        "32",
+        "--out-dtype",
+        "float32",
+        "-o",
+        tmp_path / "q",
+    )
+    written = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert q["output_bytes"] < flt["output_bytes"] / 3
+    assert 0 < written - q["output_bytes"] < 20_000  # only the safetensors headers on top
+
+
 def test_quantize_errors(family, tmp_path):
     models = [family["model_a"], family["model_b"]]
     result = CliRunner().invoke(cli, ["linear", *map(str, models), "--weight", "1", "--quantize", "4", "--format", "hf",
