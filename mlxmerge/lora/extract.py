@@ -17,7 +17,7 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import atomic_folder, check_output
-from mlxmerge.lora.svd import captured, low_rank
+from mlxmerge.lora.svd import SVD_METHODS, captured, low_rank
 from mlxmerge.lora.write import FORMATS, write_mlx_adapter, write_peft_adapter
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ def extract_lora(
     ``mlx_lm.load(base, adapter_path=...)`` reads) or ``peft`` (``PeftModel.from_pretrained``).
     Changed embeddings and ``lm_head`` are reported; PEFT output stores them as ``modules_to_save``.
     ``svd``: ``exact``, ``randomized`` or ``auto`` (randomized for small ranks; see
-    ``mlxmerge.lora.svd.low_rank``). The report lists per module: ``rank``, ``energy`` (share of ``Σ s²`` kept) and ``rel_delta``
-    (‖ΔW‖/‖W_base‖), plus every singular value spectrum as ``captured`` shares for plotting.
+    ``mlxmerge.lora.svd.low_rank``). The report lists per module: ``rank``, ``energy`` (share
+    of ``Σ s²`` kept) and ``rel_delta`` (‖ΔW‖/‖W_base‖), plus each spectrum as ``captured``
+    shares for plotting.
     Raises ``MlxmergeError`` on mismatched models, bad options or an unusable output folder.
     """
     if format not in FORMATS:
@@ -93,6 +94,10 @@ def extract_lora(
         raise MlxmergeError(
             f"--energy is a share of squared singular values in (0, 1], got {energy}"
         )
+    if svd not in SVD_METHODS:
+        raise MlxmergeError(f"unknown SVD method {svd!r}; use {', '.join(SVD_METHODS)}")
+    if svd == "randomized" and rank is None and max_rank is None:
+        raise MlxmergeError("--svd randomized needs --rank or --max-rank (how many values to find)")
     out_dtype = parse_float_dtype(dtype)
     ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
     _check_pair(ft, bs)
@@ -125,7 +130,8 @@ def extract_lora(
             progress(name)
 
     others, full = [], {}
-    for name in (n for n in bs.names() if n not in set(targets)):
+    covered = set(targets)
+    for name in (n for n in bs.names() if n not in covered):
         w = bs.get(name, mx.float32)
         d = mx.linalg.norm((ft.get(name, mx.float32) - w).reshape(-1)).item()
         if d > 0:

@@ -49,6 +49,7 @@ def economy_svd(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return u, s, vt @ q.T
 
 
+SVD_METHODS = ("auto", "exact", "randomized")
 OVERSAMPLE = 8
 POWER_ITERATIONS = 3
 
@@ -106,7 +107,7 @@ def low_rank(
     of ``min(out, in)``, else exact."""
     k_max = min(delta.shape)
     cap = rank if rank is not None else max_rank
-    if method not in ("auto", "exact", "randomized"):
+    if method not in SVD_METHODS:
         raise MlxmergeError(f"unknown SVD method {method!r}; use auto, exact or randomized")
     if method == "randomized" and cap is None:
         raise MlxmergeError("a randomized SVD needs --rank or --max-rank (how many values to find)")

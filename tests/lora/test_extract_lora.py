@@ -183,6 +183,8 @@ def test_cli_extract_lora_and_errors(lowrank, family, tmp_path):
         extract_lora(ft, base, x, energy=1.5)
     with pytest.raises(MlxmergeError, match="--modules qproj: matches no linear layer"):
         extract_lora(ft, base, x, rank=2, modules=["qproj"])
+    with pytest.raises(MlxmergeError, match="randomized needs --rank or --max-rank"):
+        extract_lora(ft, base, x, energy=0.5, svd="randomized")
     with pytest.raises(MlxmergeError, match="unknown adapter format 'gguf'"):
         extract_lora(ft, base, x, rank=2, format="gguf")
     with pytest.raises(MlxmergeError, match="intermediate|share an architecture"):
