@@ -100,3 +100,33 @@ def open_fused(reference: str) -> FusedCheckpoint | None:
     if parts is None:
         return None
     return fuse_checkpoint(open_checkpoint(parts[0]), parts[1], str(reference))
+
+
+def load_mlx_lm(ckpt: Checkpoint):
+    """``(model, tokenizer)`` through mlx-lm, with a fused checkpoint's adapter applied.
+
+    Forward-pass code (eval, abliteration) must not load ``ckpt.path`` alone: for ``base+adapter``
+    that is the base without the adapter. mlx-lm adapters load as mlx-lm LoRA layers; PEFT ones
+    are fused into the base's float weights as they are read."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    if not isinstance(ckpt, FusedCheckpoint):
+        return mlx_lm.load(str(ckpt.path))
+    adapter = ckpt.adapter
+    if adapter.format == "mlx":
+        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path))
+    model, tokenizer = mlx_lm.load(str(ckpt.path))
+    params = dict(tree_flatten(model.parameters()))
+    weights = []
+    for name in sorted(ckpt.fused):
+        if name not in params or ckpt.is_quantized(name):
+            raise CheckpointError(
+                f"{ckpt.reference}: mlx-lm cannot run the PEFT adapter's {name} on this base "
+                f"(quantized or renamed); write the merge first: mlxmerge linear "
+                f"'{ckpt.reference}' --weight 1 -o OUT"
+            )
+        weights.append((name, ckpt.get(name, params[name].dtype)))
+    model.load_weights(weights, strict=False)
+    mx.eval(model.parameters())
+    return model, tokenizer

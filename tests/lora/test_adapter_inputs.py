@@ -117,3 +117,24 @@ def test_inspect_describes_adapters_and_bad_references(family, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         open_checkpoint(f"{family['base']}+{tmp_path / 'empty'}")
+
+
+def test_forward_pass_loading_applies_the_adapter(family, lowrank, tmp_path):
+    from mlx_lm import load
+
+    from mlxmerge.abliterate.pipeline import abliterate
+    from mlxmerge.eval.scoring import load_model
+    from mlxmerge.lora import extract_lora
+
+    tokens = mx.array([[1, 17, 42, 99, 7, 250, 3]])
+    mlx_lm_adapter(family["base"], tmp_path / "a", seed=5)
+    fused_ref = f"{family['base']}+{tmp_path / 'a'}"
+    merged = merge({"merge_method": "linear", "dtype": "float32",
+                    "models": [{"model": fused_ref, "parameters": {"weight": 1.0}}]}, tmp_path / "m")  # fmt: skip
+    want = load(str(merged))[0](tokens)
+    assert mx.allclose(load_model(fused_ref)[0](tokens), want, atol=1e-4)
+    extract_lora(lowrank["ft"], lowrank["base"], tmp_path / "p", rank=4, format="peft")
+    got = load_model(f"{lowrank['base']}+{tmp_path / 'p'}")[0](tokens)
+    assert mx.allclose(got, load(str(lowrank["ft"]))[0](tokens), atol=1e-3)
+    with pytest.raises(MlxmergeError, match="--adapter writes an adapter for a plain base"):
+        abliterate(fused_ref, tmp_path / "abl", adapter=True)
