@@ -30,6 +30,8 @@ _VERBS = {
     "diff_models": "mlxmerge.merge.diagnostics",
     "soup": "mlxmerge.merge.soup",
     "moe": "mlxmerge.merge.moe",
+    "extract_lora": "mlxmerge.lora",
+    "open_adapter": "mlxmerge.lora",
     "evaluate": "mlxmerge.eval.scoring",
     "orthogonalize_model": "mlxmerge.abliterate",
     "refusals": "mlxmerge.abliterate",

@@ -9,7 +9,12 @@ from mlxmerge.io import Checkpoint, open_checkpoint
 
 
 def inspect_model(model: str) -> dict:
-    """Architecture, size, dtypes and quantization of ``model``."""
+    """Architecture, size, dtypes and quantization of ``model``; for a LoRA adapter folder
+    (mlx-lm or PEFT), its format, base model, modules, ranks and scales (``kind: adapter``)."""
+    from mlxmerge.lora.adapter import is_adapter, open_adapter
+
+    if is_adapter(model):
+        return {"kind": "adapter", **open_adapter(model).describe()}
     ckpt = open_checkpoint(model)
     names = ckpt.names()
     dtypes = Counter(_dtype_name(ckpt, n) for n in names)

@@ -28,9 +28,8 @@ def refusals(
     Default prompts are the bundled held-out test splits; a user file is used whole. With
     ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless answers.
     """
-    from mlx_lm import load
-
     from mlxmerge.abliterate.pipeline import _tick, answer_texts
+    from mlxmerge.lora.fused import load_mlx_lm
 
     refs = [model] + ([compare] if compare else [])
     for ref in refs:
@@ -44,7 +43,7 @@ def refusals(
                  "models": {}}  # fmt: skip
     answers, logits = {}, {}
     for ref in refs:
-        net, tok = load(str(open_checkpoint(ref).path))
+        net, tok = load_mlx_lm(open_checkpoint(ref))  # base+adapter: the adapter applied
         check_chat_template(tok, template)
         ht = chat_tokens(tok, harm, system=system, chat_template=template)
         gt = chat_tokens(tok, good, system=system, chat_template=template)

@@ -156,6 +156,11 @@ def abliterate(
             "--adapter keeps the base weights as they are; it cannot be combined with "
             "--quantize, --embeddings or --norm-preserving"
         )
+    if adapter and getattr(ckpt, "adapter", None) is not None:
+        raise MlxmergeError(
+            f"{model}: --adapter writes an adapter for a plain base; merge the LoRA first "
+            "(mlxmerge linear MODEL+ADAPTER --weight 1 -o OUT) or abliterate to a full model"
+        )
     if pick is not None and not trials:
         raise MlxmergeError("--pick chooses among search trials; give --trials N as well")
     if trials < 0:
@@ -177,9 +182,9 @@ def abliterate(
         if not ps.val or not ps.test:
             raise MlxmergeError(f"{name} prompts ({ps.source}): too few to split train/val/test")
 
-    from mlx_lm import load
+    from mlxmerge.lora.fused import load_mlx_lm
 
-    net, tokenizer = load(str(ckpt.path))
+    net, tokenizer = load_mlx_lm(ckpt)  # base+adapter: the adapter applied
     check_chat_template(tokenizer, template)
     pad = pad_token_id(tokenizer)
     toks = {

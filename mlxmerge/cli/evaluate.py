@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.merge import quantize_kwargs, quantize_options
 from mlxmerge.cli.models import DTYPE, LAYOUT
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import MlxmergeError
@@ -230,7 +231,8 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 @click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def soup(models, greedy, uniform, as_json, **kw):
+@quantize_options
+def soup(models, greedy, uniform, as_json, quantize_bits, group_size, **kw):
     """Average fine-tunes of one base into a soup, chosen on a held-out task (--eval)."""
     import yaml
 
@@ -277,7 +279,8 @@ def soup(models, greedy, uniform, as_json, **kw):
             bar.refresh()
 
         result = run(list(models), kw.pop("output"), method="uniform" if uniform else "greedy",
-                     on_step=on_step, progress=progress, **kw)  # fmt: skip
+                     on_step=on_step, progress=progress,
+                     **quantize_kwargs(quantize_bits, group_size), **kw)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -33,12 +33,29 @@ def output_options(fn=None, *, seed: bool = True):
                                  help="Seed for DARE/DELLA masks (same seed, same merge)."))  # fmt: skip
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    return quantize_options(fn)
+
+
+def quantize_options(fn):
+    """``--quantize BITS --group-size G``: write the output MLX-quantized as it streams out."""
+    fn = click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
+                      show_default=True, help="With --quantize: weights per scale/bias group.")(fn)  # fmt: skip
+    return click.option(
+        "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+        default=None, help="Write the merge MLX-quantized to this many bits (mlx-lm's affine).",
+    )(fn)  # fmt: skip
+
+
+def quantize_kwargs(quantize_bits, group_size) -> dict:
+    """The CLI's string choices as the library's ``quantize_bits``/``group_size``."""
+    return {"quantize_bits": int(quantize_bits) if quantize_bits else None,
+            "group_size": int(group_size)}  # fmt: skip
 
 
 def run_recipe(
-    recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0
-):
+    recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0,
+    quantize_bits=None, group_size="64",
+):  # fmt: skip
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.multi import is_multi_document, merge_multi
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
@@ -49,7 +66,8 @@ def run_recipe(
         if not output:
             raise click.UsageError("give the output folder with -o/--output")
         out = merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
-                          out_dtype=out_dtype, shard_size=shard_size, force=force)  # fmt: skip
+                          out_dtype=out_dtype, shard_size=shard_size, force=force,
+                          **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
         click.echo(f"wrote {out}")
         return
     if dry_run:
@@ -59,6 +77,15 @@ def run_recipe(
             out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16"
         )
         summary = plan_summary(plan, dtype)
+        if quantize_bits:  # the size actually written: packed weights, scales and biases
+            from mlxmerge.io import Quantization
+            from mlxmerge.io.model_folder import output_size
+
+            quant = Quantization(int(quantize_bits), int(group_size))
+            summary["quantization"] = quant.config()
+            summary["output_bytes"] = output_size(
+                [(p.name, p.shape) for p in plan.tensors], dtype, quant
+            )
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -71,7 +98,8 @@ def run_recipe(
     with progress_bar(len(plan.tensors), "merge", "tensor") as bar:
         out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
-                    progress=lambda _n: bar.update())  # fmt: skip
+                    progress=lambda _n: bar.update(),
+                    **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
     click.echo(f"wrote {out}")
 
 

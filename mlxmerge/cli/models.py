@@ -39,6 +39,17 @@ def inspect(model: str, as_json: bool):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    if info.get("kind") == "adapter":
+        rows = [("path", info["path"]), ("LoRA adapter", f"{info['format']} format"),
+                ("base model", info["base_model"] or "not recorded"),
+                ("modules", f"{', '.join(info['modules'])} ({info['tensors']} tensors)"),
+                ("rank", ", ".join(map(str, info["ranks"]))),
+                ("scale", ", ".join(f"{s:g}" for s in info["scales"])),
+                ("parameters", human_count(info["parameters"])),
+                ("saved whole", ", ".join(info["replaced"]) or "none")]  # fmt: skip
+        for k, v in rows:
+            click.echo(f"{k:>16}: {v}")
+        return
     q = info["quantization"]
     rows = [
         ("path", info["path"]),

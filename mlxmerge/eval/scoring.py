@@ -364,11 +364,10 @@ def work_units(prepared: Prepared, samples: int = 1) -> int:
 
 def load_model(ref: str):
     """(model, tokenizer) through mlx-lm, after validating the checkpoint's headers."""
-    import mlx_lm
-
     from mlxmerge.io import open_checkpoint
+    from mlxmerge.lora.fused import load_mlx_lm
 
-    return mlx_lm.load(str(open_checkpoint(ref).path))
+    return load_mlx_lm(open_checkpoint(ref))  # base+adapter: the adapter applied
 
 
 def tokenizer_key(path) -> str:

@@ -204,7 +204,16 @@ def natural_key(name: str):
 
 
 def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
-    """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use."""
+    """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use.
+
+    ``base+path/to/adapter`` (mergekit's model+lora) opens ``base`` with a LoRA adapter fused
+    into its tensors as they are read (``mlxmerge.lora.fused``)."""
+    if "+" in str(reference):
+        from mlxmerge.lora.fused import open_fused
+
+        fused = open_fused(str(reference))
+        if fused is not None:
+            return fused
     path = resolve_reference(reference)
     ref = str(reference)
     if path.is_file():

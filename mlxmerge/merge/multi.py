@@ -89,7 +89,8 @@ def merge_order(docs: list[dict], where: str) -> tuple[list[int], int]:
 def merge_multi(path: str | Path, output: str | Path, **merge_kwargs) -> Path:
     """Run every named merge ``path``'s final document needs, then the final one into ``output``.
 
-    ``merge_kwargs`` go to each ``mlxmerge.merge.runner.merge`` call (``force`` only to the final).
+    ``merge_kwargs`` go to each ``mlxmerge.merge.runner.merge`` call (``force`` and quantization
+    only to the final).
     """
     from mlxmerge.merge.runner import merge
 
@@ -100,7 +101,9 @@ def merge_multi(path: str | Path, output: str | Path, **merge_kwargs) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.intermediates-", dir=output.parent))
     try:
         paths: dict[str, str] = {}
-        inner = {k: v for k, v in merge_kwargs.items() if k not in ("force", "progress")}
+        # Intermediates stay float: only the final model is quantized.
+        final_only = ("force", "progress", "quantize_bits", "group_size")
+        inner = {k: v for k, v in merge_kwargs.items() if k not in final_only}
         for i in order:
             doc = _substitute(copy.deepcopy(docs[i]), paths)
             name = str(docs[i]["name"])

@@ -115,10 +115,6 @@ def _model_ref(value, where: str) -> str:
         value = value["path"]
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: model must be a path or hub id, got {value!r}")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(
-            f"{where}: LoRA references (model+lora) are not supported; merge the adapter first"
-        )
     return value
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
-from mlxmerge.io import ModelCard, parse_size, write_model
+from mlxmerge.io import ModelCard, Quantization, parse_size, write_model
 from mlxmerge.io.chat_template import resolve_template
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
+from mlxmerge.lora.fused import split_reference
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
@@ -24,6 +25,8 @@ __all__ = ["compute_tensor", "merge", "plan_merge", "plan_summary", "prepare"]
 
 log = logging.getLogger(__name__)
 
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode accepts
+QUANT_GROUP_SIZES = (32, 64, 128)
 TASK_VECTOR_WARN_RATIO = 0.5  # |x - base| / |base| above this suggests a different base model
 
 
@@ -121,7 +124,7 @@ def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
             log.warning(msg)
 
 
-def model_card(plan: MergePlan) -> ModelCard:
+def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCard:
     spec = plan.method
     names = "\n".join(f"* {m}" for m in plan.models)
     base = f"\n\nBase model: {plan.recipe.base_model}" if plan.recipe.base_model else ""
@@ -130,7 +133,13 @@ def model_card(plan: MergePlan) -> ModelCard:
         f"## Merge method\n\n`{plan.recipe.merge_method}`: {spec.summary} ({spec.paper}){base}\n\n"
         f"## Models merged\n\n{names}\n\n## Recipe\n\n```yaml\n{recipe_yaml(plan.recipe)}```"
     )
-    hub_ids = [m for m in plan.models if not Path(m).exists()]
+    if quantize:
+        body += (
+            f"\n\n## Quantization\n\nWritten {quantize.bits}-bit (MLX affine quantization, "
+            f"group size {quantize.group_size}) as each merged tensor was computed."
+        )
+    bases = [(split_reference(m) or (m,))[0] for m in plan.models]  # model+lora: the model
+    hub_ids = [m for m in dict.fromkeys(bases) if not Path(m).exists()]
     return ModelCard(f"{plan.recipe.merge_method} merge", body, hub_ids, ["mlxmerge", "merge"])
 
 
@@ -143,24 +152,41 @@ def merge(
     layout: str = "mlx",
     out_dtype: str | None = None,
     shard_size: str | int = "5GB",
+    quantize_bits: int | None = None,
+    group_size: int = 64,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Run a mergekit recipe (or an already checked plan) and write the merged model.
 
     A recipe file with several YAML documents is a mergekit-multi recipe (``merge.multi``).
+    ``quantize_bits`` (2-8) writes the merge straight to MLX affine quantization (``mx.quantize``
+    with ``group_size``), each tensor quantized as it is streamed out; needs ``layout="mlx"``.
     """
     from mlxmerge.merge.multi import is_multi_document, merge_multi
 
     if is_multi_document(recipe):
         return merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
                            out_dtype=out_dtype, shard_size=shard_size, force=force,
+                           quantize_bits=quantize_bits, group_size=group_size,
                            progress=progress)  # fmt: skip
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )
     recipe = plan.recipe
-    check_output(output, plan.models, force=force)  # before any long pre-pass
+    quant = Quantization(bits=quantize_bits, group_size=group_size) if quantize_bits else None
+    if quant and (quant.bits not in QUANT_BITS or group_size not in QUANT_GROUP_SIZES):
+        raise RecipeError(
+            f"cannot quantize to {quant.bits} bits with group size {group_size}; MLX supports "
+            f"bits {QUANT_BITS} and group sizes {QUANT_GROUP_SIZES}"
+        )
+    if quant and layout != "mlx":
+        raise RecipeError(
+            "quantized output needs --format mlx (transformers cannot read MLX quantization)"
+        )
+    # model+lora references: neither the model nor the adapter folder may be overwritten.
+    inputs = [part for m in plan.models for part in (split_reference(m) or (m,))]
+    check_output(output, inputs, force=force)  # before any long pre-pass
     prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
     donor = plan.checkpoints[plan.models.index(recipe.base_model or plan.models[0])].path
@@ -170,11 +196,11 @@ def merge(
             plan.vocab.save(Path(built))
             donor = Path(built)
         return _write(plan, output, seed, donor, chat_template, dtype, layout, shard_size,
-                      force, progress)  # fmt: skip
+                      force, progress, quant, inputs)  # fmt: skip
 
 
 def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shard_size, force,
-           progress) -> Path:  # fmt: skip
+           progress, quant, inputs) -> Path:  # fmt: skip
     recipe = plan.recipe
     checked: set[str] = set()
 
@@ -189,8 +215,9 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
 
     return write_model(
         output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
-        tokenizer_source=tokenizer_dir, card=model_card(plan), dtype=dtype, layout=layout,
-        shard_size=parse_size(shard_size), num_layers=plan.num_layers, chat_template=chat_template,
-        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
+        tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype, layout=layout,
+        quantize=quant, shard_size=parse_size(shard_size), num_layers=plan.num_layers,
+        chat_template=chat_template,
+        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=inputs, force=force,
         progress=progress,
     )  # fmt: skip

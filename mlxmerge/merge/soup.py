@@ -117,11 +117,13 @@ def soup(
     method: str = "greedy", ensemble: bool = False, normalize: bool = False,
     batch_size: int = 16, max_length: int = 512, max_tokens: int = 32, extract: str | None = None,
     chat: bool = False, out_dtype: str | None = None, layout: str = "mlx", force: bool = False,
-    in_memory: bool | None = None, on_step: Callable[[dict], None] | None = None,
+    quantize_bits: int | None = None, group_size: int = 64, in_memory: bool | None = None,
+    on_step: Callable[[dict], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:  # fmt: skip
     """Build a uniform or greedy soup of ``models`` selected on ``eval_task`` and write it to
-    ``output`` (skipped when ``output`` is None). Returns scores, steps and the recipe.
+    ``output`` (skipped when ``output`` is None; ``quantize_bits`` writes it MLX-quantized).
+    Returns scores, steps and the recipe.
 
     ``on_step(step)`` gets each score as it is known; ``progress(label, done, total)`` is called
     per scored batch, ``label`` naming the candidate being built and scored."""
@@ -131,6 +133,8 @@ def soup(
 
     if method not in SOUP_METHODS:
         raise MlxmergeError(f"unknown soup method {method!r}; expected greedy or uniform")
+    if output is not None and quantize_bits and layout != "mlx":
+        raise MlxmergeError("a quantized soup needs --format mlx (transformers cannot read it)")
     models = [str(m) for m in models]
     if len(models) < 2:
         raise MlxmergeError(f"a soup needs at least two models, got {len(models)}")
@@ -233,7 +237,16 @@ def soup(
         del loaded
         mx.clear_cache()
     if output is not None:
-        result["output"] = str(merge(result["recipe"], output, layout=layout, force=force))
+        result["output"] = str(
+            merge(
+                result["recipe"],
+                output,
+                layout=layout,
+                force=force,
+                quantize_bits=quantize_bits,
+                group_size=group_size,
+            )
+        )
     return result
 
 

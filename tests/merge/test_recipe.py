@@ -109,7 +109,6 @@ def test_models_form_adds_missing_base():
             {"merge_method": "linear", "models": [{"model": "a", "weight": 1}]},
             "unknown key 'weight'",
         ),
-        ({"merge_method": "linear", "models": ["a+lora"]}, "LoRA"),
     ],
 )
 def test_bad_recipes_are_clear_errors(raw, match):
