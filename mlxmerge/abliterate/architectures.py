@@ -77,8 +77,9 @@ def architecture(model_type: str | None) -> Architecture:
     """The residual-writer entry for ``model_type``; a clear error when there is none."""
     if model_type not in ARCHITECTURES:
         raise MlxmergeError(
-            f"no residual-writer entry for model_type {model_type!r}; known: "
-            f"{', '.join(sorted(ARCHITECTURES))} (add one to mlxmerge.abliterate.architectures)"
+            f"abliterate does not support model_type {model_type!r}: no residual-writer entry "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}; add one to "
+            "mlxmerge.abliterate.architectures)"
         )
     return ARCHITECTURES[model_type]
 

@@ -6,11 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlxmerge.abliterate.prompts import bundled_prompts
-from mlxmerge.eval.divergence import kl_divergence, perplexity
-from mlxmerge.eval.generation import chat_tokens, check_chat_template, last_logits, pad_token_id
+from mlxmerge.eval.divergence import perplexity
 from mlxmerge.eval.prompts import read_prompts
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import open_checkpoint
+from mlxmerge.lm.chat import chat_tokens, check_chat_template, pad_token_id
+from mlxmerge.lm.generate import last_logits
+from mlxmerge.lm.logprobs import kl_divergence
 
 Progress = Callable[[str, int, int], None]
 
@@ -27,9 +29,8 @@ def refusals(
     Default prompts are the bundled held-out test splits; a user file is used whole. With
     ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless answers.
     """
-    from mlx_lm import load
-
     from mlxmerge.abliterate.pipeline import _tick, answer_texts
+    from mlxmerge.lm.load import load
 
     refs = [model] + ([compare] if compare else [])
     for ref in refs:
@@ -43,7 +44,7 @@ def refusals(
                  "models": {}}  # fmt: skip
     answers, logits = {}, {}
     for ref in refs:
-        net, tok = load(str(open_checkpoint(ref).path))
+        net, tok = load(ref, verb="refusals")
         check_chat_template(tok, template)
         ht = chat_tokens(tok, harm, system=system, chat_template=template)
         gt = chat_tokens(tok, good, system=system, chat_template=template)

@@ -42,7 +42,8 @@ def steer(
     max_tokens: int = 40, layer: int | None = None,
 ) -> dict:  # fmt: skip
     """Greedy generation without and with the edit; returns ``{"plain": ..., "steered": ...}``."""
-    from mlx_lm import generate
+    from mlxmerge.lm.chat import eos_token_ids
+    from mlxmerge.lm.generate import generate_tokens
 
     if sum(x is not None for x in (scale, clamp)) + bool(ablate) != 1:
         raise SAEError("give exactly one of --scale, --clamp or --ablate")
@@ -51,10 +52,16 @@ def steer(
         raise SAEError(f"feature {feature} does not exist: the SAE has {cfg.d_sae} latents")
     m, tok = load_model(model)
     layer = check_fits(cfg, m, layer)
-    plain = generate(m, tok, prompt, max_tokens=max_tokens, verbose=False)
+    ids = [tok.encode(prompt)]  # the raw prompt, as mlx_lm.generate takes it
+
+    def greedy() -> str:
+        out = generate_tokens(m, ids, eos_ids=eos_token_ids(tok), max_tokens=max_tokens)
+        return tok.decode(out[0])
+
+    plain = greedy()
     edit = steering_edit(params, cfg, feature, scale=scale, clamp=clamp, ablate=ablate)
     with capture_layers(m, [layer], {layer: edit}):
-        steered = generate(m, tok, prompt, max_tokens=max_tokens, verbose=False)
+        steered = greedy()
     return {
         "prompt": prompt,
         "feature": feature,

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlxmerge.cli import cli
+from mlxmerge.demo.tiny import model_from_config, save_weights, tiny_config
 from mlxmerge.errors import CheckpointError, RecipeError
 from mlxmerge.io import open_checkpoint
 from mlxmerge.merge.runner import merge, plan_merge
-from mlxmerge.tiny import model_from_config, save_weights, tiny_config
 
 
 def weights(path) -> dict[str, np.ndarray]:
@@ -227,7 +227,7 @@ def test_different_base_is_warned(family, tmp_path, caplog):
 
 
 def test_vocab_mismatch_crops_with_warning(family, tmp_path, caplog):
-    from mlxmerge.tiny import build_model
+    from mlxmerge.demo.tiny import build_model
 
     small = build_model(tmp_path / "small", family["tokenizer"], seed=0, vocab_size=500)
     recipe = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 1}},
