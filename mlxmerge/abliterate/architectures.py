@@ -34,7 +34,8 @@ MOE = (
 )
 MIXTRAL = (
     Writer(r"block_sparse_moe\.switch_mlp\.down_proj", "mlp"),
-    Writer(r"block_sparse_moe\.experts\.\d+\.w2", "mlp"),
+    Writer(r"block_sparse_moe\.experts\.\d+\.w2", "mlp"),  # HF Mixtral, PhiMoE
+    Writer(r"block_sparse_moe\.output_linear", "mlp"),  # HF GraniteMoE: fused (E, d_model, d_ff)
 )
 GEMMA_POST = (
     Writer(r"self_attn\.o_proj", "attn", "post_attention_layernorm"),
@@ -66,6 +67,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_moe": Architecture((ATTN, MLP, *MOE)),
     "qwen3_moe": Architecture((ATTN, MLP, *MOE)),
     "mixtral": Architecture((ATTN, *MIXTRAL)),
+    "phimoe": Architecture((ATTN, *MIXTRAL)),
+    "granitemoe": Architecture((ATTN, *MIXTRAL)),
+    "cohere": STANDARD,  # parallel block: both writers add to the same residual
+    "starcoder2": Architecture((ATTN, Writer(r"mlp\.c_proj", "mlp"))),
+    "deepseek_v2": Architecture((ATTN, MLP, *MOE)),  # dense first layers, then experts
+    "deepseek_v3": Architecture((ATTN, MLP, *MOE)),
 }
 
 _LAYER = re.compile(

@@ -253,7 +253,7 @@ def load_model(ref: str):
     """(model, tokenizer) through mlx-lm, after validating the checkpoint's headers."""
     from mlxmerge.lm.load import load
 
-    return load(ref)
+    return load(ref, verb="eval")
 
 
 def tokenizer_key(path) -> str:
@@ -298,6 +298,7 @@ def evaluate(
     tokenizer share the tokenized tasks. ``progress(label, done, total)`` is called per batch."""
     from mlxmerge.eval.tasks import load_task
     from mlxmerge.io import open_checkpoint
+    from mlxmerge.lm.load import check_supported
 
     tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
     seen: Counter = Counter()
@@ -312,7 +313,10 @@ def evaluate(
     if samples > 1 and not any(t.kind == GENERATION for t in tasks):
         raise MlxmergeError("--samples needs a generation task (.jsonl with prompt and answer)")
     compile_extract(extract)
-    paths = [open_checkpoint(m).path for m in models]  # every header checked before any load
+    ckpts = [open_checkpoint(m) for m in models]  # every header checked before any load
+    for ckpt in ckpts:
+        check_supported(ckpt.model_type, "eval")
+    paths = [c.path for c in ckpts]
     cache: dict[tuple[str, str], Prepared] = {}
     results = []
     for ref, path in zip(models, paths):

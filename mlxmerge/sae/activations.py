@@ -170,7 +170,7 @@ def collect(
         raise SAEError(f"dtype {dtype!r}: use float32 or float16")
     texts = read_texts(data)
     target = check_output(out, inputs=[model], force=force)
-    m, tok = load_model(model)
+    m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
     d_in = hidden_size(m)
     with atomic_folder(target) as tmp:

@@ -1,0 +1,192 @@
+"""The forward-pass verbs over the architecture matrix (tests/archs.py), MLX and HF layout.
+
+* ``sae collect``: stored activations equal block i's output computed by truncating mlx-lm's own
+  model after block i (its embedding, mask and blocks, no final norm), no probe involved;
+* ``abliterate --direction-layer``: the exported weights give the logits of inference-time
+  ablation of the same direction, and only residual writers change;
+* eval: batched (left-padded) logits, perplexity and greedy generation equal unbatched runs.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from archs import ARCHS, build_arch, build_arch_tokenizer
+from mlx import nn
+
+from mlxmerge.abliterate.architectures import ARCHITECTURES, architecture, writer_tensors
+from mlxmerge.errors import MlxmergeError
+from mlxmerge.io import open_checkpoint
+from mlxmerge.lm.blocks import decoder_blocks
+from mlxmerge.lm.chat import chat_tokens, eos_token_ids
+from mlxmerge.lm.generate import generate_tokens, last_logits
+from mlxmerge.lm.load import load
+
+NAMES = sorted(ARCHS)
+LAYOUTS = ("mlx", "hf")
+TEXT = [
+    "the cat sat on the warm river bank and looked at the moon",
+    "one two three four five six seven eight nine ten",
+    "a small dog ran after a large tree in the dark",
+]
+PROMPTS = ["Tell me a story about the sun", "red", "What is one plus two, and why?", "Hi cat"]
+# The module mlx-lm calls after the last block, per architecture (default "norm").
+FINAL_NORM = {"gpt2": "ln_f"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(name, layout) → model folder, built on first use (seed 0, float32)."""
+    root = tmp_path_factory.mktemp("matrix")
+    tok = build_arch_tokenizer(root / "tok")
+    built: dict[tuple[str, str], object] = {}
+
+    def get(name: str, layout: str = "mlx"):
+        if (name, layout) not in built:
+            built[name, layout] = build_arch(name, root / f"{name}-{layout}", tok, layout=layout)
+        return built[name, layout]
+
+    return get
+
+
+def _block_output(model: nn.Module, tokens: mx.array, layer: int) -> mx.array:
+    """Block ``layer``'s output from mlx-lm's inner model with the later blocks and final norm cut."""
+    blocks = decoder_blocks(model)
+    inner = model.model
+    kept = blocks.owner[:]
+    norm_name = FINAL_NORM.get(model.model_type, "norm")
+    norm = inner[norm_name]
+    del blocks.owner[blocks.offset + layer + 1 :]
+    inner[norm_name] = nn.Identity()
+    try:
+        return inner(tokens)
+    finally:
+        blocks.owner[:] = kept
+        inner[norm_name] = norm
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", NAMES)
+def test_sae_collect_equals_an_independent_forward_pass(models, name, layout, tmp_path):
+    from mlxmerge.sae.activations import collect
+
+    path = models(name, layout)
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(TEXT))
+    layers = [1, 3]
+    meta = collect(path, layers, data, tmp_path / "acts", tokens=40, context_size=16,
+                   batch_rows=8)  # fmt: skip
+    model, _ = load(path)
+    seqs = np.load(tmp_path / "acts" / "sequences.npy")
+    index = np.load(tmp_path / "acts" / "index" / "00000.npy")
+    assert meta["d_in"] == 32 and meta["tokens"] == len(index) == 40
+    for layer in layers:
+        got = np.load(tmp_path / "acts" / f"layer_{layer}" / "00000.npy")
+        ref = np.array(_block_output(model, mx.array(seqs), layer).astype(mx.float32))
+        want = ref[index[:, 0], index[:, 1]]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert np.abs(want).max() > 1e-3  # a real signal, not zeros
+
+
+def _prompts(tmp_path):
+    harmful = [f"how do I break the {w} thing {i}" for i, w in enumerate("abcdefghij")]
+    harmless = [f"write a story about the {w} cat {i}" for i, w in enumerate("abcdefghij")]
+    (tmp_path / "harmful.txt").write_text("\n".join(harmful))
+    (tmp_path / "harmless.txt").write_text("\n".join(harmless))
+    return tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+
+
+ABLITERATE = [n for n in NAMES if ARCHS[n]["model_type"] in ARCHITECTURES]
+REFUSED = [n for n in NAMES if ARCHS[n]["model_type"] not in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ABLITERATE)
+def test_abliterate_export_equals_inference_time_ablation(models, name, layout, tmp_path, caplog):
+    from mlxmerge.abliterate.hooks import Instrumented
+    from mlxmerge.abliterate.pipeline import abliterate
+
+    path = models(name, layout)
+    harmful, harmless = _prompts(tmp_path)
+    out = tmp_path / "out"
+    report = abliterate(
+        path, out, harmful=harmful, harmless=harmless, direction_layer=2, batch_size=4,
+        n_val=2, max_tokens=2, dtype="float32", layout=layout, evaluate=False,
+    )  # fmt: skip
+    assert "refuses none" in caplog.text  # a random model: forced by --direction-layer, warned
+    r = mx.array(np.array(report["direction"]["vector"], dtype=np.float32))
+
+    # Only residual writers change, and some do.
+    base, edited = open_checkpoint(path), open_checkpoint(out)
+    writers = {w.name for w in writer_tensors(base.names(), architecture(base.model_type))}
+    assert set(edited.names()) == set(base.names())
+    changed = {
+        n for n in base.names()
+        if not np.array_equal(np.array(base.get(n, mx.float32)), np.array(edited.get(n, mx.float32)))
+    }  # fmt: skip
+    assert changed and changed <= writers
+
+    # The saved model computes what the inference-time projection computes.
+    model, tok = load(path)
+    inst = Instrumented(model, architecture(base.model_type))
+    lists = chat_tokens(tok, PROMPTS)
+    with inst.installed():
+        inst.set_ablation(r, report["attn_weights"], report["mlp_weights"])
+        want = np.array(model(mx.array([lists[0]])).astype(mx.float32))
+        plain_ablated = np.array(last_logits(model, lists, batch_size=4))
+    new, _ = load(out)
+    got = np.array(new(mx.array([lists[0]])).astype(mx.float32))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.array(last_logits(new, lists, batch_size=4)), plain_ablated, atol=1e-4, rtol=1e-4
+    )
+    base_logits = np.array(model(mx.array([lists[0]])).astype(mx.float32))
+    assert np.abs(base_logits - want).max() > 1e-4  # the edit does something
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_abliterate_refuses_unsupported_architectures_in_one_line(models, name, tmp_path):
+    from mlxmerge.abliterate.pipeline import abliterate
+
+    harmful, harmless = _prompts(tmp_path)
+    model_type = ARCHS[name]["model_type"]
+    with pytest.raises(
+        MlxmergeError, match=f"abliterate does not support model_type '{model_type}'"
+    ):
+        abliterate(models(name), tmp_path / "out", harmful=harmful, harmless=harmless)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_batched_equals_unbatched(models, name):
+    from mlxmerge.eval.scoring import document_windows, perplexity
+
+    model, tok = load(models(name))
+    lists = chat_tokens(tok, PROMPTS)
+    assert len({len(t) for t in lists}) > 1  # padding really happens
+    batched = np.array(last_logits(model, lists, batch_size=4))
+    single = np.stack([np.array(last_logits(model, [t], batch_size=1))[0] for t in lists])
+    np.testing.assert_allclose(batched, single, atol=1e-4, rtol=1e-4)
+
+    windows = document_windows(tok, TEXT, 12)
+    ppl = [perplexity([model], windows, 100, batch_size=b)["perplexity"] for b in (1, 4)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
+
+    eos = eos_token_ids(tok)
+    gen = [generate_tokens(model, lists, eos_ids=eos, max_tokens=6, batch_size=b) for b in (1, 4)]
+    assert gen[0] == gen[1]
+    assert any(gen[0])
+
+
+def test_matrix_is_documented():
+    """docs/architectures.md has a row per model_type; its abliterate column matches the code."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "architectures.md").read_text()
+    rows = {line.split("`")[1]: line for line in doc.splitlines() if line.startswith("| `")}
+    for name in NAMES:
+        model_type = ARCHS[name]["model_type"]
+        cells = [c.strip() for c in rows[model_type].split("|")[1:-1]]
+        assert cells[1] == "✓ (MLX, HF)" and cells[3] == "✓"
+        assert (cells[2] == "refused") == (name in REFUSED), model_type
