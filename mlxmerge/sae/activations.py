@@ -96,15 +96,16 @@ class _Latest(dict):
 
 
 @contextmanager
-def capture_layers(model, layers: list[int], edits: dict | None = None):
+def capture_layers(model, layers: list[int], edits: dict | None = None, *, record: bool = True):
     """Swap probes into the blocks ``layers``; yields {layer: block output} after each forward.
 
-    ``edits`` maps a layer to a function applied to its output (used for splicing and steering).
+    ``edits`` maps a layer to a function applied to its output (used for splicing and steering);
+    ``record=False`` only edits (generation: nothing piles up across decoding steps).
     """
     outputs = _Latest()
     with probes(model, layers, verb="sae") as found:
         for i, probe in found.items():
-            probe.slot.record = slice(None)
+            probe.slot.record = slice(None) if record else None
             probe.slot.edit = (edits or {}).get(i)
             outputs.sources[i] = probe.slot
         yield outputs

@@ -60,7 +60,7 @@ def steer(
 
     plain = greedy()
     edit = steering_edit(params, cfg, feature, scale=scale, clamp=clamp, ablate=ablate)
-    with capture_layers(m, [layer], {layer: edit}):
+    with capture_layers(m, [layer], {layer: edit}, record=False):
         steered = greedy()
     return {
         "prompt": prompt,
