@@ -19,12 +19,14 @@ def inspect_model(model: str) -> dict:
         p = ckpt.quant_params(quantized[0])
         quant = {"bits": p["bits"], "group_size": p["group_size"], "mode": p["mode"],
                  "quantized_tensors": len(quantized)}  # fmt: skip
+    hidden_field, hidden = ckpt.config_field("hidden_size")
     return {
         "path": str(ckpt.path),
         "architecture": (ckpt.config_value("architectures") or [None])[0],
         "model_type": ckpt.model_type,
         "layers": ckpt.num_layers,
-        "hidden_size": ckpt.config_value("hidden_size"),
+        "hidden_size": hidden,
+        "hidden_size_field": hidden_field,  # the config key it came from (GPT-2: n_embd)
         "vocab_size": ckpt.config_value("vocab_size"),
         "parameters": sum(ckpt.numel(n) for n in names),
         "tensors": len(names),
@@ -41,4 +43,4 @@ def _dtype_name(ckpt: Checkpoint, name: str) -> str:
     try:
         return str(ckpt.dtype(name)).removeprefix("mlx.core.")
     except CheckpointError:  # FP8 and the like: describable, though not loadable
-        return ckpt.entries[name].dtype
+        return ckpt.stored_dtype(name)

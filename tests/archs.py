@@ -77,7 +77,14 @@ ARCHS: dict[str, dict] = {
         norm_topk_prob=True,
     ),
     "mixtral": _cfg("mixtral", "MixtralForCausalLM", **_MOE),
-    "gemma": _cfg("gemma", "GemmaForCausalLM", tie_word_embeddings=True, **_GELU),
+    # mlx-lm's gemma and starcoder2 use the exact GELU (gemma2/3: the tanh form)
+    "gemma": _cfg(
+        "gemma",
+        "GemmaForCausalLM",
+        tie_word_embeddings=True,
+        hidden_act="gelu",
+        hidden_activation="gelu",
+    ),
     "gemma2": _cfg(
         "gemma2",
         "Gemma2ForCausalLM",
@@ -91,9 +98,10 @@ ARCHS: dict[str, dict] = {
     "gemma3_text": _cfg(
         "gemma3_text",
         "Gemma3ForCausalLM",
+        hidden_size=64,  # mlx-lm rounds sqrt(hidden) to bf16: exact for 64, not for 32
         tie_word_embeddings=True,
         query_pre_attn_scalar=8,
-        sliding_window=4,
+        sliding_window=512,
         sliding_window_pattern=2,
         rope_local_base_freq=10000.0,
         layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
@@ -110,6 +118,8 @@ ARCHS: dict[str, dict] = {
         rope_scaling=None,
         router_jitter_noise=0.0,
         input_jitter_noise=0.0,
+        attention_bias=True,  # mlx-lm's phimoe always has these biases
+        lm_head_bias=True,
         original_max_position_embeddings=256,
         **_MOE,
     ),
@@ -135,7 +145,7 @@ ARCHS: dict[str, dict] = {
         tie_word_embeddings=True,
         norm_epsilon=1e-5,
         use_bias=True,
-        hidden_act="gelu_pytorch_tanh",
+        hidden_act="gelu",
         sliding_window=None,
     ),
     "olmo2": _cfg("olmo2", "Olmo2ForCausalLM"),

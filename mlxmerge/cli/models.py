@@ -44,7 +44,7 @@ def inspect(model: str, as_json: bool):
         ("path", info["path"]),
         ("architecture", f"{info['architecture']} (model_type {info['model_type']})"),
         ("layers", info["layers"]),
-        ("hidden size", info["hidden_size"]),
+        ("hidden size", _with_field(info["hidden_size"], info["hidden_size_field"], "hidden_size")),
         ("vocab size", info["vocab_size"]),
         ("parameters", f"{human_count(info['parameters'])} in {info['tensors']} tensors"),
         ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
@@ -58,6 +58,11 @@ def inspect(model: str, as_json: bool):
     ]
     for k, v in rows:
         click.echo(f"{k:>16}: {v}")
+
+
+def _with_field(value, field: str | None, standard: str) -> str:
+    # Say which config key a value came from when the architecture names it its own way.
+    return f"{value} ({field})" if field and field != standard else str(value)
 
 
 @cli.command()

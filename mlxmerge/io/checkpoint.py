@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.hub import resolve_reference
+from mlxmerge.io.layout import CONFIG_ALIASES, Derived, hf_to_mlx
 from mlxmerge.io.safetensors_file import TensorEntry, read_header
 from mlxmerge.io.writer import RawTensor
 
@@ -21,7 +22,12 @@ INDEX_NAME = "model.safetensors.index.json"
 
 @dataclass
 class Checkpoint:
-    """A model on disk: its config and where each tensor lives. Tensors load lazily."""
+    """A model on disk: its config and where each tensor lives. Tensors load lazily.
+
+    Tensors are named as in MLX layout whatever the layout on disk: an HF-layout checkpoint's
+    per-expert (or GPT-2 Conv1D) tensors appear as mlx-lm's stacked (or transposed) ones, so
+    inputs in either layout share one set of names (``io.layout``).
+    """
 
     reference: str
     path: Path  # the folder (or the single file's folder)
@@ -30,6 +36,9 @@ class Checkpoint:
     files: list[Path]
     quantization: dict | None = None
     metadata: dict = field(default_factory=dict)  # __metadata__ of the first shard
+    # MLX name → how it is computed from stored HF-layout tensors (only names that differ)
+    derived: dict[str, Derived] = field(default_factory=dict)
+    hidden: set[str] = field(default_factory=set)  # stored names that ``derived`` replaces
 
     # -- what the model is -------------------------------------------------
     def config_value(self, key: str, default=None):
@@ -44,12 +53,21 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        n = self.config_value("num_hidden_layers")
+        _, n = self.config_field("num_hidden_layers")
         if n is None:
             n = 1 + max(
-                (layer_index(k) for k in self.entries if layer_index(k) is not None), default=-1
+                (layer_index(k) for k in self.names() if layer_index(k) is not None), default=-1
             )
         return int(n)
+
+    def config_field(self, key: str) -> tuple[str | None, object]:
+        """(field name, value) of a standard config key or this architecture's own name for it
+        (GPT-2 ``n_embd`` for ``hidden_size``); (None, None) when absent."""
+        for k in (key, *CONFIG_ALIASES.get(key, ())):
+            v = self.config_value(k)
+            if v is not None:
+                return k, v
+        return None, None
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -64,16 +82,27 @@ class Checkpoint:
     # -- logical tensors (quantized triplets appear as one dequantized weight) --
     def names(self) -> list[str]:
         """Logical tensor names, sorted the way mlx-lm and transformers list them."""
-        return sorted((n for n in self.entries if not self._is_quant_companion(n)), key=natural_key)
+        stored = (
+            n for n in self.entries if not self._is_quant_companion(n) and n not in self.hidden
+        )
+        return sorted([*stored, *self.derived], key=natural_key)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries and not self._is_quant_companion(name)
+        if name in self.derived:
+            return True
+        return (
+            name in self.entries and name not in self.hidden and not self._is_quant_companion(name)
+        )
 
     def is_quantized(self, name: str) -> bool:
+        if name in self.derived:
+            return False
         prefix = name.removesuffix(".weight")
         return name.endswith(".weight") and f"{prefix}.scales" in self.entries
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.derived:
+            return self.derived[name].shape
         entry = self._entry(name)
         if self.is_quantized(name):
             bits = self.quant_params(name)["bits"]
@@ -81,6 +110,8 @@ class Checkpoint:
         return entry.shape
 
     def dtype(self, name: str) -> mx.Dtype:
+        if name in self.derived:
+            return self.dtype(self.derived[name].sources[0])
         if self.is_quantized(name):
             name = name.removesuffix(".weight") + ".scales"
         stored = self._entry(name).dtype
@@ -105,6 +136,9 @@ class Checkpoint:
 
     def raw(self, name: str) -> RawTensor | None:
         """The tensor's stored bytes (None when stored quantized: those must be dequantized)."""
+        d = self.derived.get(name)
+        if d is not None:
+            return self.raw(d.sources[0]) if d.op == "copy" else None
         if self.is_quantized(name):
             return None
         e = self._entry(name)
@@ -113,6 +147,10 @@ class Checkpoint:
 
     def get(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
         """The tensor as a lazy array (dequantized if stored quantized), optionally cast."""
+        d = self.derived.get(name)
+        if d is not None:
+            x = d.apply([self.get(s) for s in d.sources])
+            return x if dtype is None else x.astype(dtype)
         entry = self._entry(name)
         self.dtype(name)  # refuses dtypes mx.load would reject or misread (FP8 as raw bytes)
         # A fresh lazy dict per call: keeping one would pin every evaluated tensor in memory.
@@ -130,6 +168,11 @@ class Checkpoint:
         else:
             x = arrays[name]
         return x if dtype is None else x.astype(dtype)
+
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype string a logical tensor is stored as (``F8_E4M3`` included)."""
+        d = self.derived.get(name)
+        return self.stored_dtype(d.sources[0]) if d is not None else self._entry(name).dtype
 
     def _entry(self, name: str) -> TensorEntry:
         try:
@@ -191,7 +234,13 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     if not entries:
         raise CheckpointError(f"{path}: holds no tensors")
     quant = config.get("quantization") or config.get("text_config", {}).get("quantization")
-    return Checkpoint(ref, folder, config, entries, files, quant, metadata)
+    ckpt = Checkpoint(ref, folder, config, entries, files, quant, metadata)
+    # Present HF-layout tensors under their MLX names (no data is read).
+    view = hf_to_mlx({n: ckpt.shape(n) for n in ckpt.names()}, ckpt.model_type)
+    ckpt.derived = {k: d for k, d in view.items() if d.sources != (k,)}
+    ckpt.hidden = {s for d in ckpt.derived.values() for s in d.sources}
+    ckpt.hidden |= set(ckpt.names()) - set(view)  # buffers mlx-lm drops (GPT-2 attn.bias)
+    return ckpt
 
 
 def _read_json(path: Path):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
-from mlxmerge.io.layout import hf_expert_names
+from mlxmerge.io.layout import CONFIG_ALIASES, Derived, mlx_to_hf
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
 
@@ -91,6 +92,9 @@ def patch_config(
         config["dtype"] = FLOAT_NAMES[dtype]
     if num_layers is not None:
         target["num_hidden_layers"] = num_layers
+        for key in CONFIG_ALIASES["num_hidden_layers"]:  # GPT-2's n_layer is what mlx-lm reads
+            if key in target:
+                target[key] = num_layers
         # Per-layer lists (hybrid attention patterns) must keep the new length.
         for key in ("layer_types",):
             if isinstance(target.get(key), list) and len(target[key]) != num_layers:
@@ -165,43 +169,53 @@ def write_model(
         raise MlxmergeError(
             "quantized output needs --format mlx (transformers cannot read MLX quantization)"
         )
+    # Each written tensor: (output name, how to compute it from planned names).
+    if layout == "hf":
+        written = mlx_to_hf(plan, config.get("model_type"))  # refuses unknown stacked experts
+    else:
+        written = [(n, Derived((n,), "copy", tuple(shape))) for n, shape in plan]
     target = check_output(target, inputs, force=force)
-    # Each written tensor: (output name, shape, planned name it comes from, expert index or None).
-    written = []
-    for name, shape in plan:
-        experts = (
-            hf_expert_names(name, tuple(shape), config.get("model_type"))
-            if layout == "hf"
-            else None
-        )
-        if experts:
-            written += [(n, tuple(shape[1:]), name, e) for e, n in enumerate(experts)]
-        else:
-            written.append((name, tuple(shape), name, None))
-    plan = [(n, shape) for n, shape, _, _ in written]
+    plan = [(n, d.shape) for n, d in written]
     specs = output_specs(plan, dtype, quantize)
     metadata = {"format": "mlx" if layout == "mlx" else "pt"}
     names = [n for n, _ in plan]
+    # A planned tensor feeding several outputs (the experts of one stacked tensor) is computed
+    # once and kept until its last use.
+    uses = Counter(s for _, d in written for s in d.sources)
+    cache: dict[str, mx.array] = {}
+
+    def planned(source: str) -> mx.array:
+        if source not in cache:
+            got = compute(source)
+            cache[source] = got.load() if isinstance(got, RawTensor) else got
+            if progress:
+                progress(source)
+        x = cache[source]
+        uses[source] -= 1
+        if uses[source] == 0:
+            del cache[source]
+        return x
+
     with atomic_folder(target) as tmp:
         with ShardedWriter(tmp, specs, shard_size=shard_size, metadata=metadata) as writer:
-            stacked = (None, None)  # (planned name, computed tensor) shared by its expert slices
-            for name, shape, source, expert in written:
-                if expert is None:
-                    x = compute(name)
+            for name, d in written:
+                shape = d.shape
+                if d.op == "copy" and uses[d.sources[0]] == 1:
+                    x = compute(d.sources[0])
+                    uses[d.sources[0]] = 0
                     if isinstance(x, RawTensor):
                         if x.dtype == dtype and not (
                             quantize and quantizable(name, shape, quantize.group_size)
                         ):
                             writer.write_raw(name, x)  # unchanged bytes: a kernel copy
                             if progress:
-                                progress(source)
+                                progress(d.sources[0])
                             continue
                         x = x.load()
+                    if progress:
+                        progress(d.sources[0])
                 else:
-                    if stacked[0] != source:
-                        got = compute(source)
-                        stacked = (source, got.load() if isinstance(got, RawTensor) else got)
-                    x = stacked[1][expert]
+                    x = d.apply([planned(src) for src in d.sources])
                 if tuple(x.shape) != tuple(shape):
                     raise MlxmergeError(
                         f"{name}: computed shape {tuple(x.shape)}, planned {tuple(shape)}"
@@ -219,8 +233,6 @@ def write_model(
                 else:
                     writer.write(name, x)
                 mx.clear_cache()
-                if progress and (expert is None or expert == 0):
-                    progress(source)
         out_config = patch_config(config, names, dtype, layout, quantize, num_layers)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
         if tokenizer_source is not None:

@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.io.layout import is_input_embedding, renumber_layer
 from mlxmerge.merge.recipe import Recipe, Slice, parse_recipe, resolve_parameter
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, get_method
 
@@ -67,10 +68,6 @@ def is_embedding(name: str) -> bool:
 def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
     # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
     return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
-
-
-def _relayer(name: str, new_index: int) -> str:
-    return re.sub(r"(\.(?:layers|h|blocks)\.)\d+\.", rf"\g<1>{new_index}.", name, count=1)
 
 
 def _check_architectures(
@@ -176,7 +173,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             for n in ckpts[by_ref[s.model]].names():
                 if (
                     layer_index(n) is None
-                    and (("embed" in n) == pre)
+                    and is_input_embedding(n) == pre
                     and not n.endswith("lm_head.weight")
                 ):
                     names[n] = None
@@ -210,11 +207,11 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             for name in (n for n in lead.names() if layer_index(n) == lead_layer):
                 in_names = {}
                 for s in sl.sources:
-                    src_name = _relayer(name, s.layer_range[0] + offset)
+                    src_name = renumber_layer(name, s.layer_range[0] + offset)
                     if src_name not in ckpts[by_ref[s.model]]:
                         raise RecipeError(f"slices[{i}]: {s.model} has no tensor {src_name}")
                     in_names[s.model] = src_name
-                plan_one(_relayer(name, out_layer), in_names, sl, t)
+                plan_one(renumber_layer(name, out_layer), in_names, sl, t)
             out_layer += 1
 
     post = outside_names(last, pre=False)
@@ -228,6 +225,14 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         plan_one(name, got, last, 1.0)
 
     tensors.sort(key=lambda p: natural_key(p.name))
+    seen: set[str] = set()
+    for p in tensors:  # a naming scheme renumber_layer does not know would collide here
+        if p.name in seen:
+            raise RecipeError(
+                f"output tensor {p.name} would be written twice; its layer naming is not one "
+                "mlxmerge can renumber"
+            )
+        seen.add(p.name)
     donor = ckpts[by_ref[base]] if base else ckpts[0]
     config = dict(donor.config)
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
