@@ -20,7 +20,7 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import open_checkpoint
 from mlxmerge.lm.blocks import decoder_blocks
 from mlxmerge.lm.chat import chat_tokens, eos_token_ids
-from mlxmerge.lm.generate import generate_tokens, last_logits
+from mlxmerge.lm.generate import can_batch, generate_tokens, last_logits
 from mlxmerge.lm.load import load
 
 NAMES = sorted(ARCHS)
@@ -80,7 +80,9 @@ def test_sae_collect_equals_an_independent_forward_pass(models, name, layout, tm
     model, _ = load(path)
     seqs = np.load(tmp_path / "acts" / "sequences.npy")
     index = np.load(tmp_path / "acts" / "index" / "00000.npy")
-    assert meta["d_in"] == 32 and meta["tokens"] == len(index) == 40
+    cfg = ARCHS[name]
+    assert meta["d_in"] == cfg.get("hidden_size", cfg.get("n_embd"))
+    assert meta["tokens"] == len(index) == 40
     for layer in layers:
         got = np.load(tmp_path / "acts" / f"layer_{layer}" / "00000.npy")
         ref = np.array(_block_output(model, mx.array(seqs), layer).astype(mx.float32))
@@ -158,13 +160,25 @@ def test_abliterate_refuses_unsupported_architectures_in_one_line(models, name, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _window_model(models):
+    """gemma3_text with a 4-token sliding window: prompts and answers run past it."""
+    from archs import arch_config
+
+    ARCHS["gemma3_text_window4"] = {**arch_config("gemma3_text"), "sliding_window": 4}
+    try:
+        return models("gemma3_text_window4")
+    finally:
+        del ARCHS["gemma3_text_window4"]
+
+
+@pytest.mark.parametrize("name", [*NAMES, "gemma3_text_window4"])
 def test_eval_batched_equals_unbatched(models, name):
     from mlxmerge.eval.scoring import document_windows, perplexity
 
-    model, tok = load(models(name))
+    model, tok = load(_window_model(models) if name == "gemma3_text_window4" else models(name))
     lists = chat_tokens(tok, PROMPTS)
     assert len({len(t) for t in lists}) > 1  # padding really happens
+    assert can_batch(model)  # the batched path runs (no fallback to one prompt at a time)
     batched = np.array(last_logits(model, lists, batch_size=4))
     single = np.stack([np.array(last_logits(model, [t], batch_size=1))[0] for t in lists])
     np.testing.assert_allclose(batched, single, atol=1e-4, rtol=1e-4)
