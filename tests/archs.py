@@ -195,10 +195,47 @@ ARCHS: dict[str, dict] = {
             "mscale_all_dim": 0.0,
         },
     ),
+    # more families mlx-community publishes widely
+    "phi": _cfg(
+        "phi",
+        "PhiForCausalLM",
+        num_key_value_heads=HEADS,
+        partial_rotary_factor=0.5,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu_new",
+    ),
+    "qwen2_moe": _cfg(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=False,
+    ),
+    "olmoe": _cfg("olmoe", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2),
+    "stablelm": _cfg(
+        "stablelm",
+        "StableLmForCausalLM",
+        use_qkv_bias=True,
+        partial_rotary_factor=0.5,
+        layer_norm_eps=1e-5,
+    ),
+    "smollm3": _cfg(
+        "smollm3", "SmolLM3ForCausalLM", tie_word_embeddings=True, no_rope_layer_interval=2
+    ),
+    "glm4": _cfg(
+        "glm4",
+        "Glm4ForCausalLM",
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+    ),
 }
 
 # Which of ARCHS store experts (their HF layout differs from MLX layout beyond renames).
-MOE_ARCHS = ("qwen3_moe", "mixtral", "phimoe", "granitemoe", "deepseek_v2")
+MOE_ARCHS = ("qwen3_moe", "mixtral", "phimoe", "granitemoe", "deepseek_v2", "qwen2_moe", "olmoe")
 
 
 def arch_config(name: str) -> dict:

@@ -8,6 +8,7 @@ with (``arch_weights``), numpy formulas, safetensors' numpy reader, mlx-lm and t
 
 from __future__ import annotations  # noqa: I001  (mlxmerge must precede mlx.core)
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,20 +59,22 @@ def stored(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def mlx_logits(folder: Path) -> np.ndarray:
-    import mlx_lm
+@functools.cache
+def _load(folder: str):
+    from mlx_lm.utils import load_model
 
-    model, _ = mlx_lm.load(str(folder))
-    return np.array(model(mx.array(TOKENS)).astype(mx.float32))
+    return load_model(Path(folder))[0]  # no tokenizer: faster than mlx_lm.load
+
+
+def mlx_logits(folder: Path) -> np.ndarray:
+    return np.array(_load(str(folder))(mx.array(TOKENS)).astype(mx.float32))
 
 
 def loaded_weights(folder: Path) -> dict[str, np.ndarray]:
     """What mlx-lm ends up holding after loading ``folder`` (its own sanitize included)."""
-    import mlx_lm
     from mlx.utils import tree_flatten
 
-    model, _ = mlx_lm.load(str(folder))
-    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    return {k: np.array(v) for k, v in tree_flatten(_load(str(folder)).parameters())}
 
 
 # -- inspect -------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ GEMMA_POST = (
     Writer(r"mlp\.down_proj", "mlp", "post_feedforward_layernorm"),
 )
 
+GLM4_POST = (
+    Writer(r"self_attn\.o_proj", "attn", "post_self_attn_layernorm"),
+    Writer(r"mlp\.down_proj", "mlp", "post_mlp_layernorm"),
+)
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -73,10 +78,20 @@ ARCHITECTURES: dict[str, Architecture] = {
     "starcoder2": Architecture((ATTN, Writer(r"mlp\.c_proj", "mlp"))),
     "deepseek_v2": Architecture((ATTN, MLP, *MOE)),  # dense first layers, then experts
     "deepseek_v3": Architecture((ATTN, MLP, *MOE)),
+    "olmoe": Architecture((ATTN, *MOE)),
+    "stablelm": STANDARD,
+    "smollm3": STANDARD,
+    "phi": Architecture((Writer(r"self_attn\.dense", "attn"), Writer(r"mlp\.fc2", "mlp"))),
+    "glm4": Architecture(GLM4_POST),
+    # Names are mlxmerge's canonical (MLX) ones: HF GPT-2's transposed Conv1D weights are read
+    # and written through mlxmerge.io.layout, so W is (d_model, d_in) here as for Linear.
+    "gpt2": Architecture(
+        (Writer(r"attn\.c_proj", "attn"), Writer(r"mlp\.c_proj", "mlp")), embedding="wte"
+    ),
 }
 
 _LAYER = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<module>.+)\.(?P<kind>weight|bias)$"
+    r"^(?P<prefix>(?:.*\.)?(?:layers|h)\.(?P<layer>\d+))\.(?P<module>.+)\.(?P<kind>weight|bias)$"
 )
 
 

@@ -348,10 +348,11 @@ def orthogonalize_model(
         attn_weights = [strength if i in edit else 0.0 for i in range(n_layers)]
         mlp_weights = list(attn_weights)
     directions = np.asarray(direction, dtype=np.float32)
-    if directions.shape[-1] != int(ckpt.config_value("hidden_size", directions.shape[-1])):
+    _, hidden = ckpt.config_field("hidden_size")  # GPT-2: n_embd
+    if hidden is not None and directions.shape[-1] != int(hidden):
         raise MlxmergeError(
             f"direction has {directions.shape[-1]} dimensions but the model's hidden size is "
-            f"{ckpt.config_value('hidden_size')}"
+            f"{hidden}"
         )
     out_dtype = getattr(mx, dtype)
     names = ckpt.names()

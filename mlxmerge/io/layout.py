@@ -146,7 +146,7 @@ def hf_to_mlx(shapes: dict[str, tuple[int, ...]], model_type: str | None) -> dic
                 else:
                     out[f"{prefix}.{fx.stacked}.down_proj.weight"] = Derived((name,), "copy", shape)
                 continue
-        if lay.mlx_prefix and not name.startswith(lay.mlx_prefix):
+        if lay.mlx_prefix and not name.startswith((lay.mlx_prefix, "lm_head.")):
             bare = next((name.removeprefix(p) for p in lay.hf_prefixes if name.startswith(p)), name)
             if lay.transposed and re.search(lay.transposed, bare) and len(shape) == 2:
                 out[lay.mlx_prefix + bare] = Derived((name,), "transpose", shape[::-1])

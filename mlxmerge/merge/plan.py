@@ -70,6 +70,10 @@ def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
 
 
+def _has_layers(ckpt: Checkpoint) -> bool:
+    return any(layer_index(n) is not None for n in ckpt.names())
+
+
 def _check_architectures(
     ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]
 ):
@@ -119,6 +123,14 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             if src.layer_range[1] > n:
                 raise RecipeError(
                     f"slices[{i}]: layer_range {list(src.layer_range)} of {src.model} is out of range; it has {n} layers"
+                )
+            if (len(recipe.slices) > 1 or tuple(src.layer_range) != (0, n)) and not _has_layers(
+                ckpts[by_ref[src.model]]
+            ):
+                raise RecipeError(
+                    f"slices[{i}]: {src.model} (model_type {ckpts[by_ref[src.model]].model_type}) "
+                    "names its decoder layers in a way mlxmerge cannot slice (no layers.N, h.N or "
+                    "blocks.N tensors)"
                 )
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) > 1:

@@ -1,10 +1,12 @@
-"""The forward-pass verbs over the architecture matrix (tests/archs.py), MLX and HF layout.
+"""The forward-pass verbs over the architecture matrix (tests/archs.py).
 
 * ``sae collect``: stored activations equal block i's output computed by truncating mlx-lm's own
   model after block i (its embedding, mask and blocks, no final norm), no probe involved;
-* ``abliterate --direction-layer``: the exported weights give the logits of inference-time
-  ablation of the same direction, and only residual writers change;
+* ``abliterate --direction-layer`` (MLX and HF layout): the exported weights give the logits of
+  inference-time ablation of the same direction, and only residual writers change;
 * eval: batched (left-padded) logits, perplexity and greedy generation equal unbatched runs.
+
+``tests/arch_table.py`` turns the outcomes into docs/architectures.md's columns.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ TEXT = [
 ]
 PROMPTS = ["Tell me a story about the sun", "red", "What is one plus two, and why?", "Hi cat"]
 # The module mlx-lm calls after the last block, per architecture (default "norm").
-FINAL_NORM = {"gpt2": "ln_f"}
+FINAL_NORM = {"gpt2": "ln_f", "phi": "final_layernorm"}
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +62,16 @@ def _block_output(model: nn.Module, tokens: mx.array, layer: int) -> mx.array:
     del blocks.owner[blocks.offset + layer + 1 :]
     inner[norm_name] = nn.Identity()
     try:
-        return inner(tokens)
+        return inner(tokens, None)  # no cache (phi requires the argument)
     finally:
         blocks.owner[:] = kept
         inner[norm_name] = norm
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# MLX layout only: mlx-lm loads an HF-layout folder into the same weights (the weights matrix
+# checks that), so the forward pass cannot differ; abliterate's export does, and runs both.
 @pytest.mark.parametrize("name", NAMES)
-def test_sae_collect_equals_an_independent_forward_pass(models, name, layout, tmp_path):
+def test_sae_collect_equals_an_independent_forward_pass(models, name, tmp_path, layout="mlx"):
     from mlxmerge.sae.activations import collect
 
     path = models(name, layout)
@@ -155,9 +158,11 @@ def test_abliterate_refuses_unsupported_architectures_in_one_line(models, name, 
     model_type = ARCHS[name]["model_type"]
     with pytest.raises(
         MlxmergeError, match=f"abliterate does not support model_type '{model_type}'"
-    ):
+    ) as e:
         abliterate(models(name), tmp_path / "out", harmful=harmful, harmless=harmless)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and "\n" not in str(e.value)
+    # Checked; recorded as a skip so tests/arch_table.py writes "refused" in the table.
+    pytest.skip(str(e.value).split(" (known")[0])
 
 
 def _window_model(models):
@@ -194,13 +199,18 @@ def test_eval_batched_equals_unbatched(models, name):
 
 
 def test_matrix_is_documented():
-    """docs/architectures.md has a row per model_type; its abliterate column matches the code."""
+    """docs/architectures.md (tests/arch_table.py) has every arch; abliterate's column matches."""
     from pathlib import Path
 
-    doc = (Path(__file__).parents[2] / "docs" / "architectures.md").read_text()
-    rows = {line.split("`")[1]: line for line in doc.splitlines() if line.startswith("| `")}
+    doc = (Path(__file__).parent.parent / "docs" / "architectures.md").read_text()
+    lines = [ln for ln in doc.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {}
+    for ln in lines[1:]:  # the |---| rule does not start with "| "
+        cells = [c.strip() for c in ln.split("|")[1:-1]]
+        rows[cells[0]] = dict(zip(header, cells))
     for name in NAMES:
-        model_type = ARCHS[name]["model_type"]
-        cells = [c.strip() for c in rows[model_type].split("|")[1:-1]]
-        assert cells[1] == "✓ (MLX, HF)" and cells[3] == "✓"
-        assert (cells[2] == "refused") == (name in REFUSED), model_type
+        t = ARCHS[name]["model_type"]
+        row = rows[t if name == t else f"{t} ({name})"]
+        assert row["sae collect"] == "yes" and row["eval"] == "yes", name
+        assert row["abliterate"].startswith("refused" if name in REFUSED else "yes"), name
