@@ -36,6 +36,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "transformers load + logits": (
         "test_hf_layout_loads_in_transformers",
         "test_converted_and_merged_hf_outputs",
+        "test_checkpoint_saved_by_transformers",
     ),
     "sae collect": ("test_sae_collect",),
     "abliterate": ("test_abliterate",),

@@ -232,6 +232,10 @@ ARCHS: dict[str, dict] = {
         attention_bias=True,
         partial_rotary_factor=0.5,
     ),
+    "seed_oss": _cfg(
+        "seed_oss", "SeedOssForCausalLM", tie_word_embeddings=True, attention_bias=True
+    ),
+    "ernie4_5": _cfg("ernie4_5", "Ernie4_5ForCausalLM", use_bias=False, tie_word_embeddings=True),
 }
 
 # Which of ARCHS store experts (their HF layout differs from MLX layout beyond renames).

@@ -318,6 +318,29 @@ def test_converted_and_merged_hf_outputs_load_in_transformers(zoo, name, tmp_pat
     _check_in_transformers(merge(recipe, tmp_path / "merged", layout="hf"), name)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", *MOE_ARCHS])
+def test_checkpoint_saved_by_transformers_reads_as_built(zoo, name, tmp_path):
+    # A file written by another library: transformers' save_pretrained (GPT-2 gets its
+    # "transformer." prefix there), converted to MLX layout, holds exactly the built weights.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(zoo[name]["hf"]), dtype=torch.float32
+    )
+    model.save_pretrained(tmp_path / "saved")
+    theirs, ours = stored(tmp_path / "saved"), stored(zoo[name]["hf"])
+    if name == "gpt2":  # transformers adds "transformer."; mlx-lm reads only the hub's bare names
+        theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
+    assert theirs.keys() == ours.keys()  # our HF layout is what transformers itself writes
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(ARCHS[name]))  # mlx-lm's fields
+    mlx = convert(str(tmp_path / "saved"), tmp_path / "mlx", dtype="float32", layout="mlx")
+    got = loaded_weights(mlx)
+    want = {k: np.array(v) for k, v in zoo[name]["weights"].items()}
+    for k, w in want.items():
+        np.testing.assert_array_equal(got[k], w, err_msg=k)
+
+
 def test_deepseek_v2_all_experts_match(tmp_path):
     # The layout is right even where routing differs: with top-k = n_experts no routing choice.
     import archs
@@ -332,3 +355,68 @@ def test_deepseek_v2_all_experts_match(tmp_path):
         del archs.ARCHS["deepseek_v2_all"]
     assert problems == {}
     np.testing.assert_allclose(got, mlx_logits(hf), atol=1e-4, rtol=1e-4)
+
+
+# -- the issue's rows, through the CLI ---------------------------------------------------------
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_linear_of_mixtral_mlx_and_hf_layouts(zoo, tmp_path):
+    a, b = zoo["mixtral"]["ft_mlx"], zoo["mixtral"]["ft_hf"]
+    res = _cli("linear", str(a), str(b), "--weight", "0.5", "--weight", "0.5", "-o",
+               str(tmp_path / "x"), "--out-dtype", "float32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got, wa, wb = (
+        loaded_weights(tmp_path / "x"),
+        _w(zoo, "mixtral", "ft_mlx"),
+        _w(zoo, "mixtral", "ft_hf"),
+    )
+    k = "model.layers.2.block_sparse_moe.switch_mlp.down_proj.weight"
+    np.testing.assert_allclose(got[k], 0.5 * wa[k] + 0.5 * wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["phimoe", "granitemoe"])
+def test_cli_convert_moe_to_hf_format(zoo, name, tmp_path):
+    res = _cli("convert", str(zoo[name]["mlx"]), "-o", str(tmp_path / "hf"), "--format", "hf",
+               "--dtype", "float32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    names = stored(tmp_path / "hf")
+    assert not [n for n in names if "switch_mlp" in n]
+    assert names.keys() == stored(zoo[name]["hf"]).keys()
+
+
+def test_cli_hf_export_of_unknown_experts_refused_at_dry_run(zoo, tmp_path):
+    folders = []
+    for which in ("mlx", "ft_mlx"):
+        folder = tmp_path / which
+        folder.mkdir()
+        for f in zoo["qwen3_moe"][which].iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3_moe_custom"}))
+        folders.append(str(folder))
+    res = _cli(
+        "linear", *folders, "--weight", "0.5", "--weight", "0.5", "--format", "hf", "--dry-run"
+    )
+    assert res.exit_code != 0
+    assert len(res.output.strip().splitlines()) == 1 and "qwen3_moe_custom" in res.output
+    assert "switch_mlp" in res.output
+
+
+def test_frankenmerge_refuses_a_moe_layer_where_the_config_says_dense(zoo):
+    from mlxmerge.errors import RecipeError
+    from mlxmerge.merge.plan import plan_merge
+
+    a = str(zoo["deepseek_v2"]["mlx"])  # layer 0 dense (first_k_dense_replace 1), 1-3 MoE
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": a, "layer_range": [1, 3]}]},
+                         {"sources": [{"model": a, "layer_range": [0, 2]}]}]}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"output layer 0 is not the kind .* model.layers.0.mlp"):
+        plan_merge(recipe)

@@ -81,6 +81,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmoe": Architecture((ATTN, *MOE)),
     "stablelm": STANDARD,
     "smollm3": STANDARD,
+    "seed_oss": STANDARD,
+    "ernie4_5": STANDARD,
     "phi": Architecture((Writer(r"self_attn\.dense", "attn"), Writer(r"mlp\.fc2", "mlp"))),
     "glm4": Architecture(GLM4_POST),
     # Names are mlxmerge's canonical (MLX) ones: HF GPT-2's transposed Conv1D weights are read

@@ -39,6 +39,7 @@ def run_recipe(
 
     if dry_run:
         plan = plan_merge(recipe, allow_crimes=allow_crimes)
+        _check_layout(plan, layout)
         dtype = parse_float_dtype(
             out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16"
         )
@@ -51,11 +52,20 @@ def run_recipe(
     if not output:
         raise click.UsageError("give the output folder with -o/--output")
     plan = plan_merge(recipe, allow_crimes=allow_crimes)
+    _check_layout(plan, layout)
     with progress_bar(len(plan.tensors), "merge", "tensor") as bar:
         out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
                     progress=lambda _n: bar.update())  # fmt: skip
     click.echo(f"wrote {out}")
+
+
+def _check_layout(plan, layout: str) -> None:
+    # An HF export of stacked experts with no known HF names fails here, not after a pre-pass.
+    if layout == "hf":
+        from mlxmerge.io.layout import mlx_to_hf
+
+        mlx_to_hf([(p.name, p.shape) for p in plan.tensors], plan.config.get("model_type"))
 
 
 def print_plan(s: dict) -> None:

@@ -39,6 +39,7 @@ class Checkpoint:
     # MLX name → how it is computed from stored HF-layout tensors (only names that differ)
     derived: dict[str, Derived] = field(default_factory=dict)
     hidden: set[str] = field(default_factory=set)  # stored names that ``derived`` replaces
+    _names: list[str] | None = field(default=None, repr=False)  # names(), sorted once
 
     # -- what the model is -------------------------------------------------
     def config_value(self, key: str, default=None):
@@ -82,10 +83,12 @@ class Checkpoint:
     # -- logical tensors (quantized triplets appear as one dequantized weight) --
     def names(self) -> list[str]:
         """Logical tensor names, sorted the way mlx-lm and transformers list them."""
-        stored = (
-            n for n in self.entries if not self._is_quant_companion(n) and n not in self.hidden
-        )
-        return sorted([*stored, *self.derived], key=natural_key)
+        if self._names is None:  # sorted once: planners ask for it per layer
+            stored = (
+                n for n in self.entries if not self._is_quant_companion(n) and n not in self.hidden
+            )
+            self._names = sorted([*stored, *self.derived], key=natural_key)
+        return list(self._names)
 
     def __contains__(self, name: str) -> bool:
         if name in self.derived:
@@ -240,6 +243,7 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     ckpt.derived = {k: d for k, d in view.items() if d.sources != (k,)}
     ckpt.hidden = {s for d in ckpt.derived.values() for s in d.sources}
     ckpt.hidden |= set(ckpt.names()) - set(view)  # buffers mlx-lm drops (GPT-2 attn.bias)
+    ckpt._names = None
     return ckpt
 
 

@@ -203,7 +203,7 @@ def mlx_to_hf(
                     fused = (shape[0], shape[1] + shapes[up][1], shape[2])
                     out.append((f"{prefix}.{fx.fused}.weight", Derived((name, up), "concat", fused)))  # fmt: skip
                 continue  # up_proj went into the fused tensor with its gate_proj
-        if "switch_mlp" in name or (len(shape) == 3 and ".experts." in name):
+        if _MLX_STACKED.search(name):
             raise CheckpointError(
                 f"{name}: no Hugging Face names are known for the stacked experts of model_type "
                 f"{model_type}; write it with --format mlx"
@@ -219,6 +219,13 @@ def mlx_to_hf(
     return out
 
 
+# mlx-lm's stacked expert modules (SwitchGLU / SwitchMLP); HF's own fused names
+# (``experts.gate_up_proj``) do not match.
+_MLX_STACKED = re.compile(
+    r"\.(switch_mlp|switch_glu)\.|\.experts\.(gate_proj|up_proj|down_proj|fc1|fc2)\.(weight|bias)$"
+)
+
+
 def _match_expert(name: str, ex: Experts) -> tuple[str, int, str, str] | None:
     pattern = re.escape(ex.per_expert).replace(r"\{e\}", r"(\d+)")
     m = re.match(rf"^(.*)\.{pattern}\.(\w+)\.(weight|bias|scales|biases)$", name)
@@ -231,14 +238,6 @@ def _match_expert(name: str, ex: Experts) -> tuple[str, int, str, str] | None:
 def _mlx_proj(hf_proj: str, ex: Experts) -> str:
     back = {v: k for k, v in ex.renames.items()}
     return back.get(hf_proj, hf_proj)
-
-
-def hf_expert_names(name: str, shape: tuple[int, ...], model_type: str | None) -> list[str] | None:
-    """Per-expert HF names for a stacked MLX expert tensor, or None if ``name`` is not one."""
-    if len(shape) != 3 or not isinstance(layout_of(model_type).experts, Experts):
-        return None
-    got = mlx_to_hf([(name, tuple(shape))], model_type)
-    return [n for n, _ in got] if got[0][1].op == "index" else None
 
 
 # Standard config keys and other architectures' names for them (GPT-2, GPT-J, MPT, Falcon).
@@ -260,6 +259,21 @@ _INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|embed_in|word_embedd
 def renumber_layer(name: str, new_index: int) -> str:
     """``name`` moved to decoder layer ``new_index`` (``model.h.3.attn...`` → ``model.h.0...``)."""
     return _LAYER.sub(rf"\g<1>\g<2>.{new_index}.", name, count=1)
+
+
+def layer_structure(names) -> dict[int, frozenset[str]]:
+    """Per decoder layer index, its tensor names with the index blanked (``model.layers.N.mlp...``).
+
+    Two layers with different structures (a dense MLP and MoE experts) cannot swap places: the
+    config describes each layer's kind by its index (DeepSeek ``first_k_dense_replace``,
+    Qwen-MoE ``mlp_only_layers``).
+    """
+    out: dict[int, set[str]] = {}
+    for name in names:
+        m = _LAYER.search(name)
+        if m is not None:
+            out.setdefault(int(m.group(3)), set()).add(_LAYER.sub(r"\g<1>\g<2>.N.", name, count=1))
+    return {i: frozenset(v) for i, v in out.items()}
 
 
 def is_input_embedding(name: str) -> bool:

@@ -188,6 +188,7 @@ def write_model(
         if source not in cache:
             got = compute(source)
             cache[source] = got.load() if isinstance(got, RawTensor) else got
+            mx.eval(cache[source])  # once, not once per expert slice taken from it
             if progress:
                 progress(source)
         x = cache[source]

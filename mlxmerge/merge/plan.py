@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.checkpoint import natural_key
-from mlxmerge.io.layout import is_input_embedding, renumber_layer
+from mlxmerge.io.layout import is_input_embedding, layer_structure, renumber_layer
 from mlxmerge.merge.recipe import Recipe, Slice, parse_recipe, resolve_parameter
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, get_method
 
@@ -68,6 +68,18 @@ def is_embedding(name: str) -> bool:
 def is_stacked_experts(name: str, shape: tuple[int, ...]) -> bool:
     # MLX layout stacks MoE experts as (n_experts, out, in) under switch_mlp / experts.
     return len(shape) == 3 and ("switch_mlp" in name or ".experts." in name)
+
+
+def _check_layer_kinds(tensors: list[PlannedTensor], donor: Checkpoint, donor_ref: str) -> None:
+    # The output's config.json is the donor's: each output layer must be the kind it describes.
+    want = layer_structure(donor.names())
+    for i, got in layer_structure(p.name for p in tensors).items():
+        if i in want and got != want[i]:
+            odd = min(got ^ want[i]).replace(".N.", f".{i}.")
+            raise RecipeError(
+                f"output layer {i} is not the kind of layer the config (from {donor_ref}) describes "
+                f"at index {i} (differs in {odd}); dense and MoE layers cannot swap places"
+            )
 
 
 def _has_layers(ckpt: Checkpoint) -> bool:
@@ -246,6 +258,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
             )
         seen.add(p.name)
     donor = ckpts[by_ref[base]] if base else ckpts[0]
+    _check_layer_kinds(tensors, donor, base or models[0])
     config = dict(donor.config)
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
     if embed is not None:
