@@ -74,7 +74,7 @@ LAYOUTS: dict[str, ArchLayout] = {
         mlx_prefix="model.",
         hf_prefixes=("transformer.", ""),
         transposed=r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$",
-        ignore=r"^h\.\d+\.attn\.(bias|masked_bias)$",
+        ignore=r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",
     ),
 }
 for _t in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "deepseek_v2", "deepseek_v3"):

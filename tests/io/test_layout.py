@@ -108,3 +108,14 @@ def test_frankenmerge_refuses_unknown_layer_naming(tmp_path):
         RecipeError, match="names its decoder layers in a way mlxmerge cannot slice"
     ):
         plan_merge(recipe)
+
+
+def test_gpt2_hub_names_map_to_mlx_names():
+    from mlxmerge.io.layout import hf_to_mlx
+
+    hf = {"transformer.h.0.attn.c_attn.weight": (8, 24), "transformer.h.0.attn.bias": (1, 1, 4, 4),
+          "h.1.attn.masked_bias": (), "transformer.wte.weight": (10, 8)}  # fmt: skip
+    view = hf_to_mlx(hf, "gpt2")
+    assert sorted(view) == ["model.h.0.attn.c_attn.weight", "model.wte.weight"]  # buffers dropped
+    d = view["model.h.0.attn.c_attn.weight"]
+    assert (d.op, d.shape) == ("transpose", (24, 8))  # Conv1D (in, out) → Linear (out, in)
