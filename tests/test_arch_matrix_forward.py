@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -214,3 +216,34 @@ def test_matrix_is_documented():
         row = rows[t if name == t else f"{t} ({name})"]
         assert row["sae collect"] == "yes" and row["eval"] == "yes", name
         assert row["abliterate"].startswith("refused" if name in REFUSED else "yes"), name
+
+
+def test_issue_rows_through_the_cli(models, tmp_path):
+    """Issue 9's forward-pass rows, as a user types them: Qwen2 sae collect and abliterate
+    (pipeline-style ``model.layers``), Gemma 2 batched generation (GQA with a 5-D mask)."""
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    qwen2, gemma2 = str(models("qwen2")), str(models("gemma2"))
+    (tmp_path / "t.txt").write_text("\n".join(TEXT))
+    rows = [{"prompt": p, "answer": "x"} for p in PROMPTS]
+    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    harmful, harmless = _prompts(tmp_path)
+    run = CliRunner().invoke
+
+    r = run(cli, ["sae", "collect", qwen2, "--layer", "1", "--data", str(tmp_path / "t.txt"),
+                  "-o", str(tmp_path / "acts"), "--tokens", "20"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["eval", gemma2, "--task", str(tmp_path / "gen.jsonl"), "--chat",
+                  "--max-tokens", "3", "--batch-size", "4", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["results"][0]["metrics"]["items"] == len(PROMPTS)
+    args = ["abliterate", qwen2, "--harmful", str(harmful), "--harmless", str(harmless),
+            "--batch-size", "4", "--max-tokens", "2", "--no-eval"]  # fmt: skip
+    r = run(cli, [*args, "-o", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "give --direction-layer N to force the edit" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "a").exists()
+    r = run(cli, [*args, "-o", str(tmp_path / "b"), "--direction-layer", "2"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b" / "abliteration.json").is_file()
