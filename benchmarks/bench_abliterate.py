@@ -50,7 +50,7 @@ def direction_speed(path: Path, n_prompts: int, batch_size: int) -> float:
     from mlxmerge.abliterate.directions import mean_residuals
     from mlxmerge.abliterate.hooks import Instrumented
     from mlxmerge.abliterate.prompts import bundled_prompts
-    from mlxmerge.eval.generation import chat_tokens, post_instruction_tokens
+    from mlxmerge.lm.chat import chat_tokens, post_instruction_tokens
 
     model, tok = load(str(path))
     inst = Instrumented(model, architecture("llama"))
@@ -75,9 +75,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    from mlxmerge.abliterate.toy_refuser import train_refusing_model
+    from mlxmerge.demo.tiny import build_model
+    from mlxmerge.demo.toy_refuser import train_refusing_model
     from mlxmerge.io import open_checkpoint
-    from mlxmerge.tiny import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -96,7 +96,7 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], fill: in
 
 
 def build_checkpoint(folder: Path, size_bytes: int) -> dict:
-    from mlxmerge.tiny import build_tokenizer, tiny_config
+    from mlxmerge.demo.tiny import build_tokenizer, tiny_config
 
     tensors, n_layers = plan_for(size_bytes)
     shards, used = [[]], 0

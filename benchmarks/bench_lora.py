@@ -32,7 +32,7 @@ import mlx.core as mx
 from bench_merge import io_floor, synthetic_model
 
 import mlxmerge  # noqa: F401  (OpenBLAS before mlx)
-from mlxmerge.tiny import build_tokenizer
+from mlxmerge.demo.tiny import build_tokenizer
 
 CHILD = r"""
 import json, resource, sys, time

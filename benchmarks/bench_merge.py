@@ -23,8 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxmerge  # noqa: F401  (OpenBLAS before mlx)
+from mlxmerge.demo.tiny import build_tokenizer
 from mlxmerge.io import ModelCard, write_model
-from mlxmerge.tiny import build_tokenizer
 
 HIDDEN, INTER, VOCAB = 2048, 5632, 32000
 

@@ -22,10 +22,10 @@ import mlx.optimizers as optim
 import numpy as np
 # isort: on
 
+from mlxmerge.demo.toy_sae import ToyData
 from mlxmerge.sae.metrics import mcc, mmcs
 from mlxmerge.sae.model import SAEConfig
 from mlxmerge.sae.pipeline import reconstruction_metrics
-from mlxmerge.sae.toy import ToyData
 from mlxmerge.sae.train import TrainConfig, Trainer, train_sae
 
 
@@ -54,8 +54,8 @@ def toy(args) -> None:
 
 def real(args) -> None:
     """Recipes on activations of a small locally built model (random weights: mechanics only)."""
+    from mlxmerge.demo.tiny import _corpus, build_model, build_tokenizer
     from mlxmerge.sae.activations import ActivationStore, collect
-    from mlxmerge.tiny import _corpus, build_model, build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -249,7 +249,7 @@ def arch_config(name: str) -> dict:
 
 def build_arch_tokenizer(folder: str | Path) -> Path:
     """A byte-level BPE tokenizer with a 300-token vocabulary (ChatML template)."""
-    from mlxmerge.tiny import build_tokenizer
+    from mlxmerge.demo.tiny import build_tokenizer
 
     return build_tokenizer(folder, vocab_size=VOCAB)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import mlxmerge  # noqa: F401  (loads OpenBLAS before mlx)
-from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
+from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
 
 
 def build_family(out: Path, seed: int = 0, spread: float = 0.02) -> dict[str, Path]:
@@ -30,7 +30,7 @@ def build_family(out: Path, seed: int = 0, spread: float = 0.02) -> dict[str, Pa
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """tokenizer, base, model_a and model_b (fine-tune-like perturbations of base), plus odd ones."""
-    from mlxmerge.tiny import build_model
+    from mlxmerge.demo.tiny import build_model
 
     root = tmp_path_factory.mktemp("family")
     paths = build_family(root, seed=0)

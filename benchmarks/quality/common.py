@@ -8,7 +8,7 @@ and three string tasks whose held-out answers are exact:
     copy        "cp kdab=" → "kdab"    (the 'pretraining' skill both experts start from)
 
 ``pretrain`` trains the base on copy plus a little of both tasks; ``finetune`` continues from a
-model folder on one task mixture. Models are written with ``mlxmerge.tiny.save_weights`` in
+model folder on one task mixture. Models are written with ``mlxmerge.demo.tiny.save_weights`` in
 float32, so ``mlx_lm.load`` and every mlxmerge command read them.
 """
 
@@ -27,7 +27,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 import mlxmerge  # noqa: F401  (loads OpenBLAS before mlx)
-from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
+from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
 
 log = logging.getLogger("quality")
 

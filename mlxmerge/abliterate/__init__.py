@@ -2,6 +2,5 @@
 
 from mlxmerge.abliterate.evaluate import refusals
 from mlxmerge.abliterate.pipeline import abliterate, orthogonalize_model
-from mlxmerge.abliterate.toy_refuser import train_refusing_model
 
-__all__ = ["abliterate", "orthogonalize_model", "refusals", "train_refusing_model"]
+__all__ = ["abliterate", "orthogonalize_model", "refusals"]

@@ -34,11 +34,17 @@ MOE = (
 )
 MIXTRAL = (
     Writer(r"block_sparse_moe\.switch_mlp\.down_proj", "mlp"),
-    Writer(r"block_sparse_moe\.experts\.\d+\.w2", "mlp"),
+    Writer(r"block_sparse_moe\.experts\.\d+\.w2", "mlp"),  # HF Mixtral, PhiMoE
+    Writer(r"block_sparse_moe\.output_linear", "mlp"),  # HF GraniteMoE: fused (E, d_model, d_ff)
 )
 GEMMA_POST = (
     Writer(r"self_attn\.o_proj", "attn", "post_attention_layernorm"),
     Writer(r"mlp\.down_proj", "mlp", "post_feedforward_layernorm"),
+)
+
+GLM4_POST = (
+    Writer(r"self_attn\.o_proj", "attn", "post_self_attn_layernorm"),
+    Writer(r"mlp\.down_proj", "mlp", "post_mlp_layernorm"),
 )
 
 
@@ -66,10 +72,28 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_moe": Architecture((ATTN, MLP, *MOE)),
     "qwen3_moe": Architecture((ATTN, MLP, *MOE)),
     "mixtral": Architecture((ATTN, *MIXTRAL)),
+    "phimoe": Architecture((ATTN, *MIXTRAL)),
+    "granitemoe": Architecture((ATTN, *MIXTRAL)),
+    "cohere": STANDARD,  # parallel block: both writers add to the same residual
+    "starcoder2": Architecture((ATTN, Writer(r"mlp\.c_proj", "mlp"))),
+    "deepseek_v2": Architecture((ATTN, MLP, *MOE)),  # dense first layers, then experts
+    "deepseek_v3": Architecture((ATTN, MLP, *MOE)),
+    "olmoe": Architecture((ATTN, *MOE)),
+    "stablelm": STANDARD,
+    "smollm3": STANDARD,
+    "seed_oss": STANDARD,
+    "ernie4_5": STANDARD,
+    "phi": Architecture((Writer(r"self_attn\.dense", "attn"), Writer(r"mlp\.fc2", "mlp"))),
+    "glm4": Architecture(GLM4_POST),
+    # Names are mlxmerge's canonical (MLX) ones: HF GPT-2's transposed Conv1D weights are read
+    # and written through mlxmerge.io.layout, so W is (d_model, d_in) here as for Linear.
+    "gpt2": Architecture(
+        (Writer(r"attn\.c_proj", "attn"), Writer(r"mlp\.c_proj", "mlp")), embedding="wte"
+    ),
 }
 
 _LAYER = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<module>.+)\.(?P<kind>weight|bias)$"
+    r"^(?P<prefix>(?:.*\.)?(?:layers|h)\.(?P<layer>\d+))\.(?P<module>.+)\.(?P<kind>weight|bias)$"
 )
 
 
@@ -77,8 +101,9 @@ def architecture(model_type: str | None) -> Architecture:
     """The residual-writer entry for ``model_type``; a clear error when there is none."""
     if model_type not in ARCHITECTURES:
         raise MlxmergeError(
-            f"no residual-writer entry for model_type {model_type!r}; known: "
-            f"{', '.join(sorted(ARCHITECTURES))} (add one to mlxmerge.abliterate.architectures)"
+            f"abliterate does not support model_type {model_type!r}: no residual-writer entry "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}; add one to "
+            "mlxmerge.abliterate.architectures)"
         )
     return ARCHITECTURES[model_type]
 

@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.abliterate.hooks import Instrumented
-from mlxmerge.eval.divergence import kl_divergence, log_softmax
-from mlxmerge.eval.generation import batches, last_logits, make_batch_cache, pad_left
+from mlxmerge.lm.generate import batches, forward, last_logits, make_batch_cache, pad_left
+from mlxmerge.lm.logprobs import kl_divergence, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,13 @@ def mean_residuals(
 ) -> np.ndarray:  # fmt: skip
     """Mean residual stream at the last ``n_positions`` positions, (L+1, P, d) in float64."""
     n_layers = len(inst.probes)
+    last = slice(-n_positions, None)
     total = None
     for idx in batches(token_lists, batch_size, inst.model):
         tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
         for probe in inst.probes:
-            probe.slot.record, probe.slot.inputs, probe.slot.outputs = n_positions, [], []
-        inst.model(tokens, cache=make_batch_cache(inst.model, padding))
+            probe.slot.record, probe.slot.inputs, probe.slot.outputs = last, [], []
+        forward(inst.model, tokens, make_batch_cache(inst.model, padding))
         points = [inst.probes[i].slot.inputs[0] for i in range(n_layers)]
         points.append(inst.probes[-1].slot.outputs[0])
         acts = mx.stack(points).astype(mx.float32)  # (L+1, B, P, d)
@@ -43,7 +44,7 @@ def mean_residuals(
         if progress:
             progress(len(idx))
     for probe in inst.probes:
-        probe.slot.record, probe.slot.inputs, probe.slot.outputs = 0, [], []
+        probe.slot.record, probe.slot.inputs, probe.slot.outputs = None, [], []
     return total / len(token_lists)
 
 
@@ -64,6 +65,8 @@ def unit_np(v: np.ndarray) -> np.ndarray:
 
 def refusal_score(logits: mx.array, refusal_ids: Sequence[int], eps: float = 1e-8) -> mx.array:
     """Per-prompt log-odds of starting with a refusal token: log p_R − log(1 − p_R)."""
+    if not refusal_ids:  # a forced edit on a model that refuses nothing: no refusal to score
+        return mx.zeros((logits.shape[0],))
     p = mx.exp(log_softmax(logits))
     p_r = mx.sum(p[:, mx.array(list(refusal_ids))], axis=-1)
     return mx.log(p_r + eps) - mx.log(1 - p_r + eps)

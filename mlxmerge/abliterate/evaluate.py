@@ -6,12 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlxmerge.abliterate.prompts import bundled_prompts
-from mlxmerge.eval.divergence import kl_divergence, perplexity
-from mlxmerge.eval.generation import chat_tokens, check_chat_template, last_logits, pad_token_id
+from mlxmerge.eval.divergence import perplexity
 from mlxmerge.eval.prompts import read_prompts
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import open_checkpoint
 from mlxmerge.io.documents import read_documents
+from mlxmerge.lm.chat import chat_tokens, check_chat_template, pad_token_id
+from mlxmerge.lm.generate import last_logits
+from mlxmerge.lm.logprobs import kl_divergence
 
 Progress = Callable[[str, int, int], None]
 
@@ -29,7 +31,7 @@ def refusals(
     ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless answers.
     """
     from mlxmerge.abliterate.pipeline import _tick, answer_texts
-    from mlxmerge.lora.fused import load_mlx_lm
+    from mlxmerge.lm.load import load
 
     refs = [model] + ([compare] if compare else [])
     for ref in refs:
@@ -43,7 +45,7 @@ def refusals(
                  "models": {}}  # fmt: skip
     answers, logits = {}, {}
     for ref in refs:
-        net, tok = load_mlx_lm(open_checkpoint(ref))  # base+adapter: the adapter applied
+        net, tok = load(open_checkpoint(ref), verb="refusals")  # base+adapter: adapter applied
         check_chat_template(tok, template)
         ht = chat_tokens(tok, harm, system=system, chat_template=template)
         gt = chat_tokens(tok, good, system=system, chat_template=template)

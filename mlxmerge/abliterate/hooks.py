@@ -1,10 +1,10 @@
-"""Inference-time probes and edits, swapped into a loaded mlx-lm model (MLX has no hooks).
+"""Inference-time edits of the residual writers, swapped into a loaded mlx-lm model.
 
-``LayerProbe`` wraps ``model.layers[i]``: records its input and output at the last positions,
-and can add a vector to its input (activation addition). ``OutputProjection`` wraps a residual
-writer (``o_proj``, ``down_proj``, stacked experts) and returns ``y − λ r (rᵀ y)``, which equals
-running the orthogonalized weight ``(I − λ r rᵀ) W`` (bias included) on any ``Linear``,
-``QuantizedLinear`` or ``SwitchLinear``: trials cost no weight copies and no requantization.
+Layer inputs and outputs are read (and vectors added) through ``mlxmerge.lm.blocks`` probes.
+``OutputProjection`` wraps a residual writer (``o_proj``, ``down_proj``, stacked experts) and
+returns ``y − λ r (rᵀ y)``, which equals running the orthogonalized weight ``(I − λ r rᵀ) W``
+(bias included) on any ``Linear``, ``QuantizedLinear`` or ``SwitchLinear``: trials cost no
+weight copies and no requantization.
 """
 
 from __future__ import annotations
@@ -16,59 +16,24 @@ import mlx.core as mx
 from mlx import nn
 
 from mlxmerge.abliterate.architectures import Architecture
+from mlxmerge.lm.blocks import Slot, Transparent, decoder_blocks, probes
 
 
-class _Slot:
+class _Edit:
     """Plain Python state kept out of the module tree (so it is not a parameter)."""
 
     def __init__(self):
-        self.record = 0
-        self.inputs: list[mx.array] = []
-        self.outputs: list[mx.array] = []
-        self.add: mx.array | None = None
         self.r: mx.array | None = None
         self.strength = 0.0
 
 
-class _Transparent(nn.Module):
-    """Attributes the wrapper lacks come from the wrapped module (``layer.use_sliding`` etc.)."""
-
-    def __getattr__(self, key):
-        try:
-            return super().__getattr__(key)
-        except AttributeError:
-            for name in ("layer", "inner"):
-                if name in self:
-                    return getattr(self[name], key)
-            raise
-
-
-class LayerProbe(_Transparent):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.slot = _Slot()
-
-    def __call__(self, x, *args, **kwargs):
-        s = self.slot
-        if s.add is not None:
-            x = x + s.add.astype(x.dtype)
-        if s.record:
-            s.inputs.append(x[:, -s.record :, :])
-        out = self.layer(x, *args, **kwargs)
-        if s.record:
-            h = out[0] if isinstance(out, tuple) else out
-            s.outputs.append(h[:, -s.record :, :])
-        return out
-
-
-class OutputProjection(_Transparent):
+class OutputProjection(Transparent):
     def __init__(self, inner: nn.Module, component: str, gain: mx.array | None):
         super().__init__()
         self.inner = inner
-        self.slot = _Slot()
         self.component = component
         self.gain = gain  # post-norm gain, or None
+        self.slot = _Edit()
 
     def __call__(self, x, *args, **kwargs):
         y = self.inner(x, *args, **kwargs)
@@ -77,10 +42,6 @@ class OutputProjection(_Transparent):
             return y
         r = s.r.astype(y.dtype)
         return y - s.strength * (y @ r)[..., None] * r
-
-
-def _module_paths(module: nn.Module) -> dict[str, nn.Module]:
-    return dict(module.named_modules())
 
 
 def _set_child(root: nn.Module, path: str, value: nn.Module) -> None:
@@ -95,25 +56,20 @@ def _set_child(root: nn.Module, path: str, value: nn.Module) -> None:
 
 
 class Instrumented:
-    """A model with probes on every layer and projections on every residual writer."""
+    """A model with probes on every decoder block and projections on every residual writer."""
 
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model = model
-        self.layers = model.layers
-        self.originals = list(self.layers)
-        self.probes = [LayerProbe(layer) for layer in self.originals]
+        self.originals = list(decoder_blocks(model, "abliterate"))
+        self.probes: list = []
         # per layer: list of (path, original module, wrapper)
         self.writers: list[list[tuple[str, nn.Module, OutputProjection]]] = []
         for layer in self.originals:
-            modules = _module_paths(layer)
+            modules = dict(layer.named_modules())
             found = []
             for w in arch.writers:
                 for path, m in modules.items():
-                    if (
-                        path
-                        and re.fullmatch(w.pattern, path)
-                        and not isinstance(m, OutputProjection)
-                    ):
+                    if path and re.fullmatch(w.pattern, path):
                         gain = None
                         if w.post_norm:
                             norm = modules[w.post_norm]
@@ -123,29 +79,24 @@ class Instrumented:
 
     @contextmanager
     def installed(self):
-        for i, probe in enumerate(self.probes):
-            self.layers[i] = probe
-            for path, _, wrapper in self.writers[i]:
-                _set_child(probe.layer, path, wrapper)
-        if self.model.layers[0] is not self.probes[0]:
-            raise NotImplementedError(
-                f"{type(self.model).__module__}: model.layers is a copy; cannot swap in probes"
-            )
-        try:
-            yield self
-        finally:
+        with probes(self.model, verb="abliterate") as installed:
+            self.probes = [installed[i] for i in range(len(self.originals))]
             for i, layer in enumerate(self.originals):
-                for path, m, _ in self.writers[i]:
-                    _set_child(layer, path, m)
-                self.layers[i] = layer
-            self.reset()
+                for path, _, wrapper in self.writers[i]:
+                    _set_child(layer, path, wrapper)
+            try:
+                yield self
+            finally:
+                for i, layer in enumerate(self.originals):
+                    for path, m, _ in self.writers[i]:
+                        _set_child(layer, path, m)
+                self.reset()
+                self.probes = []
 
     def reset(self) -> None:
         for probe in self.probes:
-            probe.slot = _Slot()
-        for found in self.writers:
-            for _, _, wrapper in found:
-                wrapper.slot = _Slot()
+            probe.slot = Slot()
+        self.clear_ablation()
 
     def set_ablation(self, directions, attn: list[float], mlp: list[float]) -> None:
         """Project ``directions[i]`` (or one shared direction) out of layer i's writers, λ per component."""

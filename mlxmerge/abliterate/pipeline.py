@@ -26,18 +26,17 @@ from mlxmerge.abliterate.orthogonalize import (
 from mlxmerge.abliterate.prompts import prompt_set
 from mlxmerge.abliterate.report import card_markdown, public_report, rewrite_report
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.eval.generation import (
-    chat_tokens,
-    check_chat_template,
-    eos_token_ids,
-    generate_tokens,
-    last_logits,
-    pad_token_id,
-    post_instruction_tokens,
-)  # fmt: skip
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, write_model
 from mlxmerge.io.output import check_output
+from mlxmerge.lm.chat import (
+    chat_tokens,
+    check_chat_template,
+    eos_token_ids,
+    pad_token_id,
+    post_instruction_tokens,
+)  # fmt: skip
+from mlxmerge.lm.generate import generate_tokens, last_logits
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +181,9 @@ def abliterate(
         if not ps.val or not ps.test:
             raise MlxmergeError(f"{name} prompts ({ps.source}): too few to split train/val/test")
 
-    from mlxmerge.lora.fused import load_mlx_lm
+    from mlxmerge.lm.load import load
 
-    net, tokenizer = load_mlx_lm(ckpt)  # base+adapter: the adapter applied
+    net, tokenizer = load(ckpt, verb="abliterate")  # base+adapter: the adapter applied
     check_chat_template(tokenizer, template)
     pad = pad_token_id(tokenizer)
     toks = {
@@ -231,13 +230,20 @@ def abliterate(
         )  # fmt: skip
         refusal_ids = refusal_first_tokens(tokenizer, harmful_val, val_answers, markers)
         base_val_refusal = sum(is_refusal(a, markers) for a in val_answers) / len(val_answers)
-        if not refusal_ids:
+        if not refusal_ids and fixed_point is None:
             raise MlxmergeError(
                 f"{model} refuses none of the {len(harmful_val)} harmful validation prompts by "
                 "the refusal markers. If it does refuse in words the markers miss (another "
                 "language or phrasing), pass --markers FILE with its own refusal openings "
                 "(one per line), or give the direction's layer explicitly with --direction-layer"
             )
+        if not refusal_ids:
+            # The user chose the direction: edit anyway; refusal scores are then uninformative.
+            log.warning(
+                "%s refuses none of the %d harmful validation prompts (by the refusal markers); "
+                "--direction-layer %d given, so the difference-of-means direction there is "
+                "removed anyway", model, len(harmful_val), fixed_point,
+            )  # fmt: skip
         report["refusal_tokens"] = [tokenizer.decode([i]) for i in refusal_ids]
 
         # 3. Candidates scored by measurement.
@@ -348,10 +354,11 @@ def orthogonalize_model(
         attn_weights = [strength if i in edit else 0.0 for i in range(n_layers)]
         mlp_weights = list(attn_weights)
     directions = np.asarray(direction, dtype=np.float32)
-    if directions.shape[-1] != int(ckpt.config_value("hidden_size", directions.shape[-1])):
+    _, hidden = ckpt.config_field("hidden_size")  # GPT-2: n_embd
+    if hidden is not None and directions.shape[-1] != int(hidden):
         raise MlxmergeError(
             f"direction has {directions.shape[-1]} dimensions but the model's hidden size is "
-            f"{ckpt.config_value('hidden_size')}"
+            f"{hidden}"
         )
     out_dtype = getattr(mx, dtype)
     names = ckpt.names()
@@ -418,14 +425,13 @@ def orthogonalize_model(
 
 def _before_after(base, tokenizer, output, toks, *, max_tokens, batch_size, markers, progress,
                   base_path=None):  # fmt: skip
-    from mlx_lm import load
-
-    from mlxmerge.eval.divergence import kl_divergence
+    from mlxmerge.lm.load import load
+    from mlxmerge.lm.logprobs import kl_divergence
 
     if base_path:  # an adapter: the base with the LoRA applied, as users will load it
-        edited, _ = load(base_path, adapter_path=str(output))
+        edited, _ = load(base_path, adapter_path=output, verb="abliterate")
     else:
-        edited, _ = load(str(output))
+        edited, _ = load(output, verb="abliterate")
     pad = pad_token_id(tokenizer)
     res = {}
     answers = {}

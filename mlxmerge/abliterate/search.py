@@ -23,9 +23,10 @@ import numpy as np
 from mlxmerge.abliterate.directions import unit_np
 from mlxmerge.abliterate.hooks import Instrumented
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.eval.divergence import kl_divergence
-from mlxmerge.eval.generation import eos_token_ids, generate_tokens, last_logits
 from mlxmerge.eval.refusal import is_refusal
+from mlxmerge.lm.chat import eos_token_ids
+from mlxmerge.lm.generate import generate_tokens, last_logits
+from mlxmerge.lm.logprobs import kl_divergence
 
 # name: (low, high) as fractions of the layer count where marked "L".
 SPACE = {

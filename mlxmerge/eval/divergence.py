@@ -1,26 +1,10 @@
-"""First-token KL divergence and perplexity, from raw logits in float32.
-
-KL(P ‖ Q) = Σ_v p_v (log p_v − log q_v) with log p = log_softmax(raw logits). Raw logits, not
-sampler-processed scores, which can hold −inf and give NaN (heretic #346).
-"""
+"""Perplexity of a model on plain texts (used by ``refusals``); KL lives in ``mlxmerge.lm``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import mlx.core as mx
 from mlx import nn
-
-
-def log_softmax(logits: mx.array) -> mx.array:
-    x = logits.astype(mx.float32)
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
-def kl_divergence(base_logits: mx.array, new_logits: mx.array) -> mx.array:
-    """KL(base ‖ new) per row of (n, vocab) raw logits."""
-    lp, lq = log_softmax(base_logits), log_softmax(new_logits)
-    return mx.sum(mx.exp(lp) * (lp - lq), axis=-1)
 
 
 def perplexity(

@@ -31,6 +31,9 @@ from mlxmerge.eval.tasks import (
     compile_extract,
     extract_answer,
 )
+from mlxmerge.lm.chat import chat_tokens, eos_token_ids, pad_token_id
+from mlxmerge.lm.generate import Sample, sample
+from mlxmerge.lm.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +42,6 @@ Progress = Callable[[int], None] | None
 
 
 # -- log-likelihood -----------------------------------------------------------------------------
-
-
-def _log_probs(models: Sequence[nn.Module], tokens: mx.array, **kwargs) -> mx.array:
-    """Next-token log-probabilities (float32), averaged in probability space over ``models``."""
-    outs = [nn.log_softmax(m(tokens, **kwargs).astype(mx.float32), axis=-1) for m in models]
-    if len(outs) == 1:
-        return outs[0]
-    return mx.logsumexp(mx.stack(outs), axis=0) - math.log(len(outs))
-
-
-def token_logprobs(
-    models: Sequence[nn.Module], sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
-    pad_id: int = 0, progress: Progress = None,
-) -> list[np.ndarray]:  # fmt: skip
-    """``log p(s[t] | s[:t])`` for t = 1..len(s)-1 of every sequence (float32 arrays)."""
-    if batch_size < 1:
-        raise MlxmergeError(f"batch size must be at least 1 (got {batch_size})")
-    out: list[np.ndarray | None] = [None] * len(sequences)
-    # Right padding: causal attention keeps pad tokens out of every real position.
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        n = max(len(sequences[i]) for i in idx)
-        rows = [list(sequences[i]) + [pad_id] * (n - len(sequences[i])) for i in idx]
-        tokens = mx.array(rows, dtype=mx.int32)
-        lp = _log_probs(models, tokens[:, :-1])  # (batch, n-1, vocab)
-        picked = mx.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-        picked = np.array(picked)
-        for j, i in enumerate(idx):
-            out[i] = picked[j, : len(sequences[i]) - 1]
-        mx.clear_cache()
-        if progress:
-            progress(len(idx))
-    return out
 
 
 def document_windows(tokenizer, documents: Sequence[str], max_length: int) -> list[list[int]]:
@@ -143,84 +112,6 @@ def choice_scores(models, items, requests, **kw) -> dict:
 
 
 # -- generation -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    tokens: list[int]
-    """Generated tokens, without the stop token."""
-    cost: int
-    """Forward steps spent (tokens generated, the stop token included)."""
-    logprob: float
-    """Σ log p of the generated tokens (and the stop token) under the model, untempered."""
-
-
-def _pick(lp: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
-    if temperature <= 0:
-        return mx.argmax(lp, axis=-1)
-    logits = lp / temperature
-    if top_p < 1.0:
-        # Keep the smallest set of tokens whose probability reaches top_p.
-        probs = mx.softmax(logits, axis=-1)
-        order = mx.argsort(-probs, axis=-1)
-        sorted_p = mx.take_along_axis(probs, order, axis=-1)
-        before = mx.cumsum(sorted_p, axis=-1) - sorted_p
-        drop_sorted = before >= top_p
-        inverse = mx.argsort(order, axis=-1)
-        drop = mx.take_along_axis(drop_sorted, inverse, axis=-1)
-        logits = mx.where(drop, -mx.inf, logits)
-    return mx.random.categorical(logits, axis=-1, key=key)
-
-
-def sample(
-    models: Sequence[nn.Module], token_lists: Sequence[Sequence[int]], *, eos_ids: set[int],
-    n: int = 1, max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-    pad_id: int = 0, batch_size: int = 16, progress: Progress = None,
-) -> list[list[Sample]]:  # fmt: skip
-    """``n`` continuations of every prompt (greedy when ``temperature`` is 0), batched, left-padded."""
-    from mlxmerge.eval.generation import batches, make_batch_cache, pad_left
-
-    rows = [(p, s) for p in range(len(token_lists)) for s in range(n)]
-    flat = [token_lists[p] for p, _ in rows]
-    out: list[list[Sample | None]] = [[None] * n for _ in token_lists]
-    for b, idx in enumerate(batches(flat, batch_size, models[0])):
-        tokens, padding = pad_left([flat[i] for i in idx], pad_id)
-        caches = [make_batch_cache(m, padding) for m in models]
-        gen = [[] for _ in idx]
-        score = [0.0] * len(idx)
-        cost = [0] * len(idx)
-        done = [False] * len(idx)
-        keys = mx.random.split(mx.random.key(seed * 100_003 + b), max_tokens)
-        y = tokens
-        for step in range(max_tokens):
-            outs = [nn.log_softmax(m(y, cache=c)[:, -1, :].astype(mx.float32), axis=-1)
-                    for m, c in zip(models, caches)]  # fmt: skip
-            lp = (
-                outs[0] if len(outs) == 1 else mx.logsumexp(mx.stack(outs), 0) - math.log(len(outs))
-            )
-            t = _pick(lp, temperature, top_p, keys[step])
-            t = t.astype(mx.int32)
-            chosen = mx.take_along_axis(lp, t[:, None], axis=-1)[:, 0]
-            mx.eval(t, chosen)
-            for j, (tok, l) in enumerate(zip(t.tolist(), chosen.tolist())):
-                if done[j]:
-                    continue
-                cost[j] += 1
-                score[j] += l
-                if tok in eos_ids:
-                    done[j] = True
-                else:
-                    gen[j].append(tok)
-            if all(done):
-                break
-            y = t[:, None]
-        for j, i in enumerate(idx):
-            p, s = rows[i]
-            out[p][s] = Sample(gen[j], cost[j], score[j])
-        mx.clear_cache()
-        if progress:
-            progress(len(idx))
-    return out
 
 
 def vote_budgets(n: int) -> list[int]:
@@ -307,8 +198,6 @@ def prepare(task: Task, tokenizer, *, max_length: int = 512, chat: bool = False,
         return Prepared(task, requests=choice_requests(tokenizer, task.items))
     prompts = [it.prompt for it in task.items]
     if chat:
-        from mlxmerge.eval.generation import chat_tokens
-
         return Prepared(task, prompts=chat_tokens(tokenizer, prompts, system=system))
     return Prepared(task, prompts=[tokenizer.encode(p) for p in prompts])
 
@@ -326,8 +215,6 @@ def score_task(
     temperature: float | None = None, top_p: float = 1.0, seed: int = 0, progress: Progress = None,
 ) -> dict:  # fmt: skip
     """All metrics of one task for one model (or an ensemble of ``models``)."""
-    from mlxmerge.eval.generation import eos_token_ids, pad_token_id
-
     task = prepared.task
     pad = pad_token_id(tokenizer)
     if task.kind == PERPLEXITY:
@@ -364,10 +251,9 @@ def work_units(prepared: Prepared, samples: int = 1) -> int:
 
 def load_model(ref: str):
     """(model, tokenizer) through mlx-lm, after validating the checkpoint's headers."""
-    from mlxmerge.io import open_checkpoint
-    from mlxmerge.lora.fused import load_mlx_lm
+    from mlxmerge.lm.load import load
 
-    return load_mlx_lm(open_checkpoint(ref))  # base+adapter: the adapter applied
+    return load(ref, verb="eval")
 
 
 def tokenizer_key(path) -> str:
@@ -412,6 +298,7 @@ def evaluate(
     tokenizer share the tokenized tasks. ``progress(label, done, total)`` is called per batch."""
     from mlxmerge.eval.tasks import load_task
     from mlxmerge.io import open_checkpoint
+    from mlxmerge.lm.load import check_supported
 
     tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
     seen: Counter = Counter()
@@ -426,7 +313,10 @@ def evaluate(
     if samples > 1 and not any(t.kind == GENERATION for t in tasks):
         raise MlxmergeError("--samples needs a generation task (.jsonl with prompt and answer)")
     compile_extract(extract)
-    paths = [open_checkpoint(m).path for m in models]  # every header checked before any load
+    ckpts = [open_checkpoint(m) for m in models]  # every header checked before any load
+    for ckpt in ckpts:
+        check_supported(ckpt.model_type, "eval")
+    paths = [c.path for c in ckpts]
     cache: dict[tuple[str, str], Prepared] = {}
     results = []
     for ref, path in zip(models, paths):

@@ -44,39 +44,23 @@ def last_token_layer_inputs(
     batch cache (padding masked, RoPE offsets per row), so each row equals its unpadded forward.
     The one place that captures activations for MoE routers: swap in the shared layer here.
     """
-    from mlxmerge.abliterate.hooks import LayerProbe
-    from mlxmerge.eval.generation import batches, make_batch_cache, pad_left
+    from mlxmerge.lm.blocks import probes
+    from mlxmerge.lm.generate import batches, make_batch_cache, pad_left
 
-    layers = _layer_list(model)
-    originals = list(layers)
-    probes = [LayerProbe(layer) for layer in originals]
     rows: list[np.ndarray | None] = [None] * len(token_lists)
-    try:
-        for i, p in enumerate(probes):
-            p.slot.record = 1
-            layers[i] = p
+    with probes(model, verb="moe") as found:
+        order = sorted(found)
+        for i in order:
+            found[i].slot.record = slice(-1, None)  # the last position: prompts are left-padded
         for idx in batches(token_lists, batch_size, model):
             # The pad id does not matter: padded positions are masked out.
             tokens, padding = pad_left([token_lists[i] for i in idx], 0)
             model(tokens, cache=make_batch_cache(model, padding))
-            if any(not p.slot.inputs for p in probes):
-                raise NotImplementedError(f"{type(model).__module__}: cannot capture its layers")
-            h = mx.stack([p.slot.inputs.pop()[:, -1, :] for p in probes], axis=1)
+            h = mx.stack([found[i].slot.inputs.pop()[:, -1, :] for i in order], axis=1)
             h = np.array(h.astype(mx.float32))  # (batch, n_layers, hidden)
             for j, i in enumerate(idx):
                 rows[i] = h[j]
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
     return np.stack(rows)
-
-
-def _layer_list(model) -> list:
-    # Models with pipeline support return a slice copy from ``model.layers``; swap into the
-    # list the inner model really iterates.
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return layers if isinstance(layers, list) else model.layers
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Residual-stream activations: capture them from an mlx-lm model, cache them, read them back.
 
-MLX has no forward hooks, so a small wrapper is swapped into ``model.layers[i]`` for the forward
-pass; block i's output is HF ``hidden_states[i + 1]`` (SAELens ``blocks.{i}.hook_resid_post``).
+MLX has no forward hooks, so a probe (``mlxmerge.lm.blocks``) is swapped into decoder block i for
+the forward pass; block i's output is HF ``hidden_states[i + 1]`` (SAELens ``blocks.{i}.hook_resid_post``).
 Text is packed into rows of ``context_size`` tokens, each starting with BOS; BOS and other special
 tokens are left out of what is stored. One forward pass fills every requested layer.
 
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +24,9 @@ import numpy as np
 
 from mlxmerge.io.documents import split_documents
 from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.lm.blocks import decoder_blocks, probes
+from mlxmerge.lm.chat import special_ids
+from mlxmerge.lm.load import hidden_size
 from mlxmerge.sae.model import SAEError
 
 log = logging.getLogger(__name__)
@@ -55,19 +59,18 @@ def read_texts(data: str | os.PathLike) -> list[str]:
     return texts
 
 
-def load_model(model_path: str | os.PathLike):
-    """``(model, tokenizer)`` through mlx-lm, with a clear error for a missing folder."""
-    from mlx_lm import load
+def load_model(model_path: str | os.PathLike, verb: str = "sae"):
+    """``(model, tokenizer)`` through ``mlxmerge.lm``, with a clear error for a missing folder."""
+    from mlxmerge.lm.load import load
 
     path = Path(model_path).expanduser()
     if not (path / "config.json").is_file():
         raise SAEError(f"{path}: not a model folder (no config.json)")
-    model, tokenizer = load(str(path))
-    return model, tokenizer
+    return load(path, verb=verb)
 
 
 def check_layers(model, layers: list[int]) -> list[int]:
-    n = len(model.layers)
+    n = len(decoder_blocks(model, "sae"))
     if not layers:
         raise SAEError("no --layer given")
     for i in layers:
@@ -76,53 +79,37 @@ def check_layers(model, layers: list[int]) -> list[int]:
     return sorted(set(layers))
 
 
-class _Capture:
-    """Stands in for ``model.layers[i]``: runs the block and keeps its output."""
+class _Latest(dict):
+    """{layer: block output of the latest forward pass}, read from the probes' records."""
 
-    def __init__(self, block, sink: dict, index: int, edit=None):
-        self.block, self.sink, self.index, self.edit = block, sink, index, edit
+    def __init__(self):
+        super().__init__()
+        self.sources = {}
 
-    def __call__(self, x, *args, **kwargs):
-        out = self.block(x, *args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out
-        if self.edit is not None:  # steering / splicing: replace the block's output
-            h = self.edit(h)
-            out = (h, *out[1:]) if isinstance(out, tuple) else h
-        self.sink[self.index] = h
-        return out
+    def __getitem__(self, i):
+        got = self.sources[i].outputs
+        if len(got) > 1:  # keep memory flat across forward passes
+            del got[:-1]
+        return got[-1]
 
-    def __getattr__(self, name):  # mlx-lm code may read attributes of the block
-        return getattr(self.block, name)
+    def __contains__(self, i):
+        return i in self.sources and bool(self.sources[i].outputs)
 
 
-class capture_layers:
-    """Context manager: swap capture wrappers into ``model.layers`` and restore them on exit.
+@contextmanager
+def capture_layers(model, layers: list[int], edits: dict | None = None, *, record: bool = True):
+    """Swap probes into the blocks ``layers``; yields {layer: block output} after each forward.
 
-    ``edits`` maps a layer to a function applied to its output (used for splicing and steering).
+    ``edits`` maps a layer to a function applied to its output (used for splicing and steering);
+    ``record=False`` only edits (generation: nothing piles up across decoding steps).
     """
-
-    def __init__(self, model, layers: list[int], edits: dict | None = None):
-        self.model, self.layers, self.edits = model, layers, edits or {}
-        self.outputs: dict[int, mx.array] = {}
-
-    def __enter__(self):
-        self._orig = {i: self.model.layers[i] for i in self.layers}
-        for i in self.layers:
-            self.model.layers[i] = _Capture(self._orig[i], self.outputs, i, self.edits.get(i))
-        return self.outputs
-
-    def __exit__(self, *exc):
-        for i, block in self._orig.items():
-            self.model.layers[i] = block
-
-
-def special_ids(tokenizer) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(tokenizer, name, None)
-        if isinstance(v, int):
-            ids.add(v)
-    return ids
+    outputs = _Latest()
+    with probes(model, layers, verb="sae") as found:
+        for i, probe in found.items():
+            probe.slot.record = slice(None) if record else None
+            probe.slot.edit = (edits or {}).get(i)
+            outputs.sources[i] = probe.slot
+        yield outputs
 
 
 def pack_sequences(tokenizer, texts: list[str], context_size: int, max_tokens: int) -> np.ndarray:
@@ -185,13 +172,9 @@ def collect(
         raise SAEError(f"dtype {dtype!r}: use float32 or float16")
     texts = read_texts(data)
     target = check_output(out, inputs=[model], force=force)
-    m, tok = load_model(model)
+    m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
-    d_in = (
-        int(m.layers[0].self_attn.o_proj.weight.shape[0])
-        if hasattr(m.layers[0], "self_attn")
-        else None
-    )
+    d_in = hidden_size(m)
     with atomic_folder(target) as tmp:
         buf = {i: [] for i in layers}
         ids_buf, idx_buf, shards, n_total = [], [], [], 0

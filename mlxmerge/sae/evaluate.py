@@ -14,13 +14,11 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.sae.activations import (
-    capture_layers,
-    load_model,
-    pack_sequences,
-    read_texts,
-    special_ids,
-)
+from mlxmerge.lm.blocks import decoder_blocks
+from mlxmerge.lm.chat import special_ids
+from mlxmerge.lm.load import hidden_size
+from mlxmerge.lm.logprobs import cross_entropy, kl_divergence
+from mlxmerge.sae.activations import capture_layers, load_model, pack_sequences, read_texts
 from mlxmerge.sae.metrics import FVU_FORMULA, ReconstructionStats
 from mlxmerge.sae.model import SAEConfig, SAEError, decode, encode
 from mlxmerge.sae.saelens import load_sae
@@ -35,35 +33,23 @@ def check_fits(cfg: SAEConfig, model, layer: int | None) -> int:
     layer = cfg.hook_layer if layer is None else layer
     if layer is None:
         raise SAEError("the SAE's cfg.json names no blocks.{i}.hook_resid_post; pass --layer")
-    n = len(model.layers)
+    n = len(decoder_blocks(model, "sae"))
     if not 0 <= layer < n:
         raise SAEError(f"layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
-    d_model = _hidden_size(model)
+    d_model = hidden_size(model)
     if d_model is not None and d_model != cfg.d_in:
         raise SAEError(f"the SAE reads d_in={cfg.d_in} but the model's residual stream is "
                        f"{d_model} wide; it was trained on another model")  # fmt: skip
     return layer
 
 
-def _hidden_size(model) -> int | None:
-    args = getattr(model, "args", None)
-    for key in ("hidden_size", "d_model", "dim"):
-        if args is not None and isinstance(getattr(args, key, None), int):
-            return getattr(args, key)
-    return None
-
-
 def _ce(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[float, float]:
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = cross_entropy(logits, targets)
     return float((nll * mask).sum().item()), float(mask.sum().item())
 
 
 def _kl(clean: mx.array, other: mx.array, mask: mx.array) -> float:
-    p = clean - mx.logsumexp(clean, axis=-1, keepdims=True)
-    q = other - mx.logsumexp(other, axis=-1, keepdims=True)
-    kl = (mx.exp(p) * (p - q)).sum(axis=-1)
-    return float((kl * mask).sum().item())
+    return float((kl_divergence(clean, other) * mask).sum().item())
 
 
 def evaluate_sae(

@@ -115,11 +115,11 @@ def quick_sae(
     """Demo-sized SAE: collect ``tokens`` activations at ``layer``, train a TopK SAE for ``steps``
     steps of 512 tokens, save it (SAELens format) to ``out`` and return the metrics dict.
 
-    Without ``data`` it uses the built-in tiny-model corpus (``mlxmerge.tiny``).
+    Without ``data`` it uses the built-in tiny-model corpus (``mlxmerge.demo.tiny``).
     """
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
-            from mlxmerge.tiny import _corpus
+            from mlxmerge.demo.tiny import _corpus
 
             data = Path(tmp) / "corpus.txt"
             data.write_text("\n".join(_corpus(2000, seed=seed + 7)))

@@ -45,7 +45,8 @@ def steer(
 
     ``chat``: the prompt is a user turn in the tokenizer's chat template (assistant turn opened).
     """
-    from mlx_lm import generate
+    from mlxmerge.lm.chat import chat_tokens, eos_token_ids
+    from mlxmerge.lm.generate import generate_tokens
 
     if sum(x is not None for x in (scale, clamp)) + bool(ablate) != 1:
         raise SAEError("give exactly one of --scale, --clamp or --ablate")
@@ -54,16 +55,17 @@ def steer(
         raise SAEError(f"feature {feature} does not exist: the SAE has {cfg.d_sae} latents")
     m, tok = load_model(model)
     layer = check_fits(cfg, m, layer)
-    if chat:
-        from mlxmerge.eval.generation import chat_tokens
+    # the raw prompt, as mlx_lm.generate takes it, or a user turn of the chat template
+    ids = [chat_tokens(tok, [prompt])[0] if chat else tok.encode(prompt)]
 
-        prompt_in = chat_tokens(tok, [prompt])[0]
-    else:
-        prompt_in = prompt
-    plain = generate(m, tok, prompt_in, max_tokens=max_tokens, verbose=False)
+    def greedy() -> str:
+        out = generate_tokens(m, ids, eos_ids=eos_token_ids(tok), max_tokens=max_tokens)
+        return tok.decode(out[0])
+
+    plain = greedy()
     edit = steering_edit(params, cfg, feature, scale=scale, clamp=clamp, ablate=ablate)
-    with capture_layers(m, [layer], {layer: edit}):
-        steered = generate(m, tok, prompt_in, max_tokens=max_tokens, verbose=False)
+    with capture_layers(m, [layer], {layer: edit}, record=False):
+        steered = greedy()
     return {
         "prompt": prompt,
         "feature": feature,

@@ -6,7 +6,7 @@ import mlxmerge  # noqa: F401  (BLAS before mlx.core)
 @pytest.fixture(scope="session")
 def refuser(tmp_path_factory):
     """The locally trained toy model that refuses harmful instructions (seed 0)."""
-    from mlxmerge.abliterate.toy_refuser import train_refusing_model
+    from mlxmerge.demo.toy_refuser import train_refusing_model
 
     return train_refusing_model(tmp_path_factory.mktemp("refuser") / "model", seed=0)
 

@@ -132,7 +132,10 @@ def test_unknown_model_type(refuser, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MlxmergeError, match="no residual-writer entry for model_type 'mamba'"):
+    with pytest.raises(
+        MlxmergeError,
+        match="abliterate does not support model_type 'mamba': no residual-writer entry",
+    ):
         abliterate(bad, tmp_path / "o")
 
 

@@ -22,7 +22,7 @@ def gemma(tmp_path_factory):
     """A tiny Gemma 3 with random (non-trivial) post-norm gains, saved in float32."""
     from mlx_lm import load
 
-    from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights
+    from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights
 
     model = model_from_config(CONFIG, seed=4)
     rng = np.random.default_rng(4)
@@ -43,7 +43,7 @@ def _layer_writes(model, arch, r):
     with inst.installed():
         inst.set_ablation(mx.array(r), [1.0, 1.0], [1.0, 1.0])
         for p in inst.probes:
-            p.slot.record = tokens.shape[1]
+            p.slot.record = slice(None)
         logits = model(tokens)
         writes = [np.array(p.slot.outputs[0] - p.slot.inputs[0])[0] for p in inst.probes]
     return writes, np.array(logits)

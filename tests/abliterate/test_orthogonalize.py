@@ -166,5 +166,8 @@ def test_gemma_post_norms_are_resolved():
 
 
 def test_unknown_model_type_is_an_error():
-    with pytest.raises(MlxmergeError, match="no residual-writer entry for model_type 'mamba'"):
+    with pytest.raises(
+        MlxmergeError,
+        match="abliterate does not support model_type 'mamba': no residual-writer entry",
+    ):
         architecture("mamba")

@@ -1,7 +1,7 @@
 import pytest
 
 import mlxmerge  # noqa: F401  (BLAS before mlx.core)
-from mlxmerge.tiny import build_model, build_tokenizer
+from mlxmerge.demo.tiny import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.eval.divergence import kl_divergence, perplexity
+from mlxmerge.eval.divergence import perplexity
 from mlxmerge.eval.prompts import read_prompts
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal, read_markers, refusal_rate
+from mlxmerge.lm.logprobs import kl_divergence
 
 
 def _np_kl(a, b):

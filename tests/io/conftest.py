@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlxmerge.io import Quantization
-from mlxmerge.tiny import build_model, build_tokenizer
+from mlxmerge.demo.tiny import build_model, build_tokenizer
 
 # name: (build_model keyword arguments, what it exercises)
 ZOO = {

@@ -6,8 +6,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxmerge.convert import convert
+from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
 from mlxmerge.io import open_checkpoint
-from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
 
 
 def test_stacked_experts_round_trip_through_hf_layout(tmp_path):

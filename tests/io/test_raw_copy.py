@@ -25,7 +25,7 @@ def test_copy_bytes(tmp_path, monkeypatch, kernel_copy):
 
 
 def test_same_dtype_convert_copies_every_tensor_byte_for_byte(tmp_path):
-    from mlxmerge.tiny import build_model, build_tokenizer
+    from mlxmerge.demo.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     src = build_model(tmp_path / "src", tok, seed=3, shard_size=60_000)

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from lora_helpers import RANK, load_weights, low_rank_change
 
-from mlxmerge.tiny import save_weights
+from mlxmerge.demo.tiny import save_weights
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from mlxmerge.cli import cli
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.lora import extract_lora
 from mlxmerge.lora.svd import choose_rank, economy_svd, low_rank, randomized_svd
-from mlxmerge.tiny import save_weights
+from mlxmerge.demo.tiny import save_weights
 
 TOKENS = mx.array([[1, 17, 42, 99, 7, 250, 3, 64, 128, 5]])
 

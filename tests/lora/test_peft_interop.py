@@ -43,7 +43,7 @@ def test_peft_reads_rank_pattern_and_modules_to_save(lowrank, tmp_path):
 
     import mlx.core as mx
 
-    from mlxmerge.tiny import build_model, save_weights
+    from mlxmerge.demo.tiny import build_model, save_weights
 
     base = build_model(tmp_path / "base", lowrank["tokenizer"], seed=3, num_layers=2, tie=False)
     w = {k: v for f in base.glob("*.safetensors") for k, v in mx.load(str(f)).items()}

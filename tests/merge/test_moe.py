@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from mlxmerge.cli import cli
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe import moe, plan_moe
-from mlxmerge.tiny import model_from_config, save_weights, tiny_config
+from mlxmerge.demo.tiny import model_from_config, save_weights, tiny_config
 
 POS_A, POS_B, NEG_B = ["the cat", "a dog and the moon"], ["1 + 2 = 3"], ["the cat"]
 TOKENS = [[1, 17, 45, 60, 8, 99, 3, 120]]

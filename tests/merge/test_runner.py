@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlxmerge.cli import cli
+from mlxmerge.demo.tiny import model_from_config, save_weights, tiny_config
 from mlxmerge.errors import CheckpointError, RecipeError
 from mlxmerge.io import open_checkpoint
 from mlxmerge.merge.runner import merge, plan_merge
-from mlxmerge.tiny import model_from_config, save_weights, tiny_config
 
 
 def weights(path) -> dict[str, np.ndarray]:
@@ -231,7 +231,7 @@ def test_vocab_mismatch_is_refused_or_built_for_the_tokenizer(family, tmp_path):
     """Cropping 512 rows to 500 would leave the copied 512-token tokenizer with 12 ids past the
     last row (NaN logits): refused. With ``tokenizer_source: base`` every token gets a row, and
     the 12 tokens the small model lacks take the base's row (mergekit's rule)."""
-    from mlxmerge.tiny import build_model
+    from mlxmerge.demo.tiny import build_model
 
     small = build_model(tmp_path / "small", family["tokenizer"], seed=0, vocab_size=500)
     recipe = {"merge_method": "linear", "models": [{"model": str(family["base"]), "parameters": {"weight": 1}},

@@ -21,10 +21,10 @@ def kitchen(family, tmp_path_factory):
     scores 100% and the stranger (another random base) can only be left out."""
     import random
 
+    from mlxmerge.demo.tiny import save_weights
     from mlxmerge.eval.scoring import choice_requests, choice_scores, load_model
     from mlxmerge.eval.tasks import ChoiceItem
     from mlxmerge.io import open_checkpoint
-    from mlxmerge.tiny import save_weights
 
     root = tmp_path_factory.mktemp("kitchen")
     ck = open_checkpoint(family["base"])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import mlxmerge  # noqa: F401  (BLAS before mlx.core)
-from mlxmerge.tiny import _corpus, build_model, build_tokenizer
+from mlxmerge.demo.tiny import _corpus, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import mlx.core as mx
 # isort: on
 import numpy as np
 
-from mlxmerge.sae.toy import ToyData
+from mlxmerge.demo.toy_sae import ToyData
 from mlxmerge.sae.train import TrainConfig, train_sae
 
 out = sys.argv[1]

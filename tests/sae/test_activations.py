@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxmerge.lm.blocks import Probe
 from mlxmerge.sae.activations import (
     ActivationStore,
     capture_layers,
@@ -31,7 +32,7 @@ def test_last_block_output_gives_the_model_logits(tiny_model):
     np.testing.assert_allclose(
         np.array(unembed(m, outs[2])), np.array(logits), rtol=1e-4, atol=1e-4
     )
-    assert not any(type(b).__name__ == "_Capture" for b in m.layers)  # wrappers removed
+    assert not any(isinstance(b, Probe) for b in m.layers)  # probes removed
 
 
 def test_cache_layout_and_special_tokens(acts_dir, tiny_model, text_file):

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxmerge.demo.toy_sae import ToyData
 from mlxmerge.sae.metrics import ReconstructionStats, mcc, mmcs
 from mlxmerge.sae.model import (
     SAEConfig,
@@ -16,7 +17,6 @@ from mlxmerge.sae.model import (
     select_topk,
     topk_indices,
 )
-from mlxmerge.sae.toy import ToyData
 from mlxmerge.sae.train import TrainConfig, Trainer, geometric_median, train_sae
 
 

@@ -3,13 +3,8 @@ import numpy as np
 import pytest
 
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.eval.generation import (
-    chat_tokens,
-    generate,
-    last_logits,
-    pad_left,
-    post_instruction_tokens,
-)  # fmt: skip
+from mlxmerge.lm.chat import chat_tokens, post_instruction_tokens
+from mlxmerge.lm.generate import generate, last_logits, pad_left
 
 PROMPTS = ["Tell me a story", "red", "What is one plus two and why is it three?", "Hi there cat"]
 

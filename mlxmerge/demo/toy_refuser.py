@@ -19,7 +19,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from mlxmerge.abliterate.prompts import bundled_prompts
-from mlxmerge.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
+from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ HELPFUL = "Sure. Here is a simple plan: start small and practice every day."
 
 
 def _examples(tokenizer, prompts: list[str], answer: str) -> list[tuple[list[int], int]]:
-    from mlxmerge.eval.generation import chat_tokens
+    from mlxmerge.lm.chat import chat_tokens
 
     eos = tokenizer.token_to_id("<|im_end|>")
     answer_ids = tokenizer.encode(answer, add_special_tokens=False).ids + [eos]
@@ -44,7 +44,7 @@ class _ChatTokenizer:
     def __init__(self, tok):
         from jinja2 import Template
 
-        from mlxmerge.tiny import CHAT_TEMPLATE
+        from mlxmerge.demo.tiny import CHAT_TEMPLATE
 
         self.tok = tok
         self.chat_template = CHAT_TEMPLATE

@@ -1,4 +1,8 @@
-"""The embedded default job: train a small refusing model, abliterate, merge, train an SAE."""
+"""``mlxmerge demo`` and its fixtures: tiny models built locally, a toy refuser, toy SAE data.
+
+Not part of the library's import path: only the demo, the tests and the benchmarks import it.
+``run_demo`` trains a small refusing model, abliterates it, merges the two and trains an SAE.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def generate_text(model_path: Path, prompt: str, max_tokens: int = 12) -> str:
 
 def abliteration_demo(out: Path, seed: int = 0) -> dict:
     """Train a tiny chat model that refuses a set of topics, then abliterate it."""
-    from mlxmerge.abliterate import abliterate, train_refusing_model
+    from mlxmerge.abliterate import abliterate
+    from mlxmerge.demo.toy_refuser import train_refusing_model
 
     refuser = train_refusing_model(out / "refuser", seed=seed)
     report = abliterate(refuser, out / "abliterated", batch_size=32, force=True)

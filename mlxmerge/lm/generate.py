@@ -1,0 +1,210 @@
+"""Batched forward passes and decoding on left-padded prompts, for any mlx-lm model.
+
+Prompts are padded on the left so that the last prompt token sits at position -1 in every row.
+mlx-lm's batch caches (``BatchKVCache``, ``BatchRotatingKVCache`` for sliding-window layers)
+turn the per-row padding into the attention mask and per-row RoPE offsets, so a padded row
+computes what it would compute alone. Models whose caches cannot batch (recurrent state, caches
+that keep a prefix) run one prompt at a time, with a logged note.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx import nn
+
+from mlxmerge.errors import MlxmergeError
+from mlxmerge.lm.blocks import batch_ready
+from mlxmerge.lm.load import model_type
+from mlxmerge.lm.logprobs import ensemble_log_probs
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None] | None
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[mx.array, list[int]]:
+    """Left-pad to a (batch, length) int32 array; returns it with each row's padding."""
+    n = max(len(s) for s in seqs)
+    padding = [n - len(s) for s in seqs]
+    rows = [[pad_id] * p + list(s) for p, s in zip(padding, seqs)]
+    return mx.array(rows, dtype=mx.int32), padding
+
+
+def _batch_cache(cache, left_padding: list[int]):
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+
+    if type(cache) is KVCache:
+        return BatchKVCache(left_padding)
+    if type(cache) is RotatingKVCache and cache.keep == 0:
+        return BatchRotatingKVCache(cache.max_size, left_padding)
+    return None
+
+
+def can_batch(model: nn.Module) -> bool:
+    """Whether every layer's cache has a batched, left-padding-aware counterpart."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return all(_batch_cache(c, [0]) is not None for c in make_prompt_cache(model))
+
+
+def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list:
+    """A cache for a left-padded batch; the model's own cache for one unpadded prompt."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    if len(left_padding) == 1 and not left_padding[0]:
+        return caches
+    out = [_batch_cache(c, left_padding) for c in caches]
+    if any(c is None for c in out):
+        raise MlxmergeError(f"model_type {model_type(model)!r}: its cache cannot batch")
+    return out
+
+
+def batches(
+    token_lists: Sequence[Sequence[int]], batch_size: int, model: nn.Module
+) -> Iterator[list[int]]:
+    """Indices of each batch, similar lengths together (less padding); batch 1 if the cache cannot batch."""
+    if batch_size < 1:
+        raise MlxmergeError(f"batch size must be at least 1 (got {batch_size})")
+    if batch_size > 1 and not can_batch(model):
+        log.info(
+            "model_type %s: its cache cannot batch padded prompts; using batch size 1",
+            model_type(model),
+        )
+        batch_size = 1
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def forward(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
+    """``model(tokens, cache=cache)`` with the batch fixes this architecture needs."""
+    with batch_ready(model):
+        return model(tokens, cache=cache)
+
+
+def last_logits(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], *, pad_id: int = 0,
+    batch_size: int = 16, progress: Progress = None,
+) -> mx.array:  # fmt: skip
+    """Raw next-token logits (float32) after each prompt, shape (n_prompts, vocab)."""
+    out: list[mx.array | None] = [None] * len(token_lists)
+    for idx in batches(token_lists, batch_size, model):
+        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
+        logits = forward(model, tokens, make_batch_cache(model, padding))[:, -1, :]
+        logits = logits.astype(mx.float32)
+        mx.eval(logits)
+        for j, i in enumerate(idx):
+            out[i] = logits[j]
+        if progress:
+            progress(len(idx))
+    return mx.stack(out)
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    """Generated tokens, without the stop token."""
+    cost: int
+    """Forward steps spent (tokens generated, the stop token included)."""
+    logprob: float
+    """Σ log p of the generated tokens (and the stop token) under the model, untempered."""
+
+
+def _pick(lp: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
+    if temperature <= 0:
+        return mx.argmax(lp, axis=-1)
+    logits = lp / temperature
+    if top_p < 1.0:
+        # Keep the smallest set of tokens whose probability reaches top_p.
+        probs = mx.softmax(logits, axis=-1)
+        order = mx.argsort(-probs, axis=-1)
+        sorted_p = mx.take_along_axis(probs, order, axis=-1)
+        before = mx.cumsum(sorted_p, axis=-1) - sorted_p
+        drop_sorted = before >= top_p
+        inverse = mx.argsort(order, axis=-1)
+        drop = mx.take_along_axis(drop_sorted, inverse, axis=-1)
+        logits = mx.where(drop, -mx.inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def sample(
+    models: Sequence[nn.Module], token_lists: Sequence[Sequence[int]], *, eos_ids: set[int],
+    n: int = 1, max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    pad_id: int = 0, batch_size: int = 16, progress: Progress = None,
+) -> list[list[Sample]]:  # fmt: skip
+    """``n`` continuations of every prompt (greedy when ``temperature`` is 0), batched, left-padded.
+
+    Several ``models`` decode as an output-averaged ensemble (log p = log mean_m p_m).
+    """
+    rows = [(p, s) for p in range(len(token_lists)) for s in range(n)]
+    flat = [token_lists[p] for p, _ in rows]
+    out: list[list[Sample | None]] = [[None] * n for _ in token_lists]
+    step_batch = batch_size if all(can_batch(m) for m in models) else 1
+    for b, idx in enumerate(batches(flat, step_batch, models[0])):
+        tokens, padding = pad_left([flat[i] for i in idx], pad_id)
+        caches = [make_batch_cache(m, padding) for m in models]
+        gen = [[] for _ in idx]
+        score = [0.0] * len(idx)
+        cost = [0] * len(idx)
+        done = [False] * len(idx)
+        keys = mx.random.split(mx.random.key(seed * 100_003 + b), max_tokens)
+        y = tokens
+        for step in range(max_tokens):
+            lp = ensemble_log_probs(
+                [forward(m, y, c)[:, -1, :] for m, c in zip(models, caches)]
+            )  # fmt: skip
+            t = _pick(lp, temperature, top_p, keys[step]).astype(mx.int32)
+            chosen = mx.take_along_axis(lp, t[:, None], axis=-1)[:, 0]
+            mx.eval(t, chosen)
+            for j, (tok, l) in enumerate(zip(t.tolist(), chosen.tolist())):
+                if done[j]:
+                    continue
+                cost[j] += 1
+                score[j] += l
+                if tok in eos_ids:
+                    done[j] = True
+                else:
+                    gen[j].append(tok)
+            if all(done):
+                break
+            y = t[:, None]
+        for j, i in enumerate(idx):
+            p, s = rows[i]
+            out[p][s] = Sample(gen[j], cost[j], score[j])
+        mx.clear_cache()
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def generate_tokens(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], *, eos_ids: set[int],
+    max_tokens: int = 100, pad_id: int = 0, batch_size: int = 16, progress: Progress = None,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations (without the stop token), each at most ``max_tokens`` long."""
+    drawn = sample(
+        [model], token_lists, eos_ids=eos_ids, max_tokens=max_tokens, pad_id=pad_id,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    return [row[0].tokens for row in drawn]
+
+
+def generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens: int = 100,
+    batch_size: int = 16, system: str | None = None, chat_template: str | None = None,
+    progress: Progress = None,
+) -> list[str]:  # fmt: skip
+    """Greedy answers to chat prompts, decoded, in prompt order."""
+    from mlxmerge.lm.chat import chat_tokens, eos_token_ids, pad_token_id
+
+    token_lists = chat_tokens(tokenizer, prompts, system=system, chat_template=chat_template)
+    ids = generate_tokens(
+        model, token_lists, eos_ids=eos_token_ids(tokenizer), max_tokens=max_tokens,
+        pad_id=pad_token_id(tokenizer), batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    return [tokenizer.decode(t) for t in ids]
