@@ -7,7 +7,9 @@ threshold) that both mergekit and mlxmerge read: ``base`` and its fine-tune-like
 ``ft_a``, ``ft_b``, ``ft_c`` (a shared direction plus their own noise, as fine-tunes of one base
 are; ``ft_c`` far enough for slerp to curve), ``tied_a`` / ``tied_b`` (``tie_word_embeddings: true`` *and* a redundant
 ``lm_head`` copy, as some checkpoints ship), and ``tok_plus`` (two added tokens: 274 rows
-against the others' 272, and its own chat template).
+against the others' 272, and its own chat template). ``lora`` and ``abliterated-lora`` are PEFT LoRA
+adapters for ``base`` (the recipes' ``models/base+models/lora`` references), written directly as
+PEFT saves them (``adapter_config.json`` + ``adapter_model.safetensors``, no torch needed).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.tiny import build_tokenizer, tiny_config
+from mlxmerge.demo.tiny import build_tokenizer, tiny_config
 
 ROOT = Path(__file__).parent / "models"
 VOCAB = 272
@@ -84,6 +86,51 @@ def add_tokens(tok: Path, out: Path) -> None:
     shutil.copyfile(tok / "special_tokens_map.json", out / "special_tokens_map.json")
 
 
+# name → (rank, lora_alpha, target modules, seed). ``lora`` adapts attention and MLP inputs;
+# ``abliterated-lora`` the residual-writing matrices an abliteration changes. Both adapt the
+# embedding (PEFT's lora_embedding_A/B, stored transposed against linear layers' lora_A/B).
+ADAPTERS = {
+    "lora": (4, 8, ("embed_tokens", "q_proj", "v_proj", "up_proj"), 17),
+    "abliterated-lora": (2, 3, ("embed_tokens", "o_proj", "down_proj"), 30),
+}
+
+
+def save_peft_adapter(name: str, base: dict, config: dict) -> None:
+    """A PEFT LoRA adapter for ``base`` with nonzero A and B: ΔW = (lora_alpha / r) · B A.
+
+    Keys and config fields are those ``peft.PeftModel.save_pretrained`` writes for a Llama; B is
+    random (PEFT initializes it to zero) so every adapted tensor really changes.
+    """
+    r, alpha, targets, seed = ADAPTERS[name]
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for key in sorted(base):
+        module = key.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        rows, cols = base[key].shape  # (out, in), or (vocab, hidden) for the embedding
+        p = f"base_model.model.{module}"
+        if module.endswith("embed_tokens"):  # PEFT Embedding: ΔW = scale · (B A)ᵀ
+            tensors[f"{p}.lora_embedding_A"] = rng.normal(0, 0.1, (r, rows))
+            tensors[f"{p}.lora_embedding_B"] = rng.normal(0, 0.1, (cols, r))
+        else:
+            tensors[f"{p}.lora_A.weight"] = rng.normal(0, 0.1, (r, cols))
+            tensors[f"{p}.lora_B.weight"] = rng.normal(0, 0.1, (rows, r))
+    out = ROOT / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    arrays = {k: mx.array(v.astype(np.float32)) for k, v in tensors.items()}
+    mx.save_safetensors(str(out / "adapter_model.safetensors"), arrays, metadata={"format": "pt"})
+    cfg = {
+        "base_model_name_or_path": "models/base", "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "lora_alpha": alpha,
+        "lora_dropout": 0.0, "modules_to_save": None, "peft_type": "LORA", "r": r,
+        "target_modules": sorted(targets), "task_type": "CAUSAL_LM", "use_dora": False,
+        "use_rslora": False,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def main() -> None:
     scratch = ROOT.parent / "_tok"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -107,6 +154,8 @@ def main() -> None:
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         plus[k] = np.concatenate([plus[k], rng.normal(0, 0.5, (len(ADDED), 32))])
     save("tok_plus", plus, dict(config, vocab_size=VOCAB + len(ADDED)), scratch / "plus")
+    for name in ADAPTERS:  # own seeds: the models above stay as they were
+        save_peft_adapter(name, base, config)
     shutil.rmtree(scratch)
 
 

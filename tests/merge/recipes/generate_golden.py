@@ -8,7 +8,8 @@ Each recipe runs with float32 compute (``fp32_compute``: mlxmerge's compute dtyp
 unchanged. For each ``NN_name.yml`` it writes ``golden/NN_name.safetensors`` (every output tensor, in the
 dtype mergekit wrote) and ``golden/NN_name.json`` (config fields, the tokenizer's vocabulary and
 added tokens, the chat template, or mergekit's error). CPU only, ``--random-seed 0`` and
-``PYTHONHASHSEED=0`` (mergekit orders its model set by hash).
+``PYTHONHASHSEED=0`` (mergekit orders its model set by hash). ``model+lora`` references are fused
+by mergekit through peft's ``merge_and_unload`` into a temporary ``--lora-merge-cache``.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ def run_mergekit(recipe: Path, out: Path) -> str | None:
     from mergekit.options import MergeOptions
 
     text = fp32_compute(recipe.read_text())
+    lora_cache = out.parent / "lora_cache"  # where mergekit writes each model+lora it fuses (peft)
     if "\n---" in text:
         recipe = HERE / f"_fp32_{recipe.name}"  # mergekit-multi reads a file
         recipe.write_text(text)
         inter = out.parent / "intermediates"
         cmd = [str(BIN / "mergekit-multi"), str(recipe), "--intermediate-dir", str(inter),
-               "--out-path", str(out), "--random-seed", "0", "--no-write-model-card", "--quiet"]  # fmt: skip
+               "--out-path", str(out), "--random-seed", "0", "--no-write-model-card", "--quiet",
+               "--lora-merge-cache", str(lora_cache)]  # fmt: skip
         try:
             r = subprocess.run(cmd, check=False, cwd=HERE, env=dict(os.environ),
                                capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -51,7 +54,8 @@ def run_mergekit(recipe: Path, out: Path) -> str | None:
             lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
             return lines[-1] if lines else f"exit {r.returncode}"
         return None
-    options = MergeOptions(random_seed=0, copy_tokenizer=True, write_model_card=False, quiet=True)
+    options = MergeOptions(random_seed=0, copy_tokenizer=True, write_model_card=False, quiet=True,
+                           lora_merge_cache=str(lora_cache))  # fmt: skip
     options.apply_global_options()
     try:
         config = MergeConfiguration.model_validate(yaml.safe_load(text))
