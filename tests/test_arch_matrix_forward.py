@@ -242,7 +242,8 @@ def test_issue_rows_through_the_cli(models, tmp_path):
     args = ["abliterate", qwen2, "--harmful", str(harmful), "--harmless", str(harmless),
             "--batch-size", "4", "--max-tokens", "2", "--no-eval"]  # fmt: skip
     r = run(cli, [*args, "-o", str(tmp_path / "a")])
-    assert r.exit_code != 0 and "give --direction-layer N to force the edit" in r.output
+    assert r.exit_code != 0 and "refuses none" in r.output
+    assert "--markers FILE" in r.output and "--direction-layer" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "a").exists()
     r = run(cli, [*args, "-o", str(tmp_path / "b"), "--direction-layer", "2"])
     assert r.exit_code == 0, r.output
