@@ -6,10 +6,16 @@ from collections import Counter
 
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import Checkpoint, open_checkpoint
+from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
+from mlxmerge.io.finite import count_bytes, is_checked
 
 
-def inspect_model(model: str) -> dict:
-    """Architecture, size, dtypes and quantization of ``model``."""
+def inspect_model(model: str, check: bool = False) -> dict:
+    """Architecture, size, dtypes and quantization of ``model``.
+
+    ``check`` also scans every stored float tensor for NaN/Inf (``scan_nonfinite``).
+    """
     ckpt = open_checkpoint(model)
     names = ckpt.names()
     dtypes = Counter(_dtype_name(ckpt, n) for n in names)
@@ -34,7 +40,27 @@ def inspect_model(model: str) -> dict:
         "shards": len(ckpt.files),
         "size_on_disk": ckpt.size_on_disk,
         "format": ckpt.metadata.get("format"),
+        **({"nonfinite": scan_nonfinite(ckpt)} if check else {}),
     }
+
+
+def scan_nonfinite(ckpt: Checkpoint, progress=None) -> list[dict]:
+    """Every stored float tensor holding NaN or Inf, with counts: ``[{tensor, nan, inf}]``.
+
+    Reads the files through a memory map, a chunk at a time: memory stays flat whatever the
+    model size. Quantized weights are checked through their float scales and biases.
+    """
+    found = []
+    for name in sorted(ckpt.entries, key=natural_key):
+        e = ckpt.entries[name]
+        dtype = SAFETENSORS_TO_MX.get(e.dtype)
+        if dtype is not None and is_checked(dtype):
+            nan, inf = count_bytes(e.file, e.data_start + e.begin, e.nbytes, dtype)
+            if nan or inf:
+                found.append({"tensor": name, "nan": nan, "inf": inf})
+        if progress:
+            progress(name)
+    return found
 
 
 def _dtype_name(ckpt: Checkpoint, name: str) -> str:

@@ -7,7 +7,7 @@ import json
 import click
 
 from mlxmerge.cli import cli
-from mlxmerge.cli.models import DTYPE, LAYOUT, human_bytes
+from mlxmerge.cli.models import DTYPE, LAYOUT, allow_nonfinite_option, human_bytes
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import RecipeError
 
@@ -28,12 +28,13 @@ def output_options(fn):
     ]  # fmt: skip
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    return allow_nonfinite_option(fn)
 
 
 def run_recipe(
-    recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force
-):
+    recipe, output, dry_run, as_json, allow_crimes, seed, out_dtype, layout, shard_size, force,
+    allow_nonfinite=False,
+):  # fmt: skip
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
 
@@ -54,7 +55,7 @@ def run_recipe(
     with progress_bar(len(plan.tensors), "merge", "tensor") as bar:
         out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
-                    progress=lambda _n: bar.update())  # fmt: skip
+                    progress=lambda _n: bar.update(), allow_nonfinite=allow_nonfinite)  # fmt: skip
     click.echo(f"wrote {out}")
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
+from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.layout import hf_expert_names
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
@@ -149,6 +150,7 @@ def write_model(
     inputs: Iterable[str] = (),
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    guard: FiniteGuard | None = None,
 ) -> Path:
     """Compute each planned tensor with ``compute(name)`` and write the model atomically.
 
@@ -158,6 +160,9 @@ def write_model(
     ``plan`` lists (name, shape) of the float tensors, in output order. ``compute`` returns
     a (lazy) array for one name; it is cast, quantized if asked, evaluated and written
     before the next one is computed, which is what bounds memory.
+
+    ``guard`` checks every output tensor (and the inputs ``compute`` registered with
+    ``guard.watch``, and the bytes of raw copies) for NaN/Inf; None checks nothing.
     """
     if layout not in LAYOUTS:
         raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
@@ -183,7 +188,9 @@ def write_model(
     metadata = {"format": "mlx" if layout == "mlx" else "pt"}
     names = [n for n, _ in plan]
     with atomic_folder(target) as tmp:
-        with ShardedWriter(tmp, specs, shard_size=shard_size, metadata=metadata) as writer:
+        with ShardedWriter(
+            tmp, specs, shard_size=shard_size, metadata=metadata, guard=guard
+        ) as writer:
             stacked = (None, None)  # (planned name, computed tensor) shared by its expert slices
             for name, shape, source, expert in written:
                 if expert is None:
@@ -196,11 +203,13 @@ def write_model(
                             if progress:
                                 progress(source)
                             continue
-                        x = x.load()
+                        x = _load_raw(x, name, guard)
                 else:
                     if stacked[0] != source:
                         got = compute(source)
-                        stacked = (source, got.load() if isinstance(got, RawTensor) else got)
+                        if isinstance(got, RawTensor):
+                            got = _load_raw(got, source, guard)
+                        stacked = (source, got)
                     x = stacked[1][expert]
                 if tuple(x.shape) != tuple(shape):
                     raise MlxmergeError(
@@ -230,6 +239,12 @@ def write_model(
         write_card(tmp, card, layout)
     log.info("wrote %s (%d tensors, %d shards)", target, len(specs), len(writer.files))
     return target
+
+
+def _load_raw(raw: RawTensor, name: str, guard: FiniteGuard | None) -> mx.array:
+    # Bytes that must change after all: check them as the input they are.
+    x = raw.load()
+    return x if guard is None else guard.watch(str(raw.file.parent), name, x)
 
 
 def output_size(

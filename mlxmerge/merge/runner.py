@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlxmerge.errors import RecipeError
 from mlxmerge.io import ModelCard, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.finite import FiniteGuard, all_finite
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods.common import ConsumableInputs
@@ -18,7 +19,7 @@ from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
 from mlxmerge.merge.registry import derive_key
 
-__all__ = ["compute_tensor", "merge", "plan_merge", "plan_summary", "prepare"]
+__all__ = ["compute_tensor", "load_inputs", "merge", "plan_merge", "plan_summary", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,42 @@ def prepare(plan: MergePlan) -> None:
     log.info("model-wide TIES thresholds: %s", plan.trim_thresholds)
 
 
-def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
-    """Merge one output tensor in float32 (lazy; the writer evaluates it)."""
+def load_inputs(
+    plan: MergePlan, name: str, guard: FiniteGuard | None = None
+) -> tuple[list[mx.array], mx.array | None]:
+    """The merged inputs and the base of one output tensor, evaluated in their stored dtype.
+
+    Each input's NaN/Inf check (one reduction) is evaluated in the same ``mx.eval`` that loads
+    it, so a non-finite input stops the merge before any computation (``guard.allow`` warns).
+    """
+    guard = guard or FiniteGuard()
     p = plan.tensor(name)
-    xs = [plan.checkpoints[i].get(n, mx.float32) for i, n in p.inputs]
-    base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32) if p.base else None
+    refs = list(p.inputs) + ([p.base] if p.base else [])
+    arrays = [plan.checkpoints[i].get(n) for i, n in refs]
+    flags = [all_finite(a) for a in arrays]
+    mx.eval(*arrays, *flags)
+    for (i, n), a, flag in zip(refs, arrays, flags):
+        guard.check_input(plan.models[i], n, a, flag)
+    return (arrays[:-1], arrays[-1]) if p.base else (arrays, None)
+
+
+def compute_tensor(
+    plan: MergePlan,
+    name: str,
+    seed: int = 0,
+    guard: FiniteGuard | None = None,
+    inputs: tuple[list[mx.array], mx.array | None] | None = None,
+) -> mx.array:
+    """Merge one output tensor in float32 (lazy; the writer evaluates it).
+
+    ``inputs`` are ``load_inputs``'s result when already loaded (prefetched); else they are
+    loaded here. Raises ``NonFiniteError`` on a NaN/Inf input unless ``guard.allow``.
+    """
+    p = plan.tensor(name)
+    xs, base = inputs if inputs is not None else load_inputs(plan, name, guard)
+    xs = [x.astype(mx.float32) for x in xs]
+    base = None if base is None else base.astype(mx.float32)
+    inputs = None  # the list above holds the only references: methods may release them
     if base is not None and tuple(base.shape) != p.shape:
         base = _fit_rows(base, p.shape, None)
     # The only reference to the inputs: a method may release each one once it is used.
@@ -136,8 +168,15 @@ def merge(
     shard_size: str | int = "5GB",
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Run a mergekit recipe (or an already checked plan) and write the merged model."""
+    """Run a mergekit recipe (or an already checked plan) and write the merged model.
+
+    Every input tensor is checked for NaN/Inf as it is loaded and every output tensor before it
+    is written; either raises ``NonFiniteError`` naming model and tensor (and the method, for an
+    output) before anything is renamed into place, unless ``allow_nonfinite`` (then a warning,
+    also kept in ``plan.warnings``).
+    """
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )
@@ -153,20 +192,21 @@ def merge(
         tok_model_path = plan.checkpoints[plan.models.index(tok_model)].path
     chat_template = recipe.chat_template if recipe.chat_template not in (None, "auto") else None
     checked: set[str] = set()
+    guard = FiniteGuard(allow_nonfinite, f"{recipe.merge_method} merge", plan.warnings)
 
     def compute(name: str) -> mx.array | RawTensor:
         p = plan.tensor(name)
         if recipe.merge_method == "passthrough" and p.tensor_params.get("scale") == [1.0]:
             i, src = p.inputs[0]
             if plan.checkpoints[i].shape(src) == p.shape:
-                return plan.checkpoints[i].raw(src) or compute_tensor(plan, name, seed)
+                return plan.checkpoints[i].raw(src) or compute_tensor(plan, name, seed, guard)
         _task_vector_check(plan, name, checked)
-        return compute_tensor(plan, name, seed)
+        return compute_tensor(plan, name, seed, guard)
 
     return write_model(
         output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
         tokenizer_source=tok_model_path, card=model_card(plan), dtype=dtype, layout=layout,
         shard_size=parse_size(shard_size), num_layers=plan.num_layers, chat_template=chat_template,
         extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
-        progress=progress,
+        progress=progress, guard=guard,
     )  # fmt: skip
