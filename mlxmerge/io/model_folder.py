@@ -151,6 +151,7 @@ def write_model(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     guard: FiniteGuard | None = None,
+    background: bool = True,
 ) -> Path:
     """Compute each planned tensor with ``compute(name)`` and write the model atomically.
 
@@ -163,6 +164,7 @@ def write_model(
 
     ``guard`` checks every output tensor (and the inputs ``compute`` registered with
     ``guard.watch``, and the bytes of raw copies) for NaN/Inf; None checks nothing.
+    ``background`` writes each tensor in a writer thread while the next one is computed.
     """
     if layout not in LAYOUTS:
         raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
@@ -189,8 +191,9 @@ def write_model(
     names = [n for n, _ in plan]
     with atomic_folder(target) as tmp:
         with ShardedWriter(
-            tmp, specs, shard_size=shard_size, metadata=metadata, guard=guard
-        ) as writer:
+            tmp, specs, shard_size=shard_size, metadata=metadata, guard=guard,
+            background=background,
+        ) as writer:  # fmt: skip
             stacked = (None, None)  # (planned name, computed tensor) shared by its expert slices
             for name, shape, source, expert in written:
                 if expert is None:

@@ -7,9 +7,12 @@ order, and go straight to disk. Peak memory is one tensor, not one shard.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +124,15 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
 
 
 class ShardedWriter:
-    """Write the planned tensors, in order, into ``folder``. Use as a context manager."""
+    """Write the planned tensors, in order, into ``folder``. Use as a context manager.
+
+    With ``background`` the file I/O runs in a writer thread behind a queue of ``depth``
+    tensors (write-behind): the caller computes the next tensor while the last one is written.
+    A tensor larger than ``budget`` bytes is written before ``write`` returns, so write-behind
+    adds at most ``budget`` to peak memory.
+    Arrays handed over stay referenced by the caller's side until written, so MLX buffers are
+    only ever freed on the calling thread.
+    """
 
     def __init__(
         self,
@@ -131,6 +142,9 @@ class ShardedWriter:
         shard_size: int = DEFAULT_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
         guard: FiniteGuard | None = None,
+        background: bool = False,
+        depth: int = 1,
+        budget: int = 256 * 1024**2,
     ):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -145,21 +159,87 @@ class ShardedWriter:
         self._next = 0
         self._shard = -1
         self._fh = None
+        self._thread = None
+        self.budget = budget
+        if background:
+            self._jobs: queue.Queue = queue.Queue()
+            self._slots = threading.Semaphore(depth)  # tensors queued but not yet written
+            self._held: collections.deque = collections.deque()  # arrays until written
+            self._error: BaseException | None = None
+            self._thread = threading.Thread(target=self._work, name="mlxmerge-writer", daemon=True)
+            self._thread.start()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+            return
+        self._stop()
         if self._fh:
             self._fh.close()
             self._fh = None
-        if exc_type is None:
-            self.close()
 
     @property
     def pending(self) -> list[TensorSpec]:
         return [s for _, s in self._order[self._next :]]
 
+    # -- the background writer ------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, done = item
+            item = None
+            try:
+                if self._error is None:
+                    job()
+            except Exception as e:  # noqa: BLE001 (handed to the caller at its next call)
+                self._error = e
+            # Drop this thread's reference to the array before the caller may release its own:
+            # the last reference, and so the MLX buffer's free, stays on the calling thread.
+            job = None
+            done.set()
+            self._slots.release()
+
+    def _submit(self, job: Callable[[], None], hold=None) -> None:
+        if self._thread is None:
+            job()
+            return
+        self._raise_error()
+        self._slots.acquire()
+        while self._held and self._held[0][0].is_set():
+            self._held.popleft()  # written: release the array on this (the MLX) thread
+        done = threading.Event()
+        self._held.append((done, hold))
+        self._jobs.put((job, done))
+
+    def _raise_error(self) -> None:
+        if self._thread is not None and self._error is not None:
+            err = self._error
+            self._stop()
+            raise err
+
+    def _stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._held.clear()
+
+    def flush(self) -> None:
+        """Wait until every submitted tensor is on disk (background mode); raise its error."""
+        if self._thread is None:
+            return
+        self._submit(lambda: None)
+        self._held[-1][0].wait()
+        self._raise_error()
+        self._held.clear()
+
+    # -- writing --------------------------------------------------------------------------------
     def write(self, name: str, array: mx.array) -> None:
         """Write the next planned tensor; ``array`` is cast to the planned dtype."""
         self._expect(name)
@@ -197,6 +277,13 @@ class ShardedWriter:
     def write_ready(self, name: str, array: mx.array) -> None:
         """Write an evaluated tensor already in its planned dtype (from ``finish``): I/O only."""
         shard, _ = self._expect(name)
+        self._next += 1
+        self._submit(lambda: self._write_bytes(shard, array), hold=array)
+        if self._thread is not None and array.nbytes > self.budget:
+            self._held[-1][0].wait()  # too large to keep beside the next tensor's work
+            self._raise_error()
+
+    def _write_bytes(self, shard: int, array: mx.array) -> None:
         if shard != self._shard:
             self._open(shard)
         if array.nbytes:
@@ -204,7 +291,6 @@ class ShardedWriter:
             data = memoryview(array).cast("B")
             for i in range(0, len(data), WRITE_CHUNK):
                 _write_all(self._fh, data[i : i + WRITE_CHUNK])
-        self._next += 1
 
     def check_raw(self, name: str, raw: RawTensor) -> None:
         """The NaN/Inf check of a tensor copied as bytes: a streaming scan of the source."""
@@ -221,10 +307,13 @@ class ShardedWriter:
             raise ValueError(f"{name}: raw bytes do not match the planned {spec.dtype}{spec.shape}")
         if not checked:
             self.check_raw(name, raw)
+        self._next += 1
+        self._submit(lambda: self._copy_raw(shard, raw))
+
+    def _copy_raw(self, shard: int, raw: RawTensor) -> None:
         if shard != self._shard:
             self._open(shard)
         copy_bytes(raw.file, raw.offset, raw.nbytes, self._fh.fileno())
-        self._next += 1
 
     def _open(self, shard: int) -> None:
         if self._fh:
@@ -235,9 +324,13 @@ class ShardedWriter:
         _write_all(self._fh, memoryview(_header_bytes(self.shards[shard], self.metadata)))
 
     def close(self) -> None:
-        if self._fh:
-            self._fh.close()
-            self._fh = None
+        try:
+            self.flush()
+        finally:
+            self._stop()
+            if self._fh:
+                self._fh.close()
+                self._fh = None
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise ValueError(f"output incomplete: tensor {missing} was never written")

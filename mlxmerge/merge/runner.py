@@ -16,6 +16,7 @@ from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
+from mlxmerge.merge.prefetch import InputPrefetcher, StoredTensor
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
 from mlxmerge.merge.registry import derive_key
 
@@ -59,22 +60,35 @@ def prepare(plan: MergePlan) -> None:
 
 
 def load_inputs(
-    plan: MergePlan, name: str, guard: FiniteGuard | None = None
+    plan: MergePlan,
+    name: str,
+    guard: FiniteGuard | None = None,
+    stored: list[StoredTensor | None] | None = None,
 ) -> tuple[list[mx.array], mx.array | None]:
     """The merged inputs and the base of one output tensor, evaluated in their stored dtype.
 
     Each input's NaN/Inf check (one reduction) is evaluated in the same ``mx.eval`` that loads
-    it, so a non-finite input stops the merge before any computation (``guard.allow`` warns).
+    it, or was done on the stored bits by the prefetch thread (``stored``), so a non-finite
+    input stops the merge before any computation (``guard.allow`` warns instead).
     """
     guard = guard or FiniteGuard()
-    p = plan.tensor(name)
-    refs = list(p.inputs) + ([p.base] if p.base else [])
-    arrays = [plan.checkpoints[i].get(n) for i, n in refs]
-    flags = [all_finite(a) for a in arrays]
+    refs = input_refs(plan, name)
+    stored = stored or [None] * len(refs)
+    arrays, flags = [], []
+    for (i, n), st in zip(refs, stored):
+        x = plan.checkpoints[i].get(n) if st is None else st.to_mlx()
+        arrays.append(x)
+        flags.append(all_finite(x) if st is None else mx.array(bool(st.finite)))
     mx.eval(*arrays, *flags)
     for (i, n), a, flag in zip(refs, arrays, flags):
         guard.check_input(plan.models[i], n, a, flag)
-    return (arrays[:-1], arrays[-1]) if p.base else (arrays, None)
+    return (arrays[:-1], arrays[-1]) if plan.tensor(name).base else (arrays, None)
+
+
+def input_refs(plan: MergePlan, name: str) -> list[tuple[int, str]]:
+    """(model index, tensor name) of every input of ``name``: the merged ones, then the base."""
+    p = plan.tensor(name)
+    return list(p.inputs) + ([p.base] if p.base else [])
 
 
 def compute_tensor(
@@ -169,6 +183,7 @@ def merge(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
+    overlap: bool = True,
 ) -> Path:
     """Run a mergekit recipe (or an already checked plan) and write the merged model.
 
@@ -176,6 +191,9 @@ def merge(
     is written; either raises ``NonFiniteError`` naming model and tensor (and the method, for an
     output) before anything is renamed into place, unless ``allow_nonfinite`` (then a warning,
     also kept in ``plan.warnings``).
+
+    ``overlap`` reads the next tensor's inputs and writes the last output in background
+    threads while the current tensor is computed (same bytes out as without).
     """
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
@@ -194,19 +212,42 @@ def merge(
     checked: set[str] = set()
     guard = FiniteGuard(allow_nonfinite, f"{recipe.merge_method} merge", plan.warnings)
 
-    def compute(name: str) -> mx.array | RawTensor:
+    def raw_copy(name: str) -> RawTensor | None:
         p = plan.tensor(name)
         if recipe.merge_method == "passthrough" and p.tensor_params.get("scale") == [1.0]:
             i, src = p.inputs[0]
             if plan.checkpoints[i].shape(src) == p.shape:
-                return plan.checkpoints[i].raw(src) or compute_tensor(plan, name, seed, guard)
-        _task_vector_check(plan, name, checked)
-        return compute_tensor(plan, name, seed, guard)
+                return plan.checkpoints[i].raw(src)
+        return None
 
-    return write_model(
-        output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
-        tokenizer_source=tok_model_path, card=model_card(plan), dtype=dtype, layout=layout,
-        shard_size=parse_size(shard_size), num_layers=plan.num_layers, chat_template=chat_template,
-        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=plan.models, force=force,
-        progress=progress, guard=guard,
-    )  # fmt: skip
+    computed = [p.name for p in plan.tensors if raw_copy(p.name) is None]
+    # Overlap: the next tensor's inputs are read (and NaN/Inf-tested) by a reader thread while
+    # this one is computed; the writer thread writes the last one (write-behind).
+    reader = (
+        InputPrefetcher(
+            ((n, [(plan.checkpoints[i], src) for i, src in input_refs(plan, n)]) for n in computed),
+            depth=1,
+        )
+        if overlap
+        else None
+    )
+
+    def compute(name: str) -> mx.array | RawTensor:
+        raw = raw_copy(name)
+        if raw is not None:
+            return raw
+        _task_vector_check(plan, name, checked)
+        stored = reader.get(name) if reader is not None else None
+        return compute_tensor(plan, name, seed, guard, load_inputs(plan, name, guard, stored))
+
+    try:
+        return write_model(
+            output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
+            tokenizer_source=tok_model_path, card=model_card(plan), dtype=dtype, layout=layout,
+            shard_size=parse_size(shard_size), num_layers=plan.num_layers,
+            chat_template=chat_template, extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)},
+            inputs=plan.models, force=force, progress=progress, guard=guard, background=overlap,
+        )  # fmt: skip
+    finally:
+        if reader is not None:
+            reader.close()
