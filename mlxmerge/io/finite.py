@@ -35,8 +35,17 @@ def is_checked(dtype: mx.Dtype) -> bool:
 
 
 def all_finite(x: mx.array) -> mx.array:
-    """A lazy scalar: True when every entry of ``x`` is finite (integers always are)."""
-    return mx.isfinite(x).all() if is_checked(x.dtype) else mx.array(True)
+    """A lazy scalar, True when every entry of ``x`` is finite (integers always are).
+
+    For bfloat16/float32 it is ``isfinite(sum(x))``: NaN and Inf propagate through a sum, and
+    a reduction needs no full-size temporary (``isfinite(x)`` would add a bool copy of ``x``).
+    A finite tensor whose sum overflows reads False too; callers then count exactly.
+    """
+    if not is_checked(x.dtype):
+        return mx.array(True)
+    if x.dtype == mx.float16:  # its sum overflows at 65504: test entry by entry
+        return mx.isfinite(x).all()
+    return mx.isfinite(mx.sum(x))
 
 
 def count_nonfinite(x: mx.array) -> tuple[int, int]:
@@ -126,13 +135,14 @@ class FiniteGuard:
         """Report every watched input whose (evaluated) check failed; forget them all."""
         pending, self._pending = self._pending, []
         for model, name, x, flag in pending:
-            if not flag.item():
-                self.report(self.input_message(model, name, *count_nonfinite(x)))
+            self.check_input(model, name, x, flag)
 
     def check_input(self, model: str, name: str, x: mx.array, flag: mx.array) -> None:
         """``flag`` is ``all_finite(x)``, already evaluated with ``x``."""
         if not flag.item():
-            self.report(self.input_message(model, name, *count_nonfinite(x)))
+            nan, inf = count_nonfinite(x)
+            if nan or inf:  # else only the sum overflowed
+                self.report(self.input_message(model, name, nan, inf))
 
     def check_bytes(self, model: str, name: str, file, offset, nbytes, dtype) -> None:
         """A tensor copied file to file: scan its stored bytes (mmap, flat memory)."""
@@ -143,8 +153,8 @@ class FiniteGuard:
     # -- outputs ------------------------------------------------------------------------------
     def check_output(self, name: str, x: mx.array, flag: mx.array) -> None:
         """``flag`` is ``all_finite(x)``, already evaluated with ``x`` (in the output dtype)."""
-        if not flag.item():
-            nan, inf = count_nonfinite(x)
+        if not flag.item() and any(counts := count_nonfinite(x)):
+            nan, inf = counts
             self.report(
                 f"{self.verb}: output tensor {name} holds {describe(nan, inf)} in "
                 f"{str(x.dtype).removeprefix('mlx.core.')} (an overflow of the output dtype "

@@ -144,7 +144,7 @@ class ShardedWriter:
         guard: FiniteGuard | None = None,
         background: bool = False,
         depth: int = 1,
-        budget: int = 256 * 1024**2,
+        budget: int = 128 * 1024**2,
     ):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -23,7 +23,7 @@ from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.finite import EXPONENT_MASKS
 
 CHECK_CHUNK = 1 << 22  # entries per step of the NaN/Inf test: temporaries stay small
-BUDGET = 256 * 1024**2  # bytes of inputs read ahead at most; larger tensors are read on demand
+BUDGET = 128 * 1024**2  # bytes of inputs read ahead at most; larger tensors are read on demand
 
 
 @dataclass

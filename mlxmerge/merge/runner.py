@@ -14,6 +14,7 @@ from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard, all_finite
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
+from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
 from mlxmerge.merge.prefetch import InputPrefetcher, StoredTensor
@@ -97,23 +98,18 @@ def compute_tensor(
     seed: int = 0,
     guard: FiniteGuard | None = None,
     inputs: tuple[list[mx.array], mx.array | None] | None = None,
+    out_dtype: mx.Dtype | None = None,
 ) -> mx.array:
     """Merge one output tensor in float32 (lazy; the writer evaluates it).
 
     ``inputs`` are ``load_inputs``'s result when already loaded (prefetched); else they are
     loaded here. Raises ``NonFiniteError`` on a NaN/Inf input unless ``guard.allow``.
+    With ``out_dtype``, a large tensor whose method runs in row blocks (task arithmetic,
+    TIES, DARE) comes back evaluated in ``out_dtype``, computed block by block.
     """
     p = plan.tensor(name)
     xs, base = inputs if inputs is not None else load_inputs(plan, name, guard)
-    xs = [x.astype(mx.float32) for x in xs]
-    base = None if base is None else base.astype(mx.float32)
-    inputs = None  # the list above holds the only references: methods may release them
-    if base is not None and tuple(base.shape) != p.shape:
-        base = _fit_rows(base, p.shape, None)
-    # The only reference to the inputs: a method may release each one once it is used.
-    xs = ConsumableInputs(
-        x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs
-    )
+    inputs = None  # the lists hold the only references: methods may release them
     kwargs = {
         ("lambda_" if k == "lambda" else k): v
         for k, v in {**p.global_params, **p.tensor_params}.items()
@@ -122,13 +118,30 @@ def compute_tensor(
         kwargs["trim_thresholds"] = plan.trim_thresholds
     fn = plan.method.fn
 
-    def call(ts, b, tag):
-        extra = {}
-        if plan.method.random:
-            extra["keys"] = [derive_key(seed, tag, i) for i, _ in p.inputs]
-        return fn(ts, b, **kwargs, **extra)
+    def keys(tag):
+        return (
+            {"keys": [derive_key(seed, tag, i) for i, _ in p.inputs]} if plan.method.random else {}
+        )
 
-    if is_stacked_experts(name, p.shape):
+    stacked = is_stacked_experts(name, p.shape)
+    same = base is not None and all(tuple(x.shape) == p.shape for x in [*xs, base])
+    if out_dtype is not None and same and not stacked and row_blocks.supported(fn, kwargs, p.shape):
+        return row_blocks.merge_rows(
+            xs, base, out_dtype, **{**fn.keywords, **kwargs}, **keys(name)
+        )  # fmt: skip
+    xs = [x.astype(mx.float32) for x in xs]
+    base = None if base is None else base.astype(mx.float32)
+    if base is not None and tuple(base.shape) != p.shape:
+        base = _fit_rows(base, p.shape, None)
+    # The only reference to the inputs: a method may release each one once it is used.
+    xs = ConsumableInputs(
+        x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs
+    )
+
+    def call(ts, b, tag):
+        return fn(ts, b, **kwargs, **keys(tag))
+
+    if stacked:
         # Per-expert statistics, matching mergekit on the HF (unstacked) layout.
         out = [
             call([x[e] for x in xs], None if base is None else base[e], f"{name}[{e}]")
@@ -238,7 +251,9 @@ def merge(
             return raw
         _task_vector_check(plan, name, checked)
         stored = reader.get(name) if reader is not None else None
-        return compute_tensor(plan, name, seed, guard, load_inputs(plan, name, guard, stored))
+        return compute_tensor(
+            plan, name, seed, guard, load_inputs(plan, name, guard, stored), out_dtype=dtype
+        )
 
     try:
         return write_model(
