@@ -44,6 +44,21 @@ def run_recipe(
             out_dtype or plan.recipe.out_dtype or plan.recipe.dtype or "bfloat16"
         )
         summary = plan_summary(plan, dtype)
+        need, have = summary["estimated_peak_bytes"], summary["available_memory_bytes"]
+        if have is not None and need > have:
+            summary["warnings"].append(
+                f"the estimated peak memory ({human_bytes(need)}) exceeds the "
+                f"{human_bytes(have)} available"
+            )
+        if output:
+            from mlxmerge.merge.runner import disk_free
+
+            summary["disk_free_bytes"] = disk_free(output)[1]
+            if summary["output_bytes"] > summary["disk_free_bytes"]:
+                summary["warnings"].append(
+                    f"the output ({human_bytes(summary['output_bytes'])}) does not fit in the "
+                    f"{human_bytes(summary['disk_free_bytes'])} free on the output's disk"
+                )
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -68,7 +83,14 @@ def print_plan(s: dict) -> None:
     click.echo(
         f"memory: largest tensor {human_bytes(s['largest_tensor_fp32_bytes'])} in fp32, "
         f"estimated peak {human_bytes(s['estimated_peak_bytes'])}"
+        + (
+            f" of {human_bytes(s['available_memory_bytes'])} available"
+            if s.get("available_memory_bytes")
+            else ""
+        )
     )
+    if s.get("disk_free_bytes") is not None:
+        click.echo(f"disk: {human_bytes(s['disk_free_bytes'])} free for the output")
     for g in s["groups"]:
         params = ", ".join(f"{k}={_short(v)}" for k, v in g["parameters"].items())
         click.echo(f"  {g['tensors']} ×{g['count']} {g['shape']}: {params}")

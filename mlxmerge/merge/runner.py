@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlxmerge.errors import RecipeError
+from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard, all_finite
@@ -16,7 +18,14 @@ from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.common import ConsumableInputs
-from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
+from mlxmerge.merge.plan import (
+    MergePlan,
+    available_memory,
+    estimate_peak,
+    is_stacked_experts,
+    plan_merge,
+    plan_summary,
+)
 from mlxmerge.merge.prefetch import InputPrefetcher, StoredTensor
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
 from mlxmerge.merge.registry import derive_key
@@ -171,6 +180,41 @@ def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
             log.warning(msg)
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def disk_free(target: str | Path) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
+    folder = Path(target).expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_machine(
+    plan: MergePlan, out_dtype: mx.Dtype, output: str | Path, *, overlap: bool = True
+) -> None:
+    """Before any compute: warn when the estimated peak memory exceeds what is available,
+    refuse (``OutputError``) when the output cannot fit on the disk that will hold it."""
+    need = estimate_peak(plan, out_dtype, overlap=overlap)
+    have = available_memory()
+    if have is not None and need > have:
+        msg = (
+            f"the merge needs about {_gb(need)} of memory at its peak but {_gb(have)} is "
+            "available; it may swap or be killed (close other programs or free memory first)"
+        )
+        plan.warnings.append(msg)
+        log.warning(msg)
+    size = sum(math.prod(p.shape) for p in plan.tensors) * out_dtype.size
+    folder, free = disk_free(output)
+    if size > free:
+        raise OutputError(
+            f"{output}: the merged model needs {_gb(size)} but the disk holding {folder} has "
+            f"{_gb(free)} free"
+        )
+
+
 def model_card(plan: MergePlan) -> ModelCard:
     spec = plan.method
     names = "\n".join(f"* {m}" for m in plan.models)
@@ -213,8 +257,9 @@ def merge(
     )
     recipe = plan.recipe
     check_output(output, plan.models, force=force)  # before any long pre-pass
-    prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
+    check_machine(plan, dtype, output, overlap=overlap)
+    prepare(plan)
     tok_src = recipe.tokenizer_source
     tok_model = (recipe.base_model or plan.models[0]) if tok_src in (None, "base") else tok_src
     if tok_model not in plan.models:
