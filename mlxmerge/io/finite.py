@@ -34,18 +34,30 @@ def is_checked(dtype: mx.Dtype) -> bool:
     return dtype in EXPONENT_MASKS
 
 
-def all_finite(x: mx.array) -> mx.array:
-    """A lazy scalar, True when every entry of ``x`` is finite (integers always are).
+CHECK_CHUNK = 1 << 22  # entries per step of a bit test: its temporaries stay a few MB
 
-    For bfloat16/float32 it is ``isfinite(sum(x))``: NaN and Inf propagate through a sum, and
-    a reduction needs no full-size temporary (``isfinite(x)`` would add a bool copy of ``x``).
-    A finite tensor whose sum overflows reads False too; callers then count exactly.
+
+def words_finite(words: np.ndarray, mask: int) -> bool:
+    """True when no word of a float tensor's bits has every exponent bit set (no NaN/Inf)."""
+    for i in range(0, words.size, CHECK_CHUNK):
+        if np.any((words[i : i + CHECK_CHUNK] & mask) == mask):
+            return False
+    return True
+
+
+def all_finite(x: mx.array) -> bool:
+    """True when every entry of ``x`` (evaluated here if it is not yet) is finite.
+
+    Tests the stored bits through a NumPy view of ``x``'s buffer, in 4M-entry steps: a few
+    milliseconds per 100 MB, about 4x less than an MLX reduction on the CPU, and no full-size
+    temporary. Integer tensors are always finite.
     """
     if not is_checked(x.dtype):
-        return mx.array(True)
-    if x.dtype == mx.float16:  # its sum overflows at 65504: test entry by entry
-        return mx.isfinite(x).all()
-    return mx.isfinite(mx.sum(x))
+        return True
+    word, mask = EXPONENT_MASKS[x.dtype]
+    bits = x.view(mx.uint16 if word is np.uint16 else mx.uint32).reshape(-1)
+    mx.eval(bits)
+    return words_finite(np.asarray(bits), mask)
 
 
 def count_nonfinite(x: mx.array) -> tuple[int, int]:
@@ -123,26 +135,23 @@ class FiniteGuard:
         )
 
     def watch(self, model: str, name: str, x: mx.array) -> mx.array:
-        """Return ``x``; its finiteness is checked when the output that reads it is evaluated."""
+        """Return ``x``; its finiteness is checked once the output that reads it is evaluated."""
         if is_checked(x.dtype):
-            self._pending.append((model, name, x, all_finite(x)))
+            self._pending.append((model, name, x))
         return x
 
-    def flags(self) -> list[mx.array]:
-        return [flag for *_, flag in self._pending]
-
     def settle(self) -> None:
-        """Report every watched input whose (evaluated) check failed; forget them all."""
+        """Check every watched input (evaluated with its output by now); forget them all."""
         pending, self._pending = self._pending, []
-        for model, name, x, flag in pending:
-            self.check_input(model, name, x, flag)
+        for model, name, x in pending:
+            self.check_input(model, name, x)
 
-    def check_input(self, model: str, name: str, x: mx.array, flag: mx.array) -> None:
-        """``flag`` is ``all_finite(x)``, already evaluated with ``x``."""
-        if not flag.item():
-            nan, inf = count_nonfinite(x)
-            if nan or inf:  # else only the sum overflowed
-                self.report(self.input_message(model, name, nan, inf))
+    def check_input(self, model: str, name: str, x: mx.array, finite: bool | None = None) -> None:
+        """Report ``x`` if it holds NaN/Inf; ``finite`` is the answer when already known."""
+        if finite is None:
+            finite = all_finite(x)
+        if not finite:
+            self.report(self.input_message(model, name, *count_nonfinite(x)))
 
     def check_bytes(self, model: str, name: str, file, offset, nbytes, dtype) -> None:
         """A tensor copied file to file: scan its stored bytes (mmap, flat memory)."""
@@ -151,10 +160,10 @@ class FiniteGuard:
             self.report(self.input_message(model, name, *count_bytes(file, offset, nbytes, dtype)))
 
     # -- outputs ------------------------------------------------------------------------------
-    def check_output(self, name: str, x: mx.array, flag: mx.array) -> None:
-        """``flag`` is ``all_finite(x)``, already evaluated with ``x`` (in the output dtype)."""
-        if not flag.item() and any(counts := count_nonfinite(x)):
-            nan, inf = counts
+    def check_output(self, name: str, x: mx.array) -> None:
+        """``x`` is an evaluated output tensor, in its output dtype."""
+        if not all_finite(x):
+            nan, inf = count_nonfinite(x)
             self.report(
                 f"{self.verb}: output tensor {name} holds {describe(nan, inf)} in "
                 f"{str(x.dtype).removeprefix('mlx.core.')} (an overflow of the output dtype "

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxmerge.io.dtypes import MX_TO_SAFETENSORS
-from mlxmerge.io.finite import FiniteGuard, all_finite
+from mlxmerge.io.finite import FiniteGuard
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes, like mlx-lm's MAX_FILE_SIZE_GB
 WRITE_CHUNK = 8 * 1024**2
@@ -256,8 +256,8 @@ class ShardedWriter:
     def finish(self, name: str, array: mx.array) -> mx.array:
         """Cast ``array`` to ``name``'s planned dtype and evaluate it, with the NaN/Inf checks.
 
-        The guard's pending input checks and the output's own ``isfinite(...).all()`` are
-        evaluated in the same ``mx.eval`` as the output: no second pass over memory.
+        Then the guard tests the inputs it watched and the output for NaN/Inf: a bit test of
+        the evaluated buffers, a few ms per 100 MB (``io.finite.all_finite``).
         """
         spec = self._specs.get(name)
         if spec is None:
@@ -268,10 +268,9 @@ class ShardedWriter:
         if self.guard is None:
             mx.eval(array)
             return array
-        ok = all_finite(array)
-        mx.eval(array, ok, *self.guard.flags())
+        mx.eval(array)
         self.guard.settle()
-        self.guard.check_output(name, array, ok)
+        self.guard.check_output(name, array)
         return array
 
     def write_ready(self, name: str, array: mx.array) -> None:

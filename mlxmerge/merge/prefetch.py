@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.io import Checkpoint
+from mlxmerge.io import Checkpoint, finite
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.finite import EXPONENT_MASKS
 
-CHECK_CHUNK = 1 << 22  # entries per step of the NaN/Inf test: temporaries stay small
 BUDGET = 128 * 1024**2  # bytes of inputs read ahead at most; larger tensors are read on demand
 
 
@@ -37,14 +36,6 @@ class StoredTensor:
 
     def to_mlx(self) -> mx.array:
         return mx.array(self.words).view(self.dtype).reshape(self.shape)
-
-
-def _all_finite_bits(words: np.ndarray, mask: int) -> bool:
-    for i in range(0, words.size, CHECK_CHUNK):
-        w = words[i : i + CHECK_CHUNK]
-        if np.any((w & mask) == mask):
-            return False
-    return True
 
 
 def read_stored(ckpt: Checkpoint, name: str) -> StoredTensor | None:
@@ -67,7 +58,7 @@ def read_stored(ckpt: Checkpoint, name: str) -> StoredTensor | None:
                 raise OSError(f"{e.file}: file ended while reading tensor {name}")
             done += n
     view.release()
-    return StoredTensor(words, dtype, tuple(e.shape), _all_finite_bits(words, mask))
+    return StoredTensor(words, dtype, tuple(e.shape), finite.words_finite(words, mask))
 
 
 class InputPrefetcher:

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
-from mlxmerge.io.finite import FiniteGuard, all_finite
+from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods import row_blocks
@@ -77,21 +77,20 @@ def load_inputs(
 ) -> tuple[list[mx.array], mx.array | None]:
     """The merged inputs and the base of one output tensor, evaluated in their stored dtype.
 
-    Each input's NaN/Inf check (one reduction) is evaluated in the same ``mx.eval`` that loads
-    it, or was done on the stored bits by the prefetch thread (``stored``), so a non-finite
-    input stops the merge before any computation (``guard.allow`` warns instead).
+    Each input's NaN/Inf check (a bit test of the loaded buffer, ``io.finite.all_finite``) runs
+    as it is loaded, or ran on the stored bits in the prefetch thread (``stored``), so a
+    non-finite input stops the merge before any computation (``guard.allow`` warns instead).
     """
     guard = guard or FiniteGuard()
     refs = input_refs(plan, name)
     stored = stored or [None] * len(refs)
-    arrays, flags = [], []
-    for (i, n), st in zip(refs, stored):
-        x = plan.checkpoints[i].get(n) if st is None else st.to_mlx()
-        arrays.append(x)
-        flags.append(all_finite(x) if st is None else mx.array(bool(st.finite)))
-    mx.eval(*arrays, *flags)
-    for (i, n), a, flag in zip(refs, arrays, flags):
-        guard.check_input(plan.models[i], n, a, flag)
+    arrays = [
+        plan.checkpoints[i].get(n) if st is None else st.to_mlx()
+        for (i, n), st in zip(refs, stored)
+    ]
+    mx.eval(*arrays)
+    for (i, n), a, st in zip(refs, arrays, stored):
+        guard.check_input(plan.models[i], n, a, None if st is None else st.finite)
     return (arrays[:-1], arrays[-1]) if plan.tensor(name).base else (arrays, None)
 
 
