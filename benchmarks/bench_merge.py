@@ -119,7 +119,10 @@ merge(recipe, out, force=True)
 for f in os.listdir(out):
     if f.endswith(".safetensors"):
         fd = os.open(os.path.join(out, f), os.O_RDONLY); os.fsync(fd); os.close(fd)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak()}))
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak(),
+                  "cpu": ru.ru_utime + ru.ru_stime}))
 """
 )
 
@@ -139,6 +142,23 @@ for f in os.listdir(sys.argv[2]):
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak()}))
 """
 )
+
+
+def check_seconds(folders: list[Path]) -> float:
+    """Time of the NaN/Inf bit test alone over every tensor of ``folders`` (loaded first)."""
+    from mlxmerge.io import finite, open_checkpoint
+
+    total = 0.0
+    for folder in folders:
+        ck = open_checkpoint(folder)
+        for name in ck.names():
+            x = ck.get(name)
+            mx.eval(x)
+            t = time.perf_counter()
+            finite.all_finite(x)
+            total += time.perf_counter() - t
+            del x
+    return total
 
 
 def run_child(cmd: list[str]) -> dict:
@@ -208,7 +228,13 @@ def main() -> None:
                 if args.check_cost:
                     r0 = run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "0"])
                     shutil.rmtree(out, ignore_errors=True)
-                    row["s_nocheck"] = r0["seconds"]
+                    row["s_nocheck"], row["cpu"], row["cpu_nocheck"] = (
+                        r0["seconds"],
+                        r["cpu"],
+                        r0["cpu"],
+                    )
+                    # inputs, plus the output (one more model's worth of tensors)
+                    row["check_s"] = check_seconds(ins + [a])
                 if args.mergekit:
                     py = str(Path(args.mergekit) / "bin" / "python")
                     mk = run_child([py, "-c", MERGEKIT_CHILD, json.dumps(recipe), str(out)])
@@ -220,7 +246,9 @@ def main() -> None:
                     f"ratio {row['s'] / floor:5.2f}x  peak RSS {row['rss'] / 1e6:7.0f} MB  "
                     f"(largest fp32 tensor {largest / 1e6:.0f} MB; target ≤ "
                     f"{(4 * largest + 300e6) / 1e6:.0f} MB)"
-                    + (f"  checks {100 * (row['s'] / row['s_nocheck'] - 1):+.1f}%"
+                    + (f"  checks {row['check_s']:.2f}s = {100 * row['check_s'] / row['s']:.1f}% "
+                       f"(A/B wall {100 * (row['s'] / row['s_nocheck'] - 1):+.0f}%, "
+                       f"cpu {100 * (row['cpu'] / row['cpu_nocheck'] - 1):+.0f}%)"
                        if "s_nocheck" in row else "")
                     + (f"  mergekit {row['mk_s']:.2f}s {row['mk_rss'] / 1e6:.0f} MB"
                        if "mk_s" in row else ""),
@@ -234,7 +262,7 @@ def main() -> None:
     head = "| size/model | method | time (s) | I/O floor (s) | / floor | peak RSS (MB) | RSS / (4×largest+300MB) |"
     cols = "|---|---|---|---|---|---|---|"
     if args.check_cost:
-        head, cols = head + " checks cost |", cols + "---|"
+        head, cols = head + " NaN/Inf checks (s, % of merge) |", cols + "---|"
     if args.mergekit:
         head += " mergekit (s) | mergekit RSS (MB) | time ratio | RSS ratio |"
         cols += "---|---|---|---|"
@@ -244,7 +272,7 @@ def main() -> None:
                 f"{r['s'] / r['floor']:.2f}× | {r['rss'] / 1e6:.0f} | "
                 f"{r['rss'] / (4 * r['largest'] + 300e6):.2f} |")  # fmt: skip
         if args.check_cost:
-            line += f" {100 * (r['s'] / r['s_nocheck'] - 1):+.1f}% |"
+            line += f" {r['check_s']:.2f} s, {100 * r['check_s'] / r['s']:.1f}% |"
         if args.mergekit:
             line += (f" {r['mk_s']:.1f} | {r['mk_rss'] / 1e6:.0f} | {r['s'] / r['mk_s']:.2f} | "
                      f"{r['rss'] / r['mk_rss']:.2f} |")  # fmt: skip
