@@ -151,3 +151,18 @@ def _yaml(recipe, tmp_path):
     p = tmp_path / "r.yml"
     p.write_text(yaml.safe_dump(recipe))
     return str(p)
+
+
+def test_bit_test_agrees_with_isfinite_on_every_16_bit_pattern():
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    as_bf16 = (patterns.astype(np.uint32) << 16).view(np.float32)
+    as_fp16 = patterns.view(np.float16)
+    for values, dtype in ((as_bf16, mx.bfloat16), (as_fp16, mx.float16)):
+        mask = finite.EXPONENT_MASKS[dtype][1]
+        got = np.array([finite.words_finite(patterns[i : i + 1], mask) for i in range(1 << 16)])
+        np.testing.assert_array_equal(got, np.isfinite(values))
+    words = np.random.default_rng(0).integers(0, 1 << 32, 20000, dtype=np.uint64).astype(np.uint32)
+    words[:4] = [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F7FFFFF]  # ±Inf, NaN, largest finite
+    mask = finite.EXPONENT_MASKS[mx.float32][1]
+    got = np.array([finite.words_finite(words[i : i + 1], mask) for i in range(words.size)])
+    np.testing.assert_array_equal(got, np.isfinite(words.view(np.float32)))
