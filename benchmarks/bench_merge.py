@@ -5,6 +5,13 @@ reports its peak RSS; the floor is reading every input byte once plus writing th
 with plain file I/O, measured in the same run on the same files (page cache warm for both).
 
     python benchmarks/bench_merge.py --sizes 1,3 --methods linear,slerp,ties,dare_ties,passthrough
+    python benchmarks/bench_merge.py --sizes 0.5 --methods linear,slerp,ties \
+        --mergekit /path/to/venv-with-mergekit --check-cost
+
+``--mergekit VENV`` merges the same pair with mergekit (its own Python, torch on the CPU) in the
+same run and prints time and peak-RSS ratios; ``--check-cost`` runs each merge a second time
+with the NaN/Inf checks stubbed out and prints what they cost. Peak RSS is VmHWM on Linux
+(``ru_maxrss`` there includes the forking parent's size).
 """
 
 from __future__ import annotations
@@ -84,20 +91,81 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     return time.perf_counter() - t
 
 
-CHILD = r"""
-import json, resource, sys, time
+PEAK = r"""
+def _peak():
+    import resource, sys
+    try:  # VmHWM: Linux carries ru_maxrss over exec from the (forking) parent
+        return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
+    except OSError:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+"""
+
+CHILD = (
+    PEAK
+    + r"""
+import json, os, sys, time
 import mlxmerge
+import mlx.core as mx
 from mlxmerge.merge.runner import merge
-recipe, out = json.loads(sys.argv[1]), sys.argv[2]
+recipe, out, checks = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+if not checks:  # the NaN/Inf checks replaced by nothing: what they cost
+    import mlxmerge.io.finite as F
+    F.all_finite = lambda x: True
+    F.words_finite = lambda words, mask: True
+    F.FiniteGuard.check_bytes = lambda *a, **k: None
 t = time.perf_counter()
 merge(recipe, out, force=True)
-import os
 for f in os.listdir(out):
     if f.endswith(".safetensors"):
         fd = os.open(os.path.join(out, f), os.O_RDONLY); os.fsync(fd); os.close(fd)
-print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak(),
+                  "cpu": ru.ru_utime + ru.ru_stime}))
 """
+)
+
+# mergekit 0.1.5 in its own venv (torch): the same recipe, CPU, its default options.
+MERGEKIT_CHILD = (
+    PEAK
+    + r"""
+import json, os, sys, time
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+config = MergeConfiguration.model_validate(json.loads(sys.argv[1]))
+t = time.perf_counter()
+run_merge(config, sys.argv[2], options=MergeOptions(copy_tokenizer=False, quiet=True))
+for f in os.listdir(sys.argv[2]):
+    if f.endswith(".safetensors"):
+        fd = os.open(os.path.join(sys.argv[2], f), os.O_RDONLY); os.fsync(fd); os.close(fd)
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak()}))
+"""
+)
+
+
+def check_seconds(folders: list[Path]) -> float:
+    """Time of the NaN/Inf bit test alone over every tensor of ``folders`` (loaded first)."""
+    from mlxmerge.io import finite, open_checkpoint
+
+    total = 0.0
+    for folder in folders:
+        ck = open_checkpoint(folder)
+        for name in ck.names():
+            x = ck.get(name)
+            mx.eval(x)
+            t = time.perf_counter()
+            finite.all_finite(x)
+            total += time.perf_counter() - t
+            del x
+    return total
+
+
+def run_child(cmd: list[str]) -> dict:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{cmd[0]} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
@@ -129,6 +197,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,3", help="GB per model, comma separated")
     ap.add_argument("--methods", default="linear,slerp,ties,dare_ties,passthrough")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--mergekit", default=None, metavar="VENV",
+                    help="a virtualenv with mergekit: merge the same pair with it and print ratios")  # fmt: skip
+    ap.add_argument("--check-cost", action="store_true",
+                    help="also run each merge without the NaN/Inf checks and print their cost")  # fmt: skip
     args = ap.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="bench_merge-"))
     tok = build_tokenizer(scratch / "tok")
@@ -140,43 +212,71 @@ def main() -> None:
             base, a, b = models
             layers = json.loads((a / "config.json").read_text())["num_hidden_layers"]
             model_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
-            largest = INTER * HIDDEN * 4
-            if VOCAB * HIDDEN > INTER * HIDDEN:
-                largest = VOCAB * HIDDEN * 4
+            largest = max(VOCAB, INTER) * HIDDEN * 4
             for method in args.methods.split(","):
-                recipe = recipe_for(method, base, a, b, layers)
+                recipe = {**recipe_for(method, base, a, b, layers), "dtype": "bfloat16"}
                 n_in = (
                     3 if method in ("ties", "dare_ties") else (1 if method == "passthrough" else 2)
                 )
                 ins = [base, a, b][3 - n_in :] if method != "passthrough" else [a]
                 floor = io_floor(ins, model_bytes, scratch / "floor.bin")
                 out = scratch / "out"
-                res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), str(out)],
-                                     capture_output=True, text=True, check=True)  # fmt: skip
-                r = json.loads(res.stdout.strip().splitlines()[-1])
+                r = run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "1"])
                 shutil.rmtree(out, ignore_errors=True)
-                rows.append((gb, method, r["seconds"], floor, r["peak_rss"], largest))
-                print(f"{gb:>4.1f} GB {method:<12} {r['seconds']:7.2f}s  floor {floor:6.2f}s  "
-                      f"ratio {r['seconds'] / floor:5.2f}x  peak RSS {r['peak_rss'] / 1e6:7.0f} MB  "
-                      f"(largest fp32 tensor {largest / 1e6:.0f} MB; target ≤ {(4 * largest + 300e6) / 1e6:.0f} MB)",
-                      flush=True)  # fmt: skip
+                row = {"gb": gb, "method": method, "s": r["seconds"], "floor": floor,
+                       "rss": r["peak_rss"], "largest": largest}  # fmt: skip
+                if args.check_cost:
+                    r0 = run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "0"])
+                    shutil.rmtree(out, ignore_errors=True)
+                    row["s_nocheck"], row["cpu"], row["cpu_nocheck"] = (
+                        r0["seconds"],
+                        r["cpu"],
+                        r0["cpu"],
+                    )
+                    # inputs, plus the output (one more model's worth of tensors)
+                    row["check_s"] = check_seconds(ins + [a])
+                if args.mergekit:
+                    py = str(Path(args.mergekit) / "bin" / "python")
+                    mk = run_child([py, "-c", MERGEKIT_CHILD, json.dumps(recipe), str(out)])
+                    shutil.rmtree(out, ignore_errors=True)
+                    row["mk_s"], row["mk_rss"] = mk["seconds"], mk["peak_rss"]
+                rows.append(row)
+                print(
+                    f"{gb:>4.1f} GB {method:<12} {row['s']:7.2f}s  floor {floor:6.2f}s  "
+                    f"ratio {row['s'] / floor:5.2f}x  peak RSS {row['rss'] / 1e6:7.0f} MB  "
+                    f"(largest fp32 tensor {largest / 1e6:.0f} MB; target ≤ "
+                    f"{(4 * largest + 300e6) / 1e6:.0f} MB)"
+                    + (f"  checks {row['check_s']:.2f}s = {100 * row['check_s'] / row['s']:.1f}% "
+                       f"(A/B wall {100 * (row['s'] / row['s_nocheck'] - 1):+.0f}%, "
+                       f"cpu {100 * (row['cpu'] / row['cpu_nocheck'] - 1):+.0f}%)"
+                       if "s_nocheck" in row else "")
+                    + (f"  mergekit {row['mk_s']:.2f}s {row['mk_rss'] / 1e6:.0f} MB"
+                       if "mk_s" in row else ""),
+                    flush=True,
+                )  # fmt: skip
             for mdl in models:
                 shutil.rmtree(mdl)
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
-    print("\n| size/model | method | time (s) | I/O floor (s) | ratio | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
-    for gb, method, sec, floor, rss, _ in rows:
-        print(
-            f"| {gb:g} GB | {method} | {sec:.1f} | {floor:.1f} | {sec / floor:.2f}× | {rss / 1e6:.0f} |"
-        )
-    try:
-        import mergekit  # noqa: F401
-
-        print("mergekit is importable but the side-by-side run is not wired in yet")
-    except ImportError:
-        print("mergekit not importable (optional extra, needs torch): no side-by-side comparison")
+    head = "| size/model | method | time (s) | I/O floor (s) | / floor | peak RSS (MB) | RSS / (4×largest+300MB) |"
+    cols = "|---|---|---|---|---|---|---|"
+    if args.check_cost:
+        head, cols = head + " NaN/Inf checks (s, % of merge) |", cols + "---|"
+    if args.mergekit:
+        head += " mergekit (s) | mergekit RSS (MB) | time ratio | RSS ratio |"
+        cols += "---|---|---|---|"
+    print("\n" + head + "\n" + cols)
+    for r in rows:
+        line = (f"| {r['gb']:g} GB | {r['method']} | {r['s']:.1f} | {r['floor']:.1f} | "
+                f"{r['s'] / r['floor']:.2f}× | {r['rss'] / 1e6:.0f} | "
+                f"{r['rss'] / (4 * r['largest'] + 300e6):.2f} |")  # fmt: skip
+        if args.check_cost:
+            line += f" {r['check_s']:.2f} s, {100 * r['check_s'] / r['s']:.1f}% |"
+        if args.mergekit:
+            line += (f" {r['mk_s']:.1f} | {r['mk_rss'] / 1e6:.0f} | {r['s'] / r['mk_s']:.2f} | "
+                     f"{r['rss'] / r['mk_rss']:.2f} |")  # fmt: skip
+        print(line)
 
 
 if __name__ == "__main__":

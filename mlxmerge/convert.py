@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.finite import FiniteGuard
 
 
 def convert(
@@ -20,8 +21,13 @@ def convert(
     shard_size: str | int = "5GB",
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Rewrite ``model`` into ``output``: dequantized inputs, optional MLX quantization."""
+    """Rewrite ``model`` into ``output``: dequantized inputs, optional MLX quantization.
+
+    Raises ``NonFiniteError`` naming the tensor when an input or output tensor holds NaN or
+    Inf (an output can overflow when casting to float16), unless ``allow_nonfinite``.
+    """
     ckpt = open_checkpoint(model)
     out_dtype = parse_float_dtype(dtype)
     quant = Quantization(bits=quantize_bits, group_size=group_size) if quantize_bits else None
@@ -31,11 +37,18 @@ def convert(
         body=f"Converted from `{model}` with `mlxmerge convert`.",
         base_models=[str(model)] if not Path(str(model)).exists() else [],
     )
+    guard = FiniteGuard(allow_nonfinite, "convert")
+
+    def compute(name: str):
+        raw = ckpt.raw(name)
+        return raw if raw is not None else guard.watch(str(model), name, ckpt.get(name))
+
     # No math here, so no float32 detour: casting straight to the output dtype rounds
     # identically (bit-exact for bf16/fp16/fp32) and halves the time spent casting; tensors
     # already in the output dtype are copied as bytes (a kernel copy, no trip through memory).
     return write_model(
-        output, plan, lambda n: ckpt.raw(n) or ckpt.get(n), config=ckpt.config,
+        output, plan, compute, config=ckpt.config,
         tokenizer_source=ckpt.path, card=card, dtype=out_dtype, layout=layout, quantize=quant,
         shard_size=parse_size(shard_size), inputs=[model], force=force, progress=progress,
+        guard=guard,
     )  # fmt: skip

@@ -15,3 +15,7 @@ class RecipeError(MlxmergeError):
 
 class OutputError(MlxmergeError):
     """The output location cannot be used."""
+
+
+class NonFiniteError(MlxmergeError):
+    """A tensor read or about to be written holds NaN or Inf entries."""

@@ -6,15 +6,27 @@ from collections import Counter
 
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import Checkpoint, open_checkpoint
+from mlxmerge.io.checkpoint import natural_key
+from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
+from mlxmerge.io.finite import count_bytes, is_checked
+from mlxmerge.io.safetensors_file import TensorEntry, read_header
 
 
-def inspect_model(model: str) -> dict:
+def inspect_model(model: str, check: bool = False) -> dict:
     """Architecture, size, dtypes and quantization of ``model``; for a LoRA adapter folder
-    (mlx-lm or PEFT), its format, base model, modules, ranks and scales (``kind: adapter``)."""
+    (mlx-lm or PEFT), its format, base model, modules, ranks and scales (``kind: adapter``).
+
+    ``check`` also scans every stored float tensor (an adapter's too) for NaN/Inf
+    (``scan_nonfinite``).
+    """
     from mlxmerge.lora.adapter import is_adapter, open_adapter
 
     if is_adapter(model):
-        return {"kind": "adapter", **open_adapter(model).describe()}
+        adapter = open_adapter(model)
+        out = {"kind": "adapter", **adapter.describe()}
+        if check:
+            out["nonfinite"] = _scan_entries(read_header(adapter.file)[0])
+        return out
     ckpt = open_checkpoint(model)
     names = ckpt.names()
     dtypes = Counter(_dtype_name(ckpt, n) for n in names)
@@ -41,7 +53,31 @@ def inspect_model(model: str) -> dict:
         "shards": len(ckpt.files),
         "size_on_disk": ckpt.size_on_disk,
         "format": ckpt.metadata.get("format"),
+        **({"nonfinite": scan_nonfinite(ckpt)} if check else {}),
     }
+
+
+def scan_nonfinite(ckpt: Checkpoint, progress=None) -> list[dict]:
+    """Every stored float tensor holding NaN or Inf, with counts: ``[{tensor, nan, inf}]``.
+
+    Reads the files through a memory map, a chunk at a time: memory stays flat whatever the
+    model size. Quantized weights are checked through their float scales and biases.
+    """
+    return _scan_entries(ckpt.entries, progress)
+
+
+def _scan_entries(entries: dict[str, TensorEntry], progress=None) -> list[dict]:
+    found = []
+    for name in sorted(entries, key=natural_key):
+        e = entries[name]
+        dtype = SAFETENSORS_TO_MX.get(e.dtype)
+        if dtype is not None and is_checked(dtype):
+            nan, inf = count_bytes(e.file, e.data_start + e.begin, e.nbytes, dtype)
+            if nan or inf:
+                found.append({"tensor": name, "nan": nan, "inf": inf})
+        if progress:
+            progress(name)
+    return found
 
 
 def _dtype_name(ckpt: Checkpoint, name: str) -> str:

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.abliterate.hooks import Instrumented
+from mlxmerge.errors import MlxmergeError
 from mlxmerge.lm.generate import batches, forward, last_logits, make_batch_cache, pad_left
 from mlxmerge.lm.logprobs import kl_divergence, log_softmax
 
@@ -57,6 +58,16 @@ def difference_of_means(
         g = harmless_mean / np.maximum(np.linalg.norm(harmless_mean, axis=-1, keepdims=True), 1e-12)
         diff = diff - np.sum(diff * g, axis=-1, keepdims=True) * g
     return diff
+
+
+def check_direction(v: np.ndarray, what: str = "the refusal direction") -> None:
+    """Refuse a direction holding NaN/Inf: orthogonalizing against it would ruin every weight."""
+    bad = ~np.isfinite(np.asarray(v))
+    if bad.any():
+        raise MlxmergeError(
+            f"{what} holds {int(bad.sum())} non-finite entries (NaN/Inf); the activations it "
+            "came from overflowed or the model's weights are non-finite (mlxmerge inspect --check)"
+        )
 
 
 def unit_np(v: np.ndarray) -> np.ndarray:

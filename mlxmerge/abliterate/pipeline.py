@@ -28,6 +28,7 @@ from mlxmerge.abliterate.report import card_markdown, public_report, rewrite_rep
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, write_model
+from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.output import check_output
 from mlxmerge.lm.chat import (
     chat_tokens,
@@ -337,7 +338,7 @@ def orthogonalize_model(
     embedding_strength: float = 0.0, norm_preserving: bool = False, dtype: str = "bfloat16",
     layout: str = "mlx", quantize: Quantization | None = None, chat_template: str | None = None,
     force: bool = False, card_body: str = "", extra_files: dict[str, str] | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, allow_nonfinite: bool = False,
 ) -> float | None:  # fmt: skip
     """Write ``model`` with ``direction`` removed from its residual writers, tensor by tensor.
 
@@ -354,6 +355,13 @@ def orthogonalize_model(
         attn_weights = [strength if i in edit else 0.0 for i in range(n_layers)]
         mlp_weights = list(attn_weights)
     directions = np.asarray(direction, dtype=np.float32)
+    D.check_direction(directions)
+    # Every weight read is checked for NaN/Inf with the output it makes (one reduction each).
+    guard = FiniteGuard(allow_nonfinite, "abliterate")
+
+    def get(name: str, dtype: mx.Dtype | None = None) -> mx.array:
+        return guard.watch(str(ckpt.reference), name, ckpt.get(name, dtype))
+
     _, hidden = ckpt.config_field("hidden_size")  # GPT-2: n_embd
     if hidden is not None and directions.shape[-1] != int(hidden):
         raise MlxmergeError(
@@ -375,13 +383,11 @@ def orthogonalize_model(
         if wt is not None:
             lam = attn_weights[wt.layer] if wt.writer.component == "attn" else mlp_weights[wt.layer]
             if lam == 0.0:
-                return ckpt.get(name)
+                return get(name)
             rr = direction_for(wt.layer)
             if wt.norm_weight:
-                rr = post_norm_direction(
-                    rr, arch.gain_offset + ckpt.get(wt.norm_weight, mx.float32)
-                )
-            w = ckpt.get(name, mx.float32)
+                rr = post_norm_direction(rr, arch.gain_offset + get(wt.norm_weight, mx.float32))
+            w = get(name, mx.float32)
             if name.endswith(".bias"):
                 return orthogonalize_bias(w, rr, lam)
             out = orthogonalize_weight(w, rr, lam, norm_preserving=norm_preserving)
@@ -395,9 +401,9 @@ def orthogonalize_model(
                 quant_residual.append((noise / mx.maximum(edit, 1e-12)).item())
             return out
         if name == emb_name:
-            return orthogonalize_embedding(ckpt.get(name, mx.float32), global_r, embedding_strength,
+            return orthogonalize_embedding(get(name, mx.float32), global_r, embedding_strength,
                                            norm_preserving=norm_preserving)  # fmt: skip
-        return ckpt.get(name)
+        return get(name)
 
     plan = [(n, ckpt.shape(n)) for n in names]
     tick = _tick(progress, "writing", len(plan))
@@ -409,7 +415,7 @@ def orthogonalize_model(
         output, plan, compute, config=ckpt.config, tokenizer_source=ckpt.path, card=card,
         dtype=out_dtype, layout=layout, quantize=quantize, inputs=[str(ckpt.path)], force=force,
         chat_template=chat_template, progress=(lambda _n: tick(1)) if tick else None,
-        extra_files=extra_files,
+        extra_files=extra_files, guard=guard,
     )  # fmt: skip
     if not quant_residual:
         return None

@@ -7,7 +7,7 @@ import json
 import click
 
 from mlxmerge.cli import cli
-from mlxmerge.cli.models import DTYPE, LAYOUT, human_bytes
+from mlxmerge.cli.models import DTYPE, LAYOUT, allow_nonfinite_option, human_bytes
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.registry import METHODS
@@ -33,7 +33,7 @@ def output_options(fn=None, *, seed: bool = True):
                                  help="Seed for DARE/DELLA masks (same seed, same merge)."))  # fmt: skip
     for opt in reversed(opts):
         fn = opt(fn)
-    return quantize_options(fn)
+    return allow_nonfinite_option(quantize_options(fn))
 
 
 def quantize_options(fn):
@@ -54,7 +54,7 @@ def quantize_kwargs(quantize_bits, group_size) -> dict:
 
 def run_recipe(
     recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0,
-    quantize_bits=None, group_size="64",
+    quantize_bits=None, group_size="64", allow_nonfinite=False,
 ):  # fmt: skip
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.multi import is_multi_document, merge_multi
@@ -67,6 +67,7 @@ def run_recipe(
             raise click.UsageError("give the output folder with -o/--output")
         out = merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
                           out_dtype=out_dtype, shard_size=shard_size, force=force,
+                          allow_nonfinite=allow_nonfinite,
                           **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
         click.echo(f"wrote {out}")
         return
@@ -86,6 +87,21 @@ def run_recipe(
             summary["output_bytes"] = output_size(
                 [(p.name, p.shape) for p in plan.tensors], dtype, quant
             )
+        need, have = summary["estimated_peak_bytes"], summary["available_memory_bytes"]
+        if have is not None and need > have:
+            summary["warnings"].append(
+                f"the estimated peak memory ({human_bytes(need)}) exceeds the "
+                f"{human_bytes(have)} available"
+            )
+        if output:
+            from mlxmerge.merge.runner import disk_free
+
+            summary["disk_free_bytes"] = disk_free(output)[1]
+            if summary["output_bytes"] > summary["disk_free_bytes"]:
+                summary["warnings"].append(
+                    f"the output ({human_bytes(summary['output_bytes'])}) does not fit in the "
+                    f"{human_bytes(summary['disk_free_bytes'])} free on the output's disk"
+                )
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -98,7 +114,7 @@ def run_recipe(
     with progress_bar(len(plan.tensors), "merge", "tensor") as bar:
         out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
-                    progress=lambda _n: bar.update(),
+                    progress=lambda _n: bar.update(), allow_nonfinite=allow_nonfinite,
                     **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
     click.echo(f"wrote {out}")
 
@@ -120,7 +136,14 @@ def print_plan(s: dict) -> None:
     click.echo(
         f"memory: largest tensor {human_bytes(s['largest_tensor_fp32_bytes'])} in fp32, "
         f"estimated peak {human_bytes(s['estimated_peak_bytes'])}"
+        + (
+            f" of {human_bytes(s['available_memory_bytes'])} available"
+            if s.get("available_memory_bytes")
+            else ""
+        )
     )
+    if s.get("disk_free_bytes") is not None:
+        click.echo(f"disk: {human_bytes(s['disk_free_bytes'])} free for the output")
     for g in s["groups"]:
         params = ", ".join(f"{k}={_short(v)}" for k, v in g["parameters"].items())
         click.echo(f"  {g['tensors']} ×{g['count']} {g['shape']}: {params}")

@@ -13,6 +13,14 @@ DTYPE = click.Choice(["bfloat16", "float16", "float32"])
 LAYOUT = click.Choice(["mlx", "hf"])
 
 
+def allow_nonfinite_option(fn):
+    """``--allow-nonfinite``, shared by every command that reads or writes weights."""
+    return click.option(
+        "--allow-nonfinite", is_flag=True,
+        help="Warn instead of stopping when a tensor read or written holds NaN or Inf.",
+    )(fn)  # fmt: skip
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -31,13 +39,16 @@ def human_count(n: int) -> str:
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def inspect(model: str, as_json: bool):
+@click.option("--check", is_flag=True,
+              help="Also scan every tensor for NaN/Inf (reads the weights; exit 1 if any).")  # fmt: skip
+def inspect(model: str, as_json: bool, check: bool):
     """Describe MODEL (folder, .safetensors file or hub id) from its headers and config."""
     from mlxmerge.inspect import inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model, check=check)
     if as_json:
         click.echo(json.dumps(info, indent=2))
+        _fail_on_nonfinite(info)
         return
     if info.get("kind") == "adapter":
         rows = [("path", info["path"]), ("LoRA adapter", f"{info['format']} format"),
@@ -49,6 +60,7 @@ def inspect(model: str, as_json: bool):
                 ("saved whole", ", ".join(info["replaced"]) or "none")]  # fmt: skip
         for k, v in rows:
             click.echo(f"{k:>16}: {v}")
+        _print_check(info, check)
         return
     q = info["quantization"]
     rows = [
@@ -69,6 +81,23 @@ def inspect(model: str, as_json: bool):
     ]
     for k, v in rows:
         click.echo(f"{k:>16}: {v}")
+    _print_check(info, check)
+
+
+def _print_check(info: dict, check: bool) -> None:
+    if check:
+        bad = info["nonfinite"]
+        click.echo(
+            f"{'non-finite':>16}: {len(bad)} tensor(s)" if bad else f"{'non-finite':>16}: none"
+        )
+        for b in bad:
+            click.echo(f"{'':>16}  {b['tensor']}: {b['nan']} NaN, {b['inf']} Inf")
+    _fail_on_nonfinite(info)
+
+
+def _fail_on_nonfinite(info: dict) -> None:
+    if info.get("nonfinite"):
+        raise click.exceptions.Exit(1)
 
 
 def _with_field(value, field: str | None, standard: str) -> str:
@@ -89,7 +118,10 @@ def _with_field(value, field: str | None, standard: str) -> str:
     "--shard-size", default="5GB", show_default=True, help="Max bytes per shard (5GB, 500MB)."
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def convert(model, output, dtype, layout, quantize_bits, group_size, shard_size, force):
+@allow_nonfinite_option
+def convert(
+    model, output, dtype, layout, quantize_bits, group_size, shard_size, force, allow_nonfinite
+):
     """Rewrite MODEL with another dtype, layout or quantization (dequantizes MLX inputs)."""
     from mlxmerge.convert import convert as run
     from mlxmerge.io import open_checkpoint
@@ -99,5 +131,5 @@ def convert(model, output, dtype, layout, quantize_bits, group_size, shard_size,
         out = run(model, output, dtype=dtype, layout=layout,
                   quantize_bits=int(quantize_bits) if quantize_bits else None,
                   group_size=group_size, shard_size=shard_size, force=force,
-                  progress=lambda _name: bar.update())  # fmt: skip
+                  progress=lambda _name: bar.update(), allow_nonfinite=allow_nonfinite)  # fmt: skip
     click.echo(f"wrote {out}")

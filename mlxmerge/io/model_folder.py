@@ -16,6 +16,7 @@ import yaml
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
+from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, mlx_to_hf
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
@@ -166,6 +167,8 @@ def write_model(
     inputs: Iterable[str] = (),
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    guard: FiniteGuard | None = None,
+    background: bool = True,
 ) -> Path:
     """Compute each planned tensor with ``compute(name)`` and write the model atomically.
 
@@ -175,6 +178,10 @@ def write_model(
     ``plan`` lists (name, shape) of the float tensors, in output order. ``compute`` returns
     a (lazy) array for one name; it is cast, quantized if asked, evaluated and written
     before the next one is computed, which is what bounds memory.
+
+    ``guard`` checks every output tensor (and the inputs ``compute`` registered with
+    ``guard.watch``, and the bytes of raw copies) for NaN/Inf; None checks nothing.
+    ``background`` writes each tensor in a writer thread while the next one is computed.
     """
     if layout not in LAYOUTS:
         raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
@@ -200,7 +207,7 @@ def write_model(
     def planned(source: str) -> mx.array:
         if source not in cache:
             got = compute(source)
-            cache[source] = got.load() if isinstance(got, RawTensor) else got
+            cache[source] = _load_raw(got, source, guard) if isinstance(got, RawTensor) else got
             mx.eval(cache[source])  # once, not once per expert slice taken from it
             if progress:
                 progress(source)
@@ -211,7 +218,10 @@ def write_model(
         return x
 
     with atomic_folder(target) as tmp:
-        with ShardedWriter(tmp, specs, shard_size=shard_size, metadata=metadata) as writer:
+        with ShardedWriter(
+            tmp, specs, shard_size=shard_size, metadata=metadata, guard=guard,
+            background=background,
+        ) as writer:  # fmt: skip
             for name, d in written:
                 shape = d.shape
                 if d.op == "copy" and uses[d.sources[0]] == 1:
@@ -225,7 +235,7 @@ def write_model(
                             if progress:
                                 progress(d.sources[0])
                             continue
-                        x = x.load()
+                        x = _load_raw(x, name, guard)
                     if progress:
                         progress(d.sources[0])
                 else:
@@ -256,6 +266,12 @@ def write_model(
         write_card(tmp, card, layout)
     log.info("wrote %s (%d tensors, %d shards)", target, len(specs), len(writer.files))
     return target
+
+
+def _load_raw(raw: RawTensor, name: str, guard: FiniteGuard | None) -> mx.array:
+    # Bytes that must change after all: check them as the input they are.
+    x = raw.load()
+    return x if guard is None else guard.watch(str(raw.file.parent), name, x)
 
 
 def output_size(

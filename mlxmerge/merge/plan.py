@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,7 +382,6 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
             {"tensors": key, "count": len(ps), "shape": list(ps[0].shape), "parameters": params}
         )
     largest = max(math.prod(p.shape) for p in plan.tensors) * 4
-    n_inputs = max(len(p.inputs) + (p.base is not None) for p in plan.tensors)
     return {
         "method": plan.recipe.merge_method,
         "models": plan.models,
@@ -390,8 +390,93 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
         "output_layers": plan.num_layers,
         "groups": rows,
         "largest_tensor_fp32_bytes": largest,
-        # inputs + result + a few temporaries, each at most the largest fp32 tensor
-        "estimated_peak_bytes": largest * (n_inputs + 3),
+        "estimated_peak_bytes": estimate_peak(plan, out_dtype),
+        "available_memory_bytes": available_memory(),
         "output_bytes": sum(math.prod(p.shape) for p in plan.tensors) * out_dtype.size,
         "warnings": plan.warnings,
     }
+
+
+# Peak resident memory of a merge, fitted to the peak RSS of merges of synthetic bf16 models
+# (two merged models; 65 and 131 MB largest fp32 tensor; benchmarks/README.md): bytes above
+# the process's resident size before the merge ≈ slope × largest fp32 tensor + constant (MB:
+# threads, NumPy buffers, per-block temporaries). Methods run in row blocks (task arithmetic,
+# TIES, DARE on tensors of 4M+ entries) keep their inputs in the stored dtype: low slopes.
+PEAK_FIT = {
+    "linear": (2.0, 70), "passthrough": (0.5, 60), "slerp": (3.0, 135), "nuslerp": (3.0, 135),
+    "nearswap": (3.0, 135), "multislerp": (6.0, 135), "karcher": (8.0, 135),
+    "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
+    "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
+    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (6.5, 70),
+}  # fmt: skip
+UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks
+OVERLAP_BUDGET = 128 * 1024**2  # prefetch and write-behind hold at most this much each
+N_MODELS_FITTED = 2
+
+
+def estimate_peak(plan: MergePlan, out_dtype: mx.Dtype, *, overlap: bool = True) -> int:
+    """Estimated peak resident bytes of running ``plan`` in this process.
+
+    The process's resident size now, plus per-method working memory (a multiple of the
+    largest tensor in float32, see ``PEAK_FIT``; one more copy per merged model beyond two),
+    plus what the reader and writer threads hold ahead (at most ``OVERLAP_BUDGET`` each).
+    """
+    from mlxmerge.merge.methods import row_blocks
+
+    method = plan.recipe.merge_method
+    biggest = max(plan.tensors, key=lambda p: math.prod(p.shape))
+    largest = math.prod(biggest.shape) * 4
+    slope, constant = PEAK_FIT.get(method, UNBLOCKED_FIT)
+    params = {**biggest.global_params, **biggest.tensor_params}
+    blockable = method in ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+    if blockable and not row_blocks.supported(plan.method.fn, params, biggest.shape):
+        slope, constant = UNBLOCKED_FIT
+    slope += max(0, max(len(p.inputs) for p in plan.tensors) - N_MODELS_FITTED)
+    extra = 0
+    if overlap:
+
+        def in_bytes(p):
+            return sum(plan.checkpoints[i].entries[n].nbytes
+                       for i, n in p.inputs + ([p.base] if p.base else [])
+                       if n in plan.checkpoints[i].entries)  # fmt: skip
+
+        ahead = [b for b in map(in_bytes, plan.tensors) if b <= OVERLAP_BUDGET]
+        behind = [b for p in plan.tensors
+                  if (b := math.prod(p.shape) * out_dtype.size) <= OVERLAP_BUDGET]  # fmt: skip
+        # inputs read ahead (+ a third: the NumPy-to-MLX copy of one), one output behind
+        extra = int(1.3 * max(ahead, default=0)) + max(behind, default=0)
+    return int(process_rss() + constant * 1000**2 + slope * largest + extra)
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (Linux); its peak so far elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB else
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give this process without swapping (None when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlxmerge.errors import RecipeError
+from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, Quantization, parse_size, write_model
 from mlxmerge.io.chat_template import resolve_template
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.finite import FiniteGuard
+from mlxmerge.io.model_folder import output_size
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.lora.fused import split_reference
+from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.common import ConsumableInputs
-from mlxmerge.merge.plan import MergePlan, is_stacked_experts, plan_merge, plan_summary
+from mlxmerge.merge.plan import (
+    MergePlan,
+    available_memory,
+    estimate_peak,
+    is_stacked_experts,
+    plan_merge,
+    plan_summary,
+)
+from mlxmerge.merge.prefetch import InputPrefetcher, StoredTensor
 from mlxmerge.merge.recipe import Recipe, recipe_yaml
 from mlxmerge.merge.registry import derive_key
 
-__all__ = ["compute_tensor", "merge", "plan_merge", "plan_summary", "prepare"]
+__all__ = ["compute_tensor", "load_inputs", "merge", "plan_merge", "plan_summary", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +74,65 @@ def prepare(plan: MergePlan) -> None:
     log.info("model-wide TIES thresholds: %s", plan.trim_thresholds)
 
 
-def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
-    """Merge one output tensor in float32 (lazy; the writer evaluates it)."""
+def load_inputs(
+    plan: MergePlan,
+    name: str,
+    guard: FiniteGuard | None = None,
+    stored: list[StoredTensor | None] | None = None,
+) -> tuple[list[mx.array], mx.array | None]:
+    """The merged inputs and the base of one output tensor, evaluated in their stored dtype.
+
+    Each input's NaN/Inf check (a bit test of the loaded buffer, ``io.finite.all_finite``) runs
+    as it is loaded, or ran on the stored bits in the prefetch thread (``stored``), so a
+    non-finite input stops the merge before any computation (``guard.allow`` warns instead).
+    """
+    guard = guard or FiniteGuard()
+    refs = input_refs(plan, name)
+    stored = stored or [None] * len(refs)
+    arrays = [
+        plan.checkpoints[i].get(n) if st is None else st.to_mlx()
+        for (i, n), st in zip(refs, stored)
+    ]
+    mx.eval(*arrays)
+    for (i, n), a, st in zip(refs, arrays, stored):
+        guard.check_input(plan.models[i], n, a, None if st is None else st.finite)
+    return (arrays[:-1], arrays[-1]) if plan.tensor(name).base else (arrays, None)
+
+
+def input_refs(plan: MergePlan, name: str) -> list[tuple[int, str]]:
+    """(model index, tensor name) of every input of ``name``: the merged ones, then the base."""
     p = plan.tensor(name)
-    xs = [plan.checkpoints[i].get(n, mx.float32) for i, n in p.inputs]
-    base = plan.checkpoints[p.base[0]].get(p.base[1], mx.float32) if p.base else None
+    return list(p.inputs) + ([p.base] if p.base else [])
+
+
+def compute_tensor(
+    plan: MergePlan,
+    name: str,
+    seed: int = 0,
+    guard: FiniteGuard | None = None,
+    inputs: tuple[list[mx.array], mx.array | None] | None = None,
+    out_dtype: mx.Dtype | None = None,
+) -> mx.array:
+    """Merge one output tensor in float32 (lazy; the writer evaluates it).
+
+    ``inputs`` are ``load_inputs``'s result when already loaded (prefetched); else they are
+    loaded here. Raises ``NonFiniteError`` on a NaN/Inf input unless ``guard.allow``.
+    With ``out_dtype``, a large tensor whose method runs in row blocks (task arithmetic,
+    TIES, DARE) comes back evaluated in ``out_dtype``, computed block by block.
+    """
+    p = plan.tensor(name)
+    xs, base = inputs if inputs is not None else load_inputs(plan, name, guard)
+    inputs = None  # the lists hold the only references: methods may release them
     if p.vocab is not None:  # rows re-indexed to the output tokenizer before the method runs
         from mlxmerge.merge.vocab import permute_rows
 
+        xs = [x.astype(mx.float32) for x in xs]
+        base = None if base is None else base.astype(mx.float32)
         refs = [plan.models[i] for i, _ in p.inputs] + ([plan.models[p.base[0]]] if p.base else [])
         got = permute_rows(p.vocab, dict(zip(refs, xs + ([base] if p.base else []))))
         xs = [got[r] for r in refs[: len(xs)]]
         base = got[refs[-1]] if p.base else None
-    if base is not None and tuple(base.shape) != p.shape:
-        base = _fit_rows(base, p.shape, None)
-    # The only reference to the inputs: a method may release each one once it is used.
-    xs = ConsumableInputs(
-        x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs
-    )
+        got = None
     kwargs = {
         ("lambda_" if k == "lambda" else k): v
         for k, v in {**p.global_params, **p.tensor_params}.items()
@@ -88,13 +141,30 @@ def compute_tensor(plan: MergePlan, name: str, seed: int = 0) -> mx.array:
         kwargs["trim_thresholds"] = plan.trim_thresholds
     fn = plan.method.fn
 
-    def call(ts, b, tag):
-        extra = {}
-        if plan.method.random:
-            extra["keys"] = [derive_key(seed, tag, i) for i, _ in p.inputs]
-        return fn(ts, b, **kwargs, **extra)
+    def keys(tag):
+        return (
+            {"keys": [derive_key(seed, tag, i) for i, _ in p.inputs]} if plan.method.random else {}
+        )
 
-    if is_stacked_experts(name, p.shape):
+    stacked = is_stacked_experts(name, p.shape)
+    same = base is not None and all(tuple(x.shape) == p.shape for x in [*xs, base])
+    if out_dtype is not None and same and not stacked and row_blocks.supported(fn, kwargs, p.shape):
+        return row_blocks.merge_rows(
+            xs, base, out_dtype, **{**fn.keywords, **kwargs}, **keys(name)
+        )  # fmt: skip
+    xs = [x.astype(mx.float32) for x in xs]
+    base = None if base is None else base.astype(mx.float32)
+    if base is not None and tuple(base.shape) != p.shape:
+        base = _fit_rows(base, p.shape, None)
+    # The only reference to the inputs: a method may release each one once it is used.
+    xs = ConsumableInputs(
+        x if tuple(x.shape) == p.shape else _fit_rows(x, p.shape, base) for x in xs
+    )
+
+    def call(ts, b, tag):
+        return fn(ts, b, **kwargs, **keys(tag))
+
+    if stacked:
         # Per-expert statistics, matching mergekit on the HF (unstacked) layout.
         out = [
             call([x[e] for x in xs], None if base is None else base[e], f"{name}[{e}]")
@@ -122,6 +192,47 @@ def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
                    f"is {plan.models[i]} really fine-tuned from {plan.recipe.base_model}?")  # fmt: skip
             plan.warnings.append(msg)
             log.warning(msg)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def disk_free(target: str | Path) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
+    folder = Path(target).expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_machine(
+    plan: MergePlan,
+    out_dtype: mx.Dtype,
+    output: str | Path,
+    *,
+    overlap: bool = True,
+    quantize: Quantization | None = None,
+) -> None:
+    """Before any compute: warn when the estimated peak memory exceeds what is available,
+    refuse (``OutputError``) when the output (quantized, if asked) cannot fit on the disk that
+    will hold it."""
+    need = estimate_peak(plan, out_dtype, overlap=overlap)
+    have = available_memory()
+    if have is not None and need > have:
+        msg = (
+            f"the merge needs about {_gb(need)} of memory at its peak but {_gb(have)} is "
+            "available; it may swap or be killed (close other programs or free memory first)"
+        )
+        plan.warnings.append(msg)
+        log.warning(msg)
+    size = output_size([(p.name, p.shape) for p in plan.tensors], out_dtype, quantize)
+    folder, free = disk_free(output)
+    if size > free:
+        raise OutputError(
+            f"{output}: the merged model needs {_gb(size)} but the disk holding {folder} has "
+            f"{_gb(free)} free"
+        )
 
 
 def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCard:
@@ -156,12 +267,22 @@ def merge(
     group_size: int = 64,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
+    overlap: bool = True,
 ) -> Path:
     """Run a mergekit recipe (or an already checked plan) and write the merged model.
 
     A recipe file with several YAML documents is a mergekit-multi recipe (``merge.multi``).
     ``quantize_bits`` (2-8) writes the merge straight to MLX affine quantization (``mx.quantize``
     with ``group_size``), each tensor quantized as it is streamed out; needs ``layout="mlx"``.
+
+    Every input tensor is checked for NaN/Inf as it is loaded and every output tensor before it
+    is written; either raises ``NonFiniteError`` naming model and tensor (and the method, for an
+    output) before anything is renamed into place, unless ``allow_nonfinite`` (then a warning,
+    also kept in ``plan.warnings``).
+
+    ``overlap`` reads the next tensor's inputs and writes the last output in background
+    threads while the current tensor is computed (same bytes out as without).
     """
     from mlxmerge.merge.multi import is_multi_document, merge_multi
 
@@ -169,7 +290,8 @@ def merge(
         return merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
                            out_dtype=out_dtype, shard_size=shard_size, force=force,
                            quantize_bits=quantize_bits, group_size=group_size,
-                           progress=progress)  # fmt: skip
+                           progress=progress, allow_nonfinite=allow_nonfinite,
+                           overlap=overlap)  # fmt: skip
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )
@@ -187,8 +309,9 @@ def merge(
     # model+lora references: neither the model nor the adapter folder may be overwritten.
     inputs = [part for m in plan.models for part in (split_reference(m) or (m,))]
     check_output(output, inputs, force=force)  # before any long pre-pass
-    prepare(plan)
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
+    check_machine(plan, dtype, output, overlap=overlap, quantize=quant)
+    prepare(plan)
     donor = plan.checkpoints[plan.models.index(recipe.base_model or plan.models[0])].path
     chat_template = resolve_template(recipe.chat_template, [c.path for c in plan.checkpoints])
     with tempfile.TemporaryDirectory() as built:
@@ -196,28 +319,58 @@ def merge(
             plan.vocab.save(Path(built))
             donor = Path(built)
         return _write(plan, output, seed, donor, chat_template, dtype, layout, shard_size,
-                      force, progress, quant, inputs)  # fmt: skip
+                      force, progress, quant, inputs, allow_nonfinite, overlap)  # fmt: skip
 
 
 def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shard_size, force,
-           progress, quant, inputs) -> Path:  # fmt: skip
+           progress, quant, inputs, allow_nonfinite, overlap) -> Path:  # fmt: skip
     recipe = plan.recipe
     checked: set[str] = set()
+    guard = FiniteGuard(allow_nonfinite, f"{recipe.merge_method} merge", plan.warnings)
 
-    def compute(name: str) -> mx.array | RawTensor:
+    def raw_copy(name: str) -> RawTensor | None:
         p = plan.tensor(name)
-        if recipe.merge_method == "passthrough" and p.tensor_params.get("scale") == [1.0]:
+        if (
+            recipe.merge_method == "passthrough"
+            and p.tensor_params.get("scale") == [1.0]
+            and p.vocab is None  # permuted rows are not the stored bytes
+        ):
             i, src = p.inputs[0]
             if plan.checkpoints[i].shape(src) == p.shape:
-                return plan.checkpoints[i].raw(src) or compute_tensor(plan, name, seed)
-        _task_vector_check(plan, name, checked)
-        return compute_tensor(plan, name, seed)
+                return plan.checkpoints[i].raw(src)
+        return None
 
-    return write_model(
-        output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
-        tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype, layout=layout,
-        quantize=quant, shard_size=parse_size(shard_size), num_layers=plan.num_layers,
-        chat_template=chat_template,
-        extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)}, inputs=inputs, force=force,
-        progress=progress,
-    )  # fmt: skip
+    computed = [p.name for p in plan.tensors if raw_copy(p.name) is None]
+    # Overlap: the next tensor's inputs are read (and NaN/Inf-tested) by a reader thread while
+    # this one is computed; the writer thread writes the last one (write-behind).
+    reader = (
+        InputPrefetcher(
+            ((n, [(plan.checkpoints[i], src) for i, src in input_refs(plan, n)]) for n in computed),
+            depth=1,
+        )
+        if overlap
+        else None
+    )
+
+    def compute(name: str) -> mx.array | RawTensor:
+        raw = raw_copy(name)
+        if raw is not None:
+            return raw
+        _task_vector_check(plan, name, checked)
+        stored = reader.get(name) if reader is not None else None
+        return compute_tensor(
+            plan, name, seed, guard, load_inputs(plan, name, guard, stored), out_dtype=dtype
+        )
+
+    try:
+        return write_model(
+            output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
+            tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,
+            layout=layout, quantize=quant, shard_size=parse_size(shard_size),
+            num_layers=plan.num_layers,
+            chat_template=chat_template, extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)},
+            inputs=inputs, force=force, progress=progress, guard=guard, background=overlap,
+        )  # fmt: skip
+    finally:
+        if reader is not None:
+            reader.close()

@@ -95,6 +95,15 @@ def _lr_schedule(tc: TrainConfig, d_sae: int, steps: int):
     return tc.lr or 2e-4 * math.sqrt(2**14 / d_sae)
 
 
+def _divergence_message(step: int, loss: float, tc: TrainConfig, d_sae: int, scale: float) -> str:
+    lr = tc.lr or (5e-5 if tc.architecture == "relu" else 2e-4 * math.sqrt(2**14 / d_sae))
+    return (
+        f"training diverged at step {step}: the loss is {loss}; likely causes: the learning "
+        f"rate ({lr:.3g}; try a tenth) or the input scale (activations scaled by {scale:.3g}"
+        f"{'' if tc.normalize else ', normalize is off'}; non-finite or huge activations)"
+    )
+
+
 class Trainer:
     """Holds parameters, Adam state and firing statistics; ``step(x)`` runs one compiled update."""
 
@@ -294,6 +303,8 @@ def train_sae(
             trainer.stats["fire_count"] = mx.zeros((d_sae,))
         loss, mse, var_b, l0, aux = trainer.step(mx.array(batch, dtype=mx.float32))
         mx.eval(loss, mse, var_b, l0, aux, trainer.params, trainer.opt.state, trainer.stats)
+        if not math.isfinite(loss.item()):  # stop at once: Adam spreads NaN to every weight
+            raise SAEError(_divergence_message(i + 1, loss.item(), tc, d_sae, trainer.scale))
         acc += [mse.item(), var_b.item(), l0.item(), 1]
         if on_step is not None:
             on_step(i + 1, tc.batch_size)

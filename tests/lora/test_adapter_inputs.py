@@ -119,6 +119,22 @@ def test_inspect_describes_adapters_and_bad_references(family, tmp_path):
         open_checkpoint(f"{family['base']}+{tmp_path / 'empty'}")
 
 
+def test_inspect_check_scans_an_adapter_for_nonfinite_entries(family, tmp_path):
+    mlx_lm_adapter(family["base"], tmp_path / "a", seed=5)
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--check"])
+    assert res.exit_code == 0 and "non-finite: none" in res.output
+    weights = tmp_path / "a" / "adapters.safetensors"
+    lora = dict(load_file(str(weights)))
+    key = min(k for k in lora if k.endswith("lora_b"))
+    bad = lora[key].copy()
+    bad.flat[[0, 3]] = [np.nan, np.inf]
+    lora[key] = bad
+    mx.save_safetensors(str(weights), {k: mx.array(v) for k, v in lora.items()})
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--check", "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.output)["nonfinite"] == [{"tensor": key, "nan": 1, "inf": 1}]
+
+
 def test_forward_pass_loading_applies_the_adapter(family, lowrank, tmp_path):
     from mlx_lm import load
 

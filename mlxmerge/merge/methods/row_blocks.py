@@ -1,0 +1,212 @@
+"""Task arithmetic, TIES and DARE over row blocks of a large tensor: the same bits, less memory.
+
+``generalized_task_arithmetic`` keeps one float32 task vector per model alive at once (plus
+masks and |δ|), ≈ 6-8× the tensor in float32 at peak. Here the inputs stay in their stored
+dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES`` entries):
+
+1. statistics, per model, in a streaming pass: the TIES top-k threshold (a sample brackets the
+   k-th largest |δ|; the entries inside the bracket are gathered block by block and ranked,
+   as ``common.kth_largest`` does) or, for DARE's L1 rescale, ‖δ‖₁ and ‖δ⊙m‖₁ from per-block
+   level-1 partial sums that ``common.fsum`` then finishes exactly as it would have;
+2. the combine pass: per block, δᵢ → mask → the same compiled sign-election / mean kernel,
+   cast to the output dtype at once.
+
+Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``).
+Unsupported settings (other sparsifiers, the paper's unweighted election) return None and the
+caller uses the whole-tensor path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlxmerge.merge.methods import sparsify as sp
+from mlxmerge.merge.methods.common import BLOCK, SAMPLE_SIZE, fsum, kth_bracket, per_model
+from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_task_arithmetic
+
+BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
+MIN_ENTRIES = 1 << 22  # below this the whole-tensor path costs little memory anyway
+
+
+def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
+    """Whether ``fn`` (a method from the table) with ``params`` can run in row blocks."""
+    if getattr(fn, "func", None) is not generalized_task_arithmetic:
+        return False
+    kw = {**fn.keywords, **params}
+    sparsify = kw.get("sparsify", "none")
+    rescaled = kw.get("rescale", False) and sparsify != "none"
+    return (
+        len(shape) >= 2
+        and math.prod(shape) >= MIN_ENTRIES
+        and sparsify in ("none", "magnitude", "random")
+        and not (sparsify == "magnitude" and rescaled)  # would need a third pass
+        and kw.get("elect", "weighted") == "weighted"  # 'unweighted' votes over the tensor
+    )
+
+
+def _block_rows(rows: int, cols: int, entries: int) -> int:
+    # Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+    unit = BLOCK // math.gcd(cols, BLOCK)
+    return max(unit, entries // cols // unit * unit)
+
+
+def _level1(a: mx.array) -> mx.array:
+    """``fsum``'s first level (sums of 1024-entry groups, then the tail) for one block."""
+    flat = a.reshape(-1)
+    m = flat.size // BLOCK * BLOCK
+    head = mx.sum(flat[:m].reshape(-1, BLOCK), axis=1)
+    return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
+
+
+def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, int]:
+    """(k-th largest |δ|, entries above it, entries equal to it) without a full |δ|."""
+    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
+    sample = np.sort(np.asarray(mx.abs(delta(None, mx.array(idx.astype(np.int64))))))
+    lo, hi = kth_bracket(sample, k, n)
+    above, bands = 0, []
+    for r0, r1 in spans:
+        a = mx.abs(delta((r0, r1), None)).reshape(-1)
+        count = mx.sum(a > float(hi))
+        mx.eval(a, count)
+        v = np.asarray(a)
+        bands.append(v[(v >= lo) & (v <= hi)])
+        above += int(count.item())
+        del a, v
+    band = np.concatenate(bands)
+    need = k - above
+    if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
+        every = np.concatenate([np.asarray(mx.abs(delta(s, None)).reshape(-1)) for s in spans])
+        thr = float(np.partition(every, every.size - k)[every.size - k])
+        return thr, int(np.count_nonzero(every > thr)), int(np.count_nonzero(every == thr))
+    thr = float(np.partition(band, band.size - need)[band.size - need])
+    return thr, above + int(np.count_nonzero(band > thr)), int(np.count_nonzero(band == thr))
+
+
+def merge_rows(
+    tensors: Sequence[mx.array],
+    base: mx.array,
+    out_dtype: mx.Dtype,
+    *,
+    sparsify: str,
+    consensus: str,
+    weight: list[float],
+    density: list[float] | float = 1.0,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    rescale: bool = False,
+    rescale_mode: str = "l1",
+    disjoint_mean: str = "weight",
+    keys: list[mx.array] | None = None,
+    trim_scope: str = "tensor",
+    trim_thresholds: list[float] | None = None,
+    block_entries: int | None = None,
+    **_ignored,
+) -> mx.array:
+    """``generalized_task_arithmetic(tensors, base, ...)`` cast to ``out_dtype``, in row blocks.
+
+    ``tensors`` and ``base`` are the inputs in their stored dtype (bf16: half the memory of
+    float32), all of one shape (rows, ...). Returns the evaluated output in ``out_dtype``.
+    """
+    n_models = len(tensors)
+    shape = tuple(base.shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    n = rows * cols
+    step = _block_rows(rows, cols, block_entries or BLOCK_ENTRIES)
+    spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    xs = [t.reshape(rows, cols) for t in tensors]
+    b = base.reshape(rows, cols)
+    w = per_model(weight, n_models, "weight")
+    dens = per_model(density, n_models, "density")
+
+    def delta_of(i):
+        def delta(span, idx):
+            if idx is not None:  # a gather of entries (the threshold's sample)
+                flat_x, flat_b = xs[i].reshape(-1), b.reshape(-1)
+                return mx.take(flat_x, idx).astype(mx.float32) - mx.take(flat_b, idx).astype(
+                    mx.float32
+                )
+            r0, r1 = span
+            return xs[i][r0:r1].astype(mx.float32) - b[r0:r1].astype(mx.float32)
+
+        return delta
+
+    deltas = [delta_of(i) for i in range(n_models)]
+    # Per model: how its task vector is masked in the combine pass.
+    keep: list[dict] = []
+    for i in range(n_models):
+        rule: dict = {}
+        if sparsify != "none":
+            sp.check_density(dens[i], sparsify)
+        if sparsify == "magnitude" and trim_scope == "model":
+            rule["ge"] = trim_thresholds[i]
+        elif sparsify == "magnitude" and dens[i] < 1:
+            k = int(dens[i] * n)
+            if k <= 0:
+                rule["none"] = True
+            else:
+                thr, n_above, n_equal = _threshold(deltas[i], spans, k, n)
+                rule["ge"] = thr
+                if n_equal > k - n_above:  # ties at the threshold: keep the first ones
+                    rule["room"], rule["seen"] = k - n_above, 0
+        elif sparsify == "random" and dens[i] < 1:
+            mask = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
+            mx.eval(mask)  # one bool per entry: a quarter of a float32 copy
+            rule["mask"] = mask
+            if rescale and rescale_mode == "l1":
+                before, after = [], []
+                for r0, r1 in spans:
+                    d = deltas[i]((r0, r1), None)
+                    pb = _level1(mx.abs(d))
+                    pa = _level1(mx.abs(mx.where(mask[r0:r1], d, 0.0)))
+                    mx.eval(pb, pa)
+                    before.append(pb)
+                    after.append(pa)
+                l1_before = fsum(mx.concatenate(before))
+                l1_after = fsum(mx.concatenate(after))
+                ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
+                rule["scale"] = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
+                mx.eval(rule["scale"])
+            elif rescale:
+                rule["inverse_p"] = dens[i]
+        keep.append(rule)
+
+    def masked(i, r0, r1):
+        d = deltas[i]((r0, r1), None)
+        rule = keep[i]
+        if rule.get("none"):
+            return mx.zeros_like(d)
+        if "ge" in rule:
+            a = mx.abs(d)
+            if "room" in rule:  # the exact top-k with row-major tie-breaking, block by block
+                equal = (a == rule["ge"]).reshape(-1)
+                rank = rule["seen"] + mx.cumsum(equal.astype(mx.int32))
+                rule["seen"] += int(mx.sum(equal.astype(mx.int32)).item())
+                tie = (equal & (rank <= rule["room"])).reshape(a.shape)
+                return mx.where((a > rule["ge"]) | tie, d, 0.0)
+            return mx.where(a >= rule["ge"], d, 0.0)
+        if "mask" in rule:
+            m = rule["mask"][r0:r1]
+            if "scale" in rule:
+                return mx.where(m, d, 0.0) * rule["scale"]
+            if "inverse_p" in rule:
+                return mx.where(m, d / rule["inverse_p"], 0.0)
+            return mx.where(m, d, 0.0)
+        return d
+
+    kernel = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
+    total_w = float(sum(w))
+    scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
+    weights = mx.array(w, dtype=mx.float32)
+    out = []
+    for r0, r1 in spans:
+        ds = [masked(i, r0, r1) for i in range(n_models)]
+        y = kernel(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
+        mx.eval(y)
+        out.append(y)
+    y = mx.concatenate(out).reshape(shape)
+    mx.eval(y)
+    return y

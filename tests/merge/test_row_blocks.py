@@ -1,0 +1,87 @@
+"""Row-blocked TIES / DARE / task arithmetic equal the whole-tensor computation bit for bit."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxmerge.merge.methods import row_blocks
+from mlxmerge.merge.methods.sparsify import derive_key
+from mlxmerge.merge.methods.task_arithmetic import (
+    dare_linear,
+    dare_ties,
+    della,
+    task_arithmetic,
+    ties,
+)
+from mlxmerge.merge.runner import merge
+
+
+def inputs(shape, n=2, seed=0, dtype=mx.bfloat16, integer=False):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape).astype(np.float32)
+    if integer:  # many equal |δ|: ties at the top-k threshold
+        xs = [base + rng.integers(-3, 4, size=shape).astype(np.float32) for _ in range(n)]
+    else:
+        xs = [base + 0.01 * rng.standard_t(3, size=shape).astype(np.float32) for _ in range(n)]
+    return [mx.array(x).astype(dtype) for x in xs], mx.array(base).astype(dtype)
+
+
+CASES = {
+    "task_arithmetic": {"weight": [0.7, 0.5]},
+    "ties": {"weight": [1.0, 0.6], "density": [0.4, 0.7]},
+    "dare_ties": {"weight": [1.0, 0.6], "density": 0.5},
+    "dare_linear": {"weight": [0.5, 0.5], "density": [0.3, 0.9]},
+    "dare_inverse_p": {"weight": [0.5, 0.5], "density": 0.4, "rescale_mode": "inverse_p"},
+    "ties_model_scope": {"weight": [1.0, 1.0], "density": 0.5, "trim_scope": "model",
+                         "trim_thresholds": [0.01, 0.02]},
+}  # fmt: skip
+FNS = {"task_arithmetic": task_arithmetic, "ties": ties, "dare_ties": dare_ties,
+       "dare_linear": dare_linear, "ties_model_scope": ties, "dare_inverse_p": dare_linear}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shape", [(300, 200), (97, 3, 50)])
+def test_blocked_equals_whole_tensor(case, shape):
+    fn = FNS[case]
+    params = CASES[case]
+    xs, base = inputs(shape)
+    keys = [derive_key(3, "t", i) for i in range(2)]
+    want = fn([x.astype(mx.float32) for x in xs], base.astype(mx.float32), **params, keys=keys)
+    got = row_blocks.merge_rows(
+        xs, base, mx.float32, **fn.keywords, **params, keys=keys, block_entries=5000
+    )
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_blocked_top_k_breaks_ties_in_row_major_order():
+    xs, base = inputs((256, 64), integer=True, dtype=mx.float32)
+    want = ties(xs, base, weight=[1.0, 1.0], density=[0.37, 0.61])
+    got = row_blocks.merge_rows(xs, base, mx.float32, **ties.keywords, weight=[1.0, 1.0],
+                                density=[0.37, 0.61], block_entries=1024)  # fmt: skip
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_unsupported_settings_use_the_whole_tensor_path():
+    big = (4096, 1024)
+    assert row_blocks.supported(ties, {}, big)
+    assert not row_blocks.supported(ties, {"elect": "unweighted"}, big)
+    assert not row_blocks.supported(della, {}, big)
+    assert not row_blocks.supported(ties, {}, (64, 64))  # small: no need
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_runner_blocks_large_tensors_with_the_same_bytes(family, tmp_path, monkeypatch, method):
+    recipe = {"merge_method": method, "base_model": str(family["base"]), "dtype": "bfloat16",
+              "models": [{"model": str(family["base"])}] + [
+                  {"model": str(family[k]), "parameters": {"weight": 1.0, "density": 0.5}}
+                  for k in ("model_a", "model_b")]}  # fmt: skip
+    whole = merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(row_blocks, "MIN_ENTRIES", 4096)  # the 64-wide family's big tensors
+    monkeypatch.setattr(row_blocks, "BLOCK_ENTRIES", 2048)
+    calls = []
+    real = row_blocks.merge_rows
+    monkeypatch.setattr(row_blocks, "merge_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    blocked = merge(recipe, tmp_path / "blocked")
+    assert calls
+    for f in sorted(whole.glob("*.safetensors")):
+        assert f.read_bytes() == (blocked / f.name).read_bytes()
