@@ -61,6 +61,7 @@ def midsize(family, tmp_path_factory):
     return out
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the fit was measured on Linux (CPU)")
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_estimate_is_within_20_percent_of_the_measured_peak(midsize, tmp_path, method):
     models = [{"model": str(midsize[k]), "parameters": {"weight": 0.5, "density": 0.5}}
