@@ -12,10 +12,10 @@ from lora_helpers import RANK, load_weights, low_rank_change
 from safetensors import safe_open
 
 from mlxmerge.cli import cli
+from mlxmerge.demo.tiny import save_weights
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.lora import extract_lora
 from mlxmerge.lora.svd import choose_rank, economy_svd, low_rank, randomized_svd
-from mlxmerge.demo.tiny import save_weights
 
 TOKENS = mx.array([[1, 17, 42, 99, 7, 250, 3, 64, 128, 5]])
 

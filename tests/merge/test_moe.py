@@ -17,9 +17,9 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
 from mlxmerge.cli import cli
+from mlxmerge.demo.tiny import model_from_config, save_weights, tiny_config
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe import moe, plan_moe
-from mlxmerge.demo.tiny import model_from_config, save_weights, tiny_config
 
 POS_A, POS_B, NEG_B = ["the cat", "a dog and the moon"], ["1 + 2 = 3"], ["the cat"]
 TOKENS = [[1, 17, 45, 60, 8, 99, 3, 120]]
