@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 import mlxmerge  # noqa: F401  (loads OpenBLAS before mlx)
-from mlxmerge.demo.tiny import build_tokenizer, model_from_config, save_weights, tiny_config
+from mlxmerge.demo.tiny import (
+    build_model,
+    build_tokenizer,
+    model_from_config,
+    save_weights,
+    tiny_config,
+)
 
 
 def build_family(out: Path, seed: int = 0, spread: float = 0.02) -> dict[str, Path]:
@@ -40,3 +46,15 @@ def family(tmp_path_factory):
     paths["stranger"] = build_model(root / "stranger", tok, seed=7)  # a different random base
     paths["deep"] = build_model(root / "deep", tok, seed=8, num_layers=6)
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_random(tmp_path_factory):
+    """A random tiny Llama with the ChatML tokenizer, loaded with mlx-lm."""
+    from mlx_lm import load
+
+    root = tmp_path_factory.mktemp("eval_models")
+    tok_dir = build_tokenizer(root / "tok")
+    path = build_model(root / "llama", tok_dir, seed=3, num_layers=2)
+    model, tokenizer = load(str(path))
+    return path, model, tokenizer

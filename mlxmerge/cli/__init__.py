@@ -52,7 +52,17 @@ def _register() -> None:
     # Each command group lives in its own module and adds itself to ``cli``.
     import importlib
 
-    for name in ("system", "models", "merge", "moe", "sae", "abliterate", "evaluate", "demo", "lora"):
+    for name in (
+        "system",
+        "models",
+        "merge",
+        "moe",
+        "sae",
+        "abliterate",
+        "evaluate",
+        "demo",
+        "lora",
+    ):
         try:
             importlib.import_module(f"mlxmerge.cli.{name}")
         except ModuleNotFoundError as e:

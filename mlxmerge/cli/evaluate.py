@@ -11,7 +11,7 @@ import click
 from mlxmerge.cli import cli
 from mlxmerge.cli.merge import quantize_kwargs, quantize_options
 from mlxmerge.cli.models import DTYPE, LAYOUT
-from mlxmerge.cli.progress import progress_bar
+from mlxmerge.cli.progress import labelled_steps, progress_bar
 from mlxmerge.errors import MlxmergeError
 
 
@@ -176,15 +176,7 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
         raise click.UsageError("--plot draws the --samples curve; give --samples 2 or more")
     quiet_length_warning()
     with progress_bar(None, "eval", "seq") as bar:
-        state = {"label": None}
-
-        def progress(label, done, total):
-            if label != state["label"]:
-                state["label"] = label
-                bar.reset(total=total)
-                bar.set_description(label)
-            bar.n = done
-            bar.refresh()
+        progress = labelled_steps(bar)
 
         report = evaluate(list(models), list(tasks), progress=progress, **kw)
     for r in report["results"]:  # per-item lists are for --json only
@@ -268,15 +260,7 @@ def soup(models, greedy, uniform, as_json, quantize_bits, group_size, **kw):
             click.echo(f"  ensemble of {len(models)} (output-averaged): {_fmt(step['score'])}")
 
     with progress_bar(None, "soup", "seq") as bar:
-        state = {"label": None}
-
-        def progress(label, done, total):
-            if label != state["label"]:
-                state["label"] = label
-                bar.reset(total=total)
-                bar.set_description(f"score {label}")
-            bar.n = done
-            bar.refresh()
+        progress = labelled_steps(bar, "score ")
 
         result = run(list(models), kw.pop("output"), method="uniform" if uniform else "greedy",
                      on_step=on_step, progress=progress,

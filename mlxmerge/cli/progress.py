@@ -18,3 +18,18 @@ def progress_bar(total: int | None, desc: str, unit: str = "it"):
 def is_quiet() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+
+
+def labelled_steps(bar, prefix: str = ""):
+    """A ``progress(label, done, total)`` callback that restarts ``bar`` for each new label."""
+    state = {"label": None}
+
+    def progress(label, done, total):
+        if label != state["label"]:
+            state["label"] = label
+            bar.reset(total=total)
+            bar.set_description(f"{prefix}{label}")
+        bar.n = done
+        bar.refresh()
+
+    return progress
