@@ -9,7 +9,7 @@ import yaml
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe_router import GATE_MODES
-from mlxmerge.merge.recipe import _model_ref, _unknown
+from mlxmerge.merge.recipe import _model_ref, _unknown, yaml_error
 
 TOP_KEYS = (
     "base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
@@ -100,7 +100,7 @@ def parse_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
         except OSError as e:
             raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise yaml_error(path, e) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a MoE config is a YAML mapping with base_model and experts")
     _unknown(raw, TOP_KEYS, where)

@@ -140,6 +140,16 @@ def _params(value, where: str) -> dict:
     return {k: _numbers(v) for k, v in value.items()}
 
 
+def yaml_error(path: Path, e: yaml.YAMLError) -> RecipeError:
+    """One line naming the file, the line and column, and what the parser expected there.
+
+    PyYAML's own first line ("while parsing a flow node") says neither where nor what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return RecipeError(f"{path}: not valid YAML{where}: {problem}")
+
+
 def load_documents(source: str | Path) -> list[dict]:
     """The YAML documents of a recipe file (mergekit-multi files hold several, ``---``-separated)."""
     path = Path(source)
@@ -148,7 +158,7 @@ def load_documents(source: str | Path) -> list[dict]:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise yaml_error(path, e) from None
     if not docs:
         raise RecipeError(f"{path}: empty recipe")
     return docs

@@ -123,6 +123,10 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         parse_recipe(p)
     with pytest.raises(RecipeError, match="nope.yml: cannot read"):
         parse_recipe(tmp_path / "nope.yml")
+    # A tab in the indentation (a common paste accident): the error says where.
+    p.write_text("merge_method: linear\nmodels:\n  - model: a\n\t- model: b\n")
+    with pytest.raises(RecipeError, match=r"r.yml: not valid YAML at line 4, column 1: .*'\\t'"):
+        parse_recipe(p)
 
 
 def test_source_and_slice_types():
