@@ -138,3 +138,20 @@ def test_forward_pass_loading_applies_the_adapter(family, lowrank, tmp_path):
     assert mx.allclose(got, load(str(lowrank["ft"]))[0](tokens), atol=1e-3)
     with pytest.raises(MlxmergeError, match="--adapter writes an adapter for a plain base"):
         abliterate(fused_ref, tmp_path / "abl", adapter=True)
+
+
+def test_eval_scores_base_plus_adapter_not_the_base_alone(lowrank, tmp_path):
+    from mlxmerge.eval.scoring import evaluate
+    from mlxmerge.lora import extract_lora
+
+    # evaluate() loaded each checkpoint's folder, which for BASE+ADAPTER is the base alone.
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 8)
+    refs = [str(lowrank["base"]), f"{lowrank['base']}+{tmp_path / 'a'}", str(lowrank["ft"])]
+    report = evaluate(refs, [str(text)])
+    ppl = {r["model"]: r["metrics"]["perplexity"] for r in report["results"]}
+    assert ppl[refs[1]] == pytest.approx(ppl[refs[2]], rel=1e-4)
+    assert ppl[refs[1]] != pytest.approx(ppl[refs[0]], rel=1e-3)
