@@ -60,13 +60,11 @@ def read_texts(data: str | os.PathLike) -> list[str]:
 
 
 def load_model(model_path: str | os.PathLike, verb: str = "sae"):
-    """``(model, tokenizer)`` through ``mlxmerge.lm``, with a clear error for a missing folder."""
+    """``(model, tokenizer)`` through ``mlxmerge.lm``: any model reference (folder, hub id,
+    mergekit's ``BASE+ADAPTER``), with open_checkpoint's one-line errors for a bad one."""
     from mlxmerge.lm.load import load
 
-    path = Path(model_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise SAEError(f"{path}: not a model folder (no config.json)")
-    return load(path, verb=verb)
+    return load(model_path, verb=verb)
 
 
 def check_layers(model, layers: list[int]) -> list[int]:

@@ -155,3 +155,20 @@ def test_eval_scores_base_plus_adapter_not_the_base_alone(lowrank, tmp_path):
     ppl = {r["model"]: r["metrics"]["perplexity"] for r in report["results"]}
     assert ppl[refs[1]] == pytest.approx(ppl[refs[2]], rel=1e-4)
     assert ppl[refs[1]] != pytest.approx(ppl[refs[0]], rel=1e-3)
+
+
+def test_sae_collect_reads_base_plus_adapter(lowrank, tmp_path):
+    from mlxmerge.lora import extract_lora
+    from mlxmerge.sae import collect
+
+    # sae refused BASE+ADAPTER as "not a model folder (no config.json)".
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 8)
+    acts = {}
+    for name, ref in (("fused", f"{lowrank['base']}+{tmp_path / 'a'}"), ("ft", lowrank["ft"])):
+        collect(ref, [1], text, tmp_path / name, tokens=40, context_size=16)
+        acts[name] = np.load(tmp_path / name / "layer_1" / "00000.npy")
+    np.testing.assert_allclose(acts["fused"], acts["ft"], atol=1e-4)
