@@ -172,3 +172,23 @@ def test_sae_collect_reads_base_plus_adapter(lowrank, tmp_path):
         collect(ref, [1], text, tmp_path / name, tokens=40, context_size=16)
         acts[name] = np.load(tmp_path / name / "layer_1" / "00000.npy")
     np.testing.assert_allclose(acts["fused"], acts["ft"], atol=1e-4)
+
+
+def test_moe_router_states_come_from_base_plus_adapter(lowrank, family, tmp_path):
+    from mlxmerge.lora import extract_lora
+    from mlxmerge.merge.moe import moe
+
+    # The hidden-mode router ran mlx-lm on the base folder alone, without the adapter.
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    experts = [{"source_model": str(family["model_a"]), "positive_prompts": ["one two three"]},
+               {"source_model": str(family["model_b"]), "positive_prompts": ["four five"]}]  # fmt: skip
+    gates = {}
+    for name, base in (("fused", f"{lowrank['base']}+{tmp_path / 'a'}"), ("ft", lowrank["ft"])):
+        out = moe(
+            {"base_model": str(base), "dtype": "float32", "experts": experts}, tmp_path / name
+        )
+        gates[name] = load_file(str(out / "model.safetensors"))
+    key = "model.layers.1.block_sparse_moe.gate.weight"
+    np.testing.assert_allclose(gates["fused"][key], gates["ft"][key], atol=1e-4)
