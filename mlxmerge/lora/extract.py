@@ -162,7 +162,8 @@ def extract_lora(
             write_mlx_adapter(tmp, factors, num_layers=bs.num_layers, base_model=str(base),
                               dtype=out_dtype)  # fmt: skip
         else:
-            write_peft_adapter(tmp, factors, base_model=str(base), full=full, dtype=out_dtype)
+            write_peft_adapter(tmp, factors, base_model=str(base), full=full, dtype=out_dtype,
+                               model_type=bs.model_type)  # fmt: skip
     ranks = [r["rank"] for r in rows]
     return {
         "output": str(target), "format": format, "base": str(base), "finetuned": str(finetuned),
