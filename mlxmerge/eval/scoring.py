@@ -249,7 +249,7 @@ def work_units(prepared: Prepared, samples: int = 1) -> int:
 # -- several models, several tasks ----------------------------------------------------------------
 
 
-def load_model(ref: str):
+def load_model(ref):
     """(model, tokenizer) through mlx-lm, after validating the checkpoint's headers."""
     from mlxmerge.lm.load import load
 
@@ -316,11 +316,12 @@ def evaluate(
     ckpts = [open_checkpoint(m) for m in models]  # every header checked before any load
     for ckpt in ckpts:
         check_supported(ckpt.model_type, "eval")
-    paths = [c.path for c in ckpts]
     cache: dict[tuple[str, str], Prepared] = {}
     results = []
-    for ref, path in zip(models, paths):
-        model, tokenizer = load_model(str(path))
+    for ref, ckpt in zip(models, ckpts):
+        path = ckpt.path
+        # The checkpoint, not its path: for BASE+ADAPTER the path is the base alone.
+        model, tokenizer = load_model(ckpt)
         key = tokenizer_key(path)
         for task in tasks:
             if (key, task.name) not in cache:

@@ -203,6 +203,16 @@ def natural_key(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
+def _what_else(folder: Path) -> str:
+    """What a folder without config.json is, for the error: adapters and SAEs are passed here."""
+    if (folder / "adapter_config.json").exists():
+        return (f"it is a LoRA adapter, not a model: give it with its base as "
+                f"BASE+{folder} (mergekit's model+lora)")  # fmt: skip
+    if (folder / "cfg.json").exists() and (folder / "sae_weights.safetensors").exists():
+        return "it is an SAE folder (SAELens format), not a model: see `mlxmerge sae --help`"
+    return "is this a model folder?"
+
+
 def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use.
 
@@ -227,7 +237,7 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
         files = _weight_files(folder)
         config_path = folder / "config.json"
         if not config_path.exists():
-            raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
+            raise CheckpointError(f"{folder}: no config.json; {_what_else(folder)}")
         config = _read_json(config_path)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: not a JSON object")

@@ -25,9 +25,13 @@ FLOAT_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "floa
 
 
 def parse_float_dtype(name: str) -> mx.Dtype:
-    """``"bf16"`` → ``mx.bfloat16``; a clear error for anything else."""
+    """``"bf16"`` → ``mx.bfloat16``; a clear error for anything else.
+
+    ``torch.bfloat16`` is accepted too: mergekit's ``dtype_from_name`` strips the prefix, and
+    config.json files (``torch_dtype``) and recipes copied from them carry it."""
+    key = str(name).lower().removeprefix("torch.")
     try:
-        return FLOAT_DTYPES[str(name).lower()]
+        return FLOAT_DTYPES[key]
     except KeyError:
         raise MlxmergeError(
             f"unknown dtype {name!r}; use one of bfloat16, float16, float32"

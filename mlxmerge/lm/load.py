@@ -30,8 +30,32 @@ def load(
     ckpt = reference if isinstance(reference, Checkpoint) else open_checkpoint(reference)
     check_supported(ckpt.model_type, verb)
     if adapter_path:
-        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path))
-    return load_mlx_lm(ckpt)
+        model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path))
+    else:
+        model, tokenizer = load_mlx_lm(ckpt)
+    experts_to_float32(model)
+    return model, tokenizer
+
+
+def experts_to_float32(model: nn.Module) -> int:
+    """Cast stacked (unquantized) MoE expert weights to float32 when running on the CPU.
+
+    MLX's CPU ``gather_mm`` (which mlx-lm's ``SwitchLinear`` calls) only supports float32, so a
+    bf16/fp16 MoE model (every merge's default output dtype) fails its first forward pass with
+    ``[GatherMM::eval] Currently only supports float32``. Quantized experts (``gather_qmm``) and
+    GPU devices are left as they are. Returns how many modules were cast.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return 0
+    cast = 0
+    for _, module in model.named_modules():
+        if isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32:
+            module.set_dtype(mx.float32)
+            cast += 1
+    return cast
 
 
 def check_supported(model_type: str | None, verb: str) -> None:

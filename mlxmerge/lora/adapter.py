@@ -170,9 +170,10 @@ def _pattern_value(patterns: dict, module: str, default):
 def _open_peft(path: Path, config: dict) -> Adapter:
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for flag in ("use_dora", "fan_in_fan_out"):
-        if config.get(flag):
-            raise CheckpointError(f"{path / CONFIG}: {flag}: true is not supported")
+    # fan_in_fan_out is accepted: PEFT sets it for GPT-2's Conv1D, whose LoRA computes x Aᵀ Bᵀ
+    # like a Linear's, so ΔW in Linear orientation (how mlxmerge sees GPT-2) is B A either way.
+    if config.get("use_dora"):
+        raise CheckpointError(f"{path / CONFIG}: use_dora: true is not supported")
     shapes = _shapes(path / PEFT_WEIGHTS)
     weights, replaced = {}, {}
     for key, shape in shapes.items():

@@ -150,12 +150,20 @@ def extract_lora(
         if progress:
             progress(name)
 
+    if not full and all(r["delta_norm"] == 0 for r in rows):
+        # An all-zero adapter is never what was meant: the same model twice, or the wrong pair.
+        which = "selected linear layer (--modules)" if modules else "linear layer"
+        changed = f"; {len(others)} other tensors differ" if others else ""
+        raise MlxmergeError(
+            f"{finetuned} and {base} are identical in every {which}{changed}: nothing to extract"
+        )
     with atomic_folder(target) as tmp:
         if format == "mlx":
             write_mlx_adapter(tmp, factors, num_layers=bs.num_layers, base_model=str(base),
                               dtype=out_dtype)  # fmt: skip
         else:
-            write_peft_adapter(tmp, factors, base_model=str(base), full=full, dtype=out_dtype)
+            write_peft_adapter(tmp, factors, base_model=str(base), full=full, dtype=out_dtype,
+                               model_type=bs.model_type)  # fmt: skip
     ranks = [r["rank"] for r in rows]
     return {
         "output": str(target), "format": format, "base": str(base), "finetuned": str(finetuned),

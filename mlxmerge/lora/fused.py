@@ -3,6 +3,7 @@ with a LoRA adapter as they are read, ``W + scale · B A`` in float32. Nothing f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mlx.core as mx
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io.checkpoint import Checkpoint
 from mlxmerge.io.dtypes import FLOAT_DTYPES
+from mlxmerge.io.layout import layout_of
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.lora.adapter import Adapter, is_adapter, open_adapter
 
@@ -64,9 +66,32 @@ class FusedCheckpoint(Checkpoint):
         return dtype if dtype in FLOAT_DTYPES.values() else mx.float32
 
 
+def _to_base_names(adapter, base: Checkpoint):
+    """PEFT keys follow transformers' module tree (GPT-2: ``transformer.h.0...``); the checkpoint
+    is seen under MLX-layout names (``model.h.0...``). Rename what the base lacks and the layout
+    maps; anything else is left for the "does not have" error."""
+    lay = layout_of(base.model_type)
+    if not lay.mlx_prefix:
+        return adapter
+
+    def rename(name: str) -> str:
+        if name in base:
+            return name
+        for prefix in lay.hf_prefixes:
+            if name.startswith(prefix) and lay.mlx_prefix + name.removeprefix(prefix) in base:
+                return lay.mlx_prefix + name.removeprefix(prefix)
+        return name
+
+    weights = {
+        rename(n): dataclasses.replace(w, name=rename(n)) for n, w in adapter.weights.items()
+    }
+    replaced = {rename(n): key for n, key in adapter.replaced.items()}
+    return dataclasses.replace(adapter, weights=weights, replaced=replaced)
+
+
 def fuse_checkpoint(base: Checkpoint, adapter_path: str | Path, reference: str) -> FusedCheckpoint:
     """Wrap ``base`` with the adapter at ``adapter_path``; every shape is checked here."""
-    adapter = open_adapter(adapter_path)
+    adapter = _to_base_names(open_adapter(adapter_path), base)
     for name in list(adapter.weights) + list(adapter.replaced):
         if name not in base:
             raise CheckpointError(

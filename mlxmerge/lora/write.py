@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxmerge.io.layout import layout_of
 from mlxmerge.lora.adapter import CONFIG, MLX_WEIGHTS, PEFT_PREFIX, PEFT_WEIGHTS
 
 FORMATS = ("mlx", "peft")
@@ -46,14 +47,31 @@ def write_mlx_adapter(
     (folder / CONFIG).write_text(json.dumps(config, indent=2))
 
 
+def peft_module(name: str, model_type: str | None) -> str:
+    """The transformers module path of an MLX-layout name (PEFT keys follow transformers' model).
+
+    GPT-2: mlx-lm's ``model.h.0.attn.c_attn`` is ``transformer.h.0.attn.c_attn``; every other
+    layout mlxmerge knows keeps its names."""
+    lay = layout_of(model_type)
+    if lay.mlx_prefix and lay.hf_prefixes and name.startswith(lay.mlx_prefix):
+        return lay.hf_prefixes[0] + name.removeprefix(lay.mlx_prefix)
+    return name
+
+
 def write_peft_adapter(
     folder: Path, factors: dict[str, tuple[mx.array, mx.array]], *, base_model: str,
     full: dict[str, mx.array] | None = None, dtype: mx.Dtype = mx.float32,
+    model_type: str | None = None,
 ) -> None:  # fmt: skip
     """PEFT LoRA: ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_alpha = r`` (scale 1).
 
     Modules whose rank differs from the most common one get ``rank_pattern``/``alpha_pattern``
-    entries; ``full`` tensors (embeddings, ``lm_head``) are written whole as ``modules_to_save``."""
+    entries; ``full`` tensors (embeddings, ``lm_head``) are written whole as ``modules_to_save``.
+    Names are transformers' for ``model_type`` (``peft_module``); for GPT-2's Conv1D layers
+    ``fan_in_fan_out`` is true, as PEFT itself records it (the factors are the same: PEFT's
+    Conv1D LoRA computes ``x Aᵀ Bᵀ`` too)."""
+    factors = {peft_module(m, model_type): f for m, f in factors.items()}
+    full = {peft_module(n, model_type): x for n, x in (full or {}).items()}
     ranks = {m: b.shape[1] for m, (b, _) in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     weights = {}
@@ -66,7 +84,7 @@ def write_peft_adapter(
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_dora": False, "fan_in_fan_out": bool(layout_of(model_type).transposed), "init_lora_weights": True,
         "inference_mode": True,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
         "rank_pattern": pattern, "alpha_pattern": dict(pattern),

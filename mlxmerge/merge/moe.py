@@ -262,7 +262,7 @@ def compute_gates(plan: MoEPlan, seed: int = 0, batch_size: int = 32) -> np.ndar
         embed = np.array(plan.base.get("model.embed_tokens.weight", mx.float32))
         gates = cheap_embed_gates(embed, groups, plan.num_layers)
     else:
-        from mlx_lm import load
+        from mlxmerge.lm.load import load
 
         # Every expert's prompts in one batched pass: one list, indices per expert.
         flat, index = [], []
@@ -270,7 +270,7 @@ def compute_gates(plan: MoEPlan, seed: int = 0, batch_size: int = 32) -> np.ndar
             index.append((range(len(flat), len(flat) + len(pos)),
                           range(len(flat) + len(pos), len(flat) + len(pos) + len(neg))))  # fmt: skip
             flat += pos + neg
-        model, _ = load(str(plan.base.path))
+        model, _ = load(plan.base, verb="moe")  # the checkpoint: BASE+ADAPTER fused, not its folder
         states = last_token_layer_inputs(model, flat, batch_size)
         del model
         gates = hidden_gates(states, index)

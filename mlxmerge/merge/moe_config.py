@@ -9,7 +9,7 @@ import yaml
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe_router import GATE_MODES
-from mlxmerge.merge.recipe import _model_ref, _unknown
+from mlxmerge.merge.recipe import _model_ref, _unknown, check_dtype, yaml_error
 
 TOP_KEYS = (
     "base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
@@ -100,7 +100,7 @@ def parse_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
         except OSError as e:
             raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise yaml_error(path, e) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a MoE config is a YAML mapping with base_model and experts")
     _unknown(raw, TOP_KEYS, where)
@@ -124,7 +124,7 @@ def parse_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
         base_model=_model_ref(raw["base_model"], f"{where}: base_model"),
         experts=[_expert(e, f"{where}: experts[{i}]") for i, e in enumerate(experts)],
         gate_mode=mode,
-        dtype=raw.get("dtype"),
+        dtype=check_dtype(raw.get("dtype"), f"{where}: dtype"),
         experts_per_token=k,
         shared_experts=[_expert(e, f"{where}: shared_experts[{i}]") for i, e in enumerate(shared)],
         architecture=raw.get("architecture"),

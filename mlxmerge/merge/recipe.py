@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from mlxmerge.errors import RecipeError
+from mlxmerge.errors import MlxmergeError, RecipeError
 from mlxmerge.io.chat_template import BUILTIN as BUILTIN_TEMPLATES
+from mlxmerge.io.dtypes import parse_float_dtype
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,27 @@ def _params(value, where: str) -> dict:
     return {k: _numbers(v) for k, v in value.items()}
 
 
+def check_dtype(value, where: str):
+    """``value`` unchanged if it names a float dtype mlxmerge writes; else a RecipeError at parse
+    time naming the key (not later, from the planner, without saying which file or key)."""
+    if value is not None:
+        try:
+            parse_float_dtype(value)
+        except MlxmergeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    return value
+
+
+def yaml_error(path: Path, e: yaml.YAMLError) -> RecipeError:
+    """One line naming the file, the line and column, and what the parser expected there.
+
+    PyYAML's own first line ("while parsing a flow node") says neither where nor what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return RecipeError(f"{path}: not valid YAML{where}: {problem}")
+
+
 def load_documents(source: str | Path) -> list[dict]:
     """The YAML documents of a recipe file (mergekit-multi files hold several, ``---``-separated)."""
     path = Path(source)
@@ -148,7 +170,7 @@ def load_documents(source: str | Path) -> list[dict]:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise yaml_error(path, e) from None
     if not docs:
         raise RecipeError(f"{path}: empty recipe")
     return docs
@@ -221,8 +243,8 @@ def parse_recipe(source: str | Path | dict) -> Recipe:
         slices=slices,
         base_model=base,
         parameters=_params(raw.get("parameters"), f"{where}: parameters"),
-        dtype=raw.get("dtype"),
-        out_dtype=raw.get("out_dtype"),
+        dtype=check_dtype(raw.get("dtype"), f"{where}: dtype"),
+        out_dtype=check_dtype(raw.get("out_dtype"), f"{where}: out_dtype"),
         tokenizer_source=tok,
         chat_template=_chat_template(raw.get("chat_template"), f"{where}: chat_template"),
         from_models="models" in raw,

@@ -35,6 +35,7 @@ from mlxmerge.eval.scoring import (
 )
 from mlxmerge.eval.tasks import Task, load_task
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.lm.load import experts_to_float32
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class _Builder:
             weights = model.sanitize(weights)
         model.load_weights(list(weights.items()), strict=True)
         model.eval()
+        experts_to_float32(model)  # as lm.load does: the CPU cannot run bf16 stacked experts
         return model
 
     def close(self):
@@ -230,7 +232,7 @@ def soup(
         "ensemble": None, "output": None,
     }  # fmt: skip
     if ensemble:
-        loaded = [load_model(str(p))[0] for p in paths]
+        loaded = [load_model(m)[0] for m in models]  # not the paths: BASE+ADAPTER's is the base
         log.info("ensemble of %d models: %d forward passes per token", len(loaded), len(loaded))
         result["ensemble"] = score_task(loaded, tokenizer, prepared, **kw)[metric]
         report({"stage": "ensemble", "score": result["ensemble"]})

@@ -60,13 +60,11 @@ def read_texts(data: str | os.PathLike) -> list[str]:
 
 
 def load_model(model_path: str | os.PathLike, verb: str = "sae"):
-    """``(model, tokenizer)`` through ``mlxmerge.lm``, with a clear error for a missing folder."""
+    """``(model, tokenizer)`` through ``mlxmerge.lm``: any model reference (folder, hub id,
+    mergekit's ``BASE+ADAPTER``), with open_checkpoint's one-line errors for a bad one."""
     from mlxmerge.lm.load import load
 
-    path = Path(model_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise SAEError(f"{path}: not a model folder (no config.json)")
-    return load(path, verb=verb)
+    return load(model_path, verb=verb)
 
 
 def check_layers(model, layers: list[int]) -> list[int]:
@@ -112,8 +110,21 @@ def capture_layers(model, layers: list[int], edits: dict | None = None, *, recor
         yield outputs
 
 
+def check_sizes(tokens: int, context_size: int) -> None:
+    """--tokens and --context-size, before any work: a row is BOS plus at least one token.
+
+    (context 1 divided by zero, context 0 packed rows of nothing, tokens 0 wrote an empty cache.)"""
+    if context_size < 2:
+        raise SAEError(
+            f"--context-size must be at least 2 (BOS plus one token), got {context_size}"
+        )
+    if tokens < 1:
+        raise SAEError(f"--tokens must be at least 1, got {tokens}")
+
+
 def pack_sequences(tokenizer, texts: list[str], context_size: int, max_tokens: int) -> np.ndarray:
     """Rows of ``context_size`` token ids, each starting with BOS, until ``max_tokens`` non-BOS."""
+    check_sizes(max_tokens, context_size)
     bos = getattr(tokenizer, "bos_token_id", None)
     rows, buf = [], []
     body = context_size - (1 if bos is not None else 0)
@@ -170,6 +181,7 @@ def collect(
     """Run ``model`` over ``data`` and cache block outputs of ``layer`` to ``out``; returns meta."""
     if dtype not in ("float32", "float16"):
         raise SAEError(f"dtype {dtype!r}: use float32 or float16")
+    check_sizes(tokens, context_size)
     texts = read_texts(data)
     target = check_output(out, inputs=[model], force=force)
     m, tok = load_model(model, verb="sae collect")

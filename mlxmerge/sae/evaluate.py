@@ -32,7 +32,13 @@ def check_fits(cfg: SAEConfig, model, layer: int | None) -> int:
     """The layer to hook; errors when the SAE cannot read this model's residual stream."""
     layer = cfg.hook_layer if layer is None else layer
     if layer is None:
-        raise SAEError("the SAE's cfg.json names no blocks.{i}.hook_resid_post; pass --layer")
+        hook = cfg.metadata.get("hook_name")
+        if hook:  # a hook elsewhere (MLP output, attention heads): other activations entirely
+            raise SAEError(
+                f"the SAE reads {hook!r}, not the residual stream after a block "
+                "(blocks.{i}.hook_resid_post); mlxmerge cannot capture that hook"
+            )
+        raise SAEError("the SAE's cfg.json names no hook_name; pass --layer")
     n = len(decoder_blocks(model, "sae"))
     if not 0 <= layer < n:
         raise SAEError(f"layer {layer} does not exist: the model has {n} layers (0..{n - 1})")

@@ -103,6 +103,20 @@ def save_sae(
     return target
 
 
+def residual_block(hook: str) -> int | None:
+    """The block whose output a TransformerLens hook name reads, or None if it is not that.
+
+    ``blocks.{i}.hook_resid_post`` is block i's output; ``blocks.{i}.hook_resid_pre`` is block
+    i's input, which is block i-1's output (the same tensor), so it maps to i-1. The embedding
+    output (``blocks.0.hook_resid_pre``) and non-residual hooks (``hook_mlp_out``, ``hook_z``, ...)
+    give None: mlxmerge captures block outputs only."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|pre)", hook)
+    if not m:
+        return None
+    i = int(m.group(1))
+    return i if m.group(2) == "post" else (i - 1 if i > 0 else None)
+
+
 def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     """Read an SAELens folder (v6 or older) into ``(SAEConfig, params)``, checking every tensor."""
     folder = Path(folder).expanduser()
@@ -127,14 +141,13 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     for key in ("d_in", "d_sae"):
         if not isinstance(raw.get(key), int):
             raise SAEError(f"{cfg_path}: {key} is missing or not an integer")
-    hook = meta.get("hook_name") or ""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    hook_layer = residual_block(meta.get("hook_name") or "")
     arch = _FROM_SAELENS[arch_name]
     cfg = SAEConfig(
         d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=arch,
         k=int(raw.get("k", 100)) if arch == "topk" else int(raw.get("k", 1) or 1),
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        hook_layer=int(m.group(1)) if m else None, metadata=meta,
+        hook_layer=hook_layer, metadata=meta,
     )  # fmt: skip
     weights = mx.load(str(w_path))
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),

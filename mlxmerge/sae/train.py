@@ -58,6 +58,19 @@ class TrainConfig:
     log_every: int = 50  # steps between history entries
     seed: int = 0  # initialisation and batch order
 
+    def __post_init__(self):
+        # Caught here, before any collection or training: 0 crashed (batch_size: ZeroDivisionError)
+        # or trained nothing silently (tokens), a negative lr climbs the loss.
+        for name in ("k", "expansion", "tokens", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                flag = name.replace("_", "-")
+                raise SAEError(f"--{flag} must be a positive integer, got {value!r}")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise SAEError(f"d_sae must be a positive integer, got {self.d_sae!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise SAEError(f"--lr must be positive, got {self.lr!r}")
+
     def d_sae_for(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
 

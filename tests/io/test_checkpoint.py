@@ -157,3 +157,24 @@ def test_split_revision(tmp_path):
     local = tmp_path / "a@b"
     local.mkdir()
     assert split_revision(str(local)) == (str(local), None)  # an existing path is never split
+
+
+def test_adapter_and_sae_folders_given_as_models_say_what_they_are(tmp_path):
+    from safetensors.numpy import save_file
+
+    adapter, sae, other = tmp_path / "adapter", tmp_path / "sae", tmp_path / "other"
+    for folder, files in ((adapter, ("adapter_config.json", "adapters.safetensors")),
+                          (sae, ("cfg.json", "sae_weights.safetensors")),
+                          (other, ("x.safetensors",))):  # fmt: skip
+        folder.mkdir()
+        for f in files:
+            if f.endswith(".json"):
+                (folder / f).write_text("{}")
+            else:
+                save_file({"w": np.zeros(2, np.float32)}, str(folder / f))
+    with pytest.raises(CheckpointError, match=r"it is a LoRA adapter.*BASE\+.*adapter"):
+        open_checkpoint(adapter)
+    with pytest.raises(CheckpointError, match="it is an SAE folder"):
+        open_checkpoint(sae)
+    with pytest.raises(CheckpointError, match="no config.json; is this a model folder"):
+        open_checkpoint(other)

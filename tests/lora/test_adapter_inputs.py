@@ -154,3 +154,57 @@ def test_forward_pass_loading_applies_the_adapter(family, lowrank, tmp_path):
     assert mx.allclose(got, load(str(lowrank["ft"]))[0](tokens), atol=1e-3)
     with pytest.raises(MlxmergeError, match="--adapter writes an adapter for a plain base"):
         abliterate(fused_ref, tmp_path / "abl", adapter=True)
+
+
+def test_eval_scores_base_plus_adapter_not_the_base_alone(lowrank, tmp_path):
+    from mlxmerge.eval.scoring import evaluate
+    from mlxmerge.lora import extract_lora
+
+    # evaluate() loaded each checkpoint's folder, which for BASE+ADAPTER is the base alone.
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 8)
+    refs = [str(lowrank["base"]), f"{lowrank['base']}+{tmp_path / 'a'}", str(lowrank["ft"])]
+    report = evaluate(refs, [str(text)])
+    ppl = {r["model"]: r["metrics"]["perplexity"] for r in report["results"]}
+    assert ppl[refs[1]] == pytest.approx(ppl[refs[2]], rel=1e-4)
+    assert ppl[refs[1]] != pytest.approx(ppl[refs[0]], rel=1e-3)
+
+
+def test_sae_collect_reads_base_plus_adapter(lowrank, tmp_path):
+    from mlxmerge.lora import extract_lora
+    from mlxmerge.sae import collect
+
+    # sae refused BASE+ADAPTER as "not a model folder (no config.json)".
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 8)
+    acts = {}
+    for name, ref in (("fused", f"{lowrank['base']}+{tmp_path / 'a'}"), ("ft", lowrank["ft"])):
+        collect(ref, [1], text, tmp_path / name, tokens=40, context_size=16)
+        acts[name] = np.load(tmp_path / name / "layer_1" / "00000.npy")
+    np.testing.assert_allclose(acts["fused"], acts["ft"], atol=1e-4)
+
+
+def test_moe_router_states_come_from_base_plus_adapter(lowrank, family, tmp_path):
+    from mlxmerge.lora import extract_lora
+    from mlxmerge.merge.moe import moe
+
+    # The hidden-mode router ran mlx-lm on the base folder alone, without the adapter.
+    extract_lora(
+        lowrank["ft"], lowrank["base"], tmp_path / "a", rank=4
+    )  # exact: the change is rank 4
+    experts = [{"source_model": str(family["model_a"]), "positive_prompts": ["one two three"]},
+               {"source_model": str(family["model_b"]), "positive_prompts": ["four five"]}]  # fmt: skip
+    gates = {}
+    for name, base in (("fused", f"{lowrank['base']}+{tmp_path / 'a'}"), ("ft", lowrank["ft"])):
+        out = moe(
+            {"base_model": str(base), "dtype": "float32", "experts": experts}, tmp_path / name
+        )
+        gates[name] = load_file(str(out / "model.safetensors"))
+    key = "model.layers.1.block_sparse_moe.gate.weight"
+    np.testing.assert_allclose(gates["fused"][key], gates["ft"][key], atol=1e-4)

@@ -189,6 +189,8 @@ def test_cli_extract_lora_and_errors(lowrank, family, tmp_path):
         extract_lora(ft, base, x, rank=2, format="gguf")
     with pytest.raises(MlxmergeError, match="intermediate|share an architecture"):
         extract_lora(family["wide"], lowrank["base"], tmp_path / "x", rank=2)
+    with pytest.raises(MlxmergeError, match="identical in every linear layer: nothing to extract"):
+        extract_lora(base, base, x, rank=2)  # the same model twice: an all-zero adapter
     assert not (tmp_path / "x").exists()
 
 

@@ -76,3 +76,36 @@ def test_an_adapter_saved_by_peft_fuses_like_peft_merges_it(lowrank, tmp_path):
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
                  "model.layers.3.mlp.up_proj.weight"):  # fmt: skip
         np.testing.assert_allclose(np.array(fused.get(name)), merged[name], atol=1e-5)
+
+
+def test_gpt2_peft_adapter_has_transformers_names_and_loads_in_peft(tmp_path):
+    import mlx.core as mx
+    from archs import ARCHS, arch_weights, build_arch_tokenizer
+
+    from mlxmerge.io.model_folder import ModelCard, write_model
+    from mlxmerge.merge.runner import merge
+
+    # Keys were MLX's (base_model.model.model.h.0...): PEFT raised KeyError on transformers' GPT-2.
+    tok = build_arch_tokenizer(tmp_path / "tok")
+    base_w = arch_weights("gpt2")
+    keys = mx.random.split(mx.random.key(7), len(base_w))
+    ft_w = {n: v + 0.05 * mx.random.normal(v.shape, key=k) if v.ndim == 2 and ".h." in n else v
+            for (n, v), k in zip(sorted(base_w.items()), keys)}  # fmt: skip
+    folders = {}
+    for name, w in (("base", base_w), ("ft", ft_w)):
+        plan = [(n, tuple(v.shape)) for n, v in sorted(w.items())]
+        folders[name] = write_model(tmp_path / name, plan, lambda n, w=w: w[n], config=ARCHS["gpt2"],
+                                    card=ModelCard(name), layout="hf", tokenizer_source=tok)  # fmt: skip
+    extract_lora(folders["ft"], folders["base"], tmp_path / "p", rank=32, format="peft")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = peft.PeftModel.from_pretrained(load(str(folders["base"]), torch_dtype=torch.float32),
+                                           str(tmp_path / "p"))  # fmt: skip
+    ft_logits = hf_logits(load(str(folders["ft"]), torch_dtype=torch.float32))
+    np.testing.assert_allclose(hf_logits(model), ft_logits, atol=1e-4)  # rank 32 is full rank
+    # ... and mlxmerge reads PEFT's GPT-2 names back (base+adapter), fused like PEFT fuses.
+    fused = merge({"merge_method": "linear", "dtype": "float32",
+                   "models": [{"model": f"{folders['base']}+{tmp_path / 'p'}",
+                               "parameters": {"weight": 1.0}}]}, tmp_path / "m", layout="hf")  # fmt: skip
+    np.testing.assert_allclose(
+        hf_logits(load(str(fused), torch_dtype=torch.float32)), ft_logits, atol=1e-4
+    )

@@ -123,6 +123,10 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         parse_recipe(p)
     with pytest.raises(RecipeError, match="nope.yml: cannot read"):
         parse_recipe(tmp_path / "nope.yml")
+    # A tab in the indentation (a common paste accident): the error says where.
+    p.write_text("merge_method: linear\nmodels:\n  - model: a\n\t- model: b\n")
+    with pytest.raises(RecipeError, match=r"r.yml: not valid YAML at line 4, column 1: .*'\\t'"):
+        parse_recipe(p)
 
 
 def test_source_and_slice_types():
@@ -217,3 +221,20 @@ def test_yaml_11_exponent_strings_are_numbers():
         "merge_method: nearswap\nbase_model: a\nmodels: [b]\nparameters:\n  t: [{filter: mlp, value: 2e-3}, {value: 1e-3}]\n"
     )
     assert r.parameters["t"] == [{"filter": "mlp", "value": 2e-3}, {"value": 1e-3}]
+
+
+def test_dtype_names_checked_at_parse_time_with_the_key(tmp_path):
+    from mlxmerge.io.dtypes import parse_float_dtype
+
+    base = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]}
+    # mergekit's dtype_from_name strips "torch."; configs and recipes copied from them carry it.
+    assert parse_recipe({**base, "dtype": "torch.bfloat16"}).dtype == "torch.bfloat16"
+    assert parse_float_dtype("torch.float16") == parse_float_dtype("float16")
+    p = tmp_path / "r.yml"
+    p.write_text(
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: bf17\n"
+    )
+    with pytest.raises(RecipeError, match=r"r.yml: dtype: unknown dtype 'bf17'"):
+        parse_recipe(p)
+    with pytest.raises(RecipeError, match=r"out_dtype: unknown dtype 'fp8'"):
+        parse_recipe({**base, "out_dtype": "fp8"})

@@ -187,3 +187,37 @@ def test_reduced_quality_claims(tmp_path_factory):
     assert greedy["score"] <= greedy["best_single"]["score"]  # perplexity: lower is better
     same = soup([a1, a2], None, eval_task=held, method="uniform", out_dtype="float32")
     assert same["score"] <= max(r["score"] for r in same["individual"])
+
+
+def test_bf16_moe_soup_in_memory_scores_like_streamed(tmp_path):
+    from archs import build_arch, build_arch_tokenizer
+
+    # The in-memory candidate is a bf16 Mixtral: MLX's CPU gather_mm (float32 only) crashed it.
+    tok = build_arch_tokenizer(tmp_path / "tok")
+    models = [build_arch("mixtral", tmp_path / f"m{i}", tok, perturb=0.1 * i) for i in (1, 2)]
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    kw = {"eval_task": text, "method": "uniform", "out_dtype": "bfloat16"}
+    mem = soup(models, None, in_memory=True, **kw)
+    disk = soup(models, None, in_memory=False, **kw)
+    assert np.isfinite(mem["score"]) and mem["score"] == pytest.approx(disk["score"], rel=1e-4)
+
+
+def test_ensemble_of_base_plus_adapter_uses_the_adapter(kitchen, tmp_path):
+    from mlxmerge.lora import extract_lora
+    from mlxmerge.merge.runner import merge
+    from mlxmerge.merge.soup import ensemble_score
+
+    # --ensemble loaded each checkpoint's folder: for BASE+ADAPTER, the base alone.
+    extract_lora(kitchen["plus"], kitchen["base"], tmp_path / "a", rank=64)
+    fused = f"{kitchen['base']}+{tmp_path / 'a'}"
+    text = tmp_path / "t.txt"  # perplexity: a score that sees any change of the weights
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    kw = {"eval_task": text, "method": "uniform", "out_dtype": "float32"}
+    got = soup([kitchen["minus"], fused], None, ensemble=True, **kw)["ensemble"]
+    merged = tmp_path / "fused"
+    merge({"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": fused, "parameters": {"weight": 1.0}}]}, merged)  # fmt: skip
+    want = ensemble_score([str(kitchen["minus"]), str(merged)], text)
+    base_alone = ensemble_score([str(kitchen["minus"]), str(kitchen["base"])], text)
+    assert got == pytest.approx(want, rel=1e-4) and got != pytest.approx(base_alone, rel=1e-3)

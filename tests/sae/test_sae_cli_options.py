@@ -101,3 +101,33 @@ def test_steer_chat_wraps_the_prompt_in_the_chat_template(trained_sae, tiny_mode
     assert plain == want
     assert r.output.rstrip("\n").endswith(want)  # scale 0: the steered text is the same
     assert "--chat" in run("sae", "steer", "--help").output
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--tokens", 0), ("--batch-size", 0), ("--expansion", -1), ("--k", 0), ("--lr", -1)],
+)
+def test_train_refuses_non_positive_sizes_before_any_work(tmp_path, tiny_model, option, value):
+    # batch-size 0 was a ZeroDivisionError traceback; tokens 0 wrote an untrained SAE; expansion
+    # -1 said "k is larger than d_sae=-32"; a negative lr trained uphill.
+    r = run("sae", "train", tiny_model, "--layer", "0", "--data", tmp_path / "missing.txt",
+            "-o", tmp_path / "s", option, value)  # fmt: skip
+    assert r.exit_code != 0
+    assert f"Error: {option} must be" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [("--tokens", "0", "--tokens must be at least 1"),
+     ("--context-size", "1", "--context-size must be at least 2"),
+     ("--context-size", "0", "--context-size must be at least 2")],
+)  # fmt: skip
+def test_collect_refuses_empty_rows_and_zero_tokens(
+    tmp_path, tiny_model, text_file, option, value, says
+):
+    # context 1 (BOS only) was a ZeroDivisionError; context 0 and tokens 0 wrote a cache anyway.
+    r = run("sae", "collect", tiny_model, "--layer", "0", "--data", text_file, "-o", tmp_path / "a",
+            option, value)  # fmt: skip
+    assert r.exit_code != 0 and f"Error: {says}" in r.output, r.output
+    assert not (tmp_path / "a").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -138,3 +139,25 @@ def test_bad_folders_are_clear_errors(tmp_path):
     )
     with pytest.raises(SAEError, match="normalize_activations='layer_norm'"):
         load_sae(tmp_path / "s")
+
+
+def _with_hook(tmp_path, hook):
+    cfg, p = _random_sae()
+    folder = save_sae(tmp_path / hook, cfg, p)
+    raw = json.loads((folder / "cfg.json").read_text())
+    raw["metadata"]["hook_name"] = hook
+    (folder / "cfg.json").write_text(json.dumps(raw))
+    return load_sae(folder)[0]
+
+
+def test_hook_names_map_to_the_block_whose_output_they_read(tmp_path):
+    from mlxmerge.sae.evaluate import check_fits
+
+    # TransformerLens: block i's input (hook_resid_pre) is block i-1's output (hook_resid_post).
+    assert _with_hook(tmp_path, "blocks.3.hook_resid_post").hook_layer == 3
+    assert _with_hook(tmp_path, "blocks.3.hook_resid_pre").hook_layer == 2
+    for hook in ("blocks.0.hook_resid_pre", "blocks.3.hook_mlp_out", "blocks.3.attn.hook_z"):
+        cfg = _with_hook(tmp_path, hook)
+        assert cfg.hook_layer is None
+        with pytest.raises(SAEError, match=f"reads '{re.escape(hook)}', not the residual"):
+            check_fits(cfg, None, None)
