@@ -95,16 +95,18 @@ def _has_layers(ckpt: Checkpoint) -> bool:
     return any(layer_index(n) is not None for n in ckpt.names())
 
 
+def _shown(value) -> str:
+    return "(absent)" if value is None else str(value)
+
+
 def _check_architectures(
     ckpts: list[Checkpoint], models: list[str], allow_crimes: bool, warnings: list[str]
 ):
     ref = ckpts[0]
     for ckpt, model in zip(ckpts[1:], models[1:]):
-        diffs = [
-            f"{k} {ref.config_value(k)} vs {ckpt.config_value(k)}"
-            for k in ARCHITECTURE_FIELDS
-            if ref.config_value(k) != ckpt.config_value(k)
-        ]
+        # Each architecture's own name for a field (GPT-2's n_embd is its hidden_size).
+        fields = [(k, ref.config_field(k)[1], ckpt.config_field(k)[1]) for k in ARCHITECTURE_FIELDS]
+        diffs = [f"{k} {_shown(a)} vs {_shown(b)}" for k, a, b in fields if a != b]
         if diffs:
             msg = f"{models[0]} and {model} are different architectures ({'; '.join(diffs)})"
             if not allow_crimes:
@@ -190,7 +192,10 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         for p, default in spec.global_params.items():
             v = resolve_parameter(p, out_name, t, source=None, slice_=sl, recipe=recipe)
             if v is None and default is REQUIRED:
-                raise RecipeError(f"{method}: parameter {p!r} is required (tensor {out_name})")
+                raise RecipeError(
+                    f"{method}: parameter {p!r} is required (tensor {out_name}); set it in the "
+                    f"recipe's parameters or with --{p.replace('_', '-')}"
+                )
             gparams[p] = default if v is None else v
         tparams = {}
         for p, default in spec.tensor_params.items():
@@ -199,7 +204,8 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                 v = resolve_parameter(p, out_name, t, source=s, slice_=sl, recipe=recipe)
                 if v is None and default is REQUIRED:
                     raise RecipeError(
-                        f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name})"
+                        f"{method}: parameter {p!r} is required for {s.model} (tensor {out_name}); "
+                        f"set it in the recipe's parameters or with --{p.replace('_', '-')}"
                     )
                 values.append(default if v is None else v)
             tparams[p] = values
