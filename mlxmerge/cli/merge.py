@@ -38,8 +38,8 @@ def output_options(fn=None, *, seed: bool = True):
 
 def quantize_options(fn):
     """``--quantize BITS --group-size G``: write the output MLX-quantized as it streams out."""
-    fn = click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
-                      show_default=True, help="With --quantize: weights per scale/bias group.")(fn)  # fmt: skip
+    fn = click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                      help="With --quantize: weights per scale/bias group.  [default: 64]")(fn)  # fmt: skip
     return click.option(
         "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
         default=None, help="Write the merge MLX-quantized to this many bits (mlx-lm's affine).",
@@ -48,13 +48,15 @@ def quantize_options(fn):
 
 def quantize_kwargs(quantize_bits, group_size) -> dict:
     """The CLI's string choices as the library's ``quantize_bits``/``group_size``."""
+    if group_size and not quantize_bits:  # silently unquantized output is worse than an error
+        raise click.UsageError("--group-size applies to quantized output; add --quantize 4 (or 8)")
     return {"quantize_bits": int(quantize_bits) if quantize_bits else None,
-            "group_size": int(group_size)}  # fmt: skip
+            "group_size": int(group_size or 64)}  # fmt: skip
 
 
 def run_recipe(
     recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0,
-    quantize_bits=None, group_size="64", allow_nonfinite=False,
+    quantize_bits=None, group_size=None, allow_nonfinite=False,
 ):  # fmt: skip
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.multi import is_multi_document, merge_multi
@@ -82,7 +84,7 @@ def run_recipe(
             from mlxmerge.io import Quantization
             from mlxmerge.io.model_folder import output_size
 
-            quant = Quantization(int(quantize_bits), int(group_size))
+            quant = Quantization(int(quantize_bits), int(group_size or 64))
             summary["quantization"] = quant.config()
             summary["output_bytes"] = output_size(
                 [(p.name, p.shape) for p in plan.tensors], dtype, quant
@@ -167,6 +169,8 @@ def _short(v):
 @output_options
 def merge_cmd(recipe, out, output, **kw):
     """Run a mergekit YAML RECIPE into OUT (or -o OUT)."""
+    if out and output and out != output:
+        raise click.UsageError(f"two output folders given: {out} and -o {output}; give one")
     run_recipe(recipe, output or out, **kw)
 
 

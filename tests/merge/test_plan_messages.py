@@ -38,3 +38,30 @@ def test_a_missing_required_parameter_names_the_flag(llama_and_gpt2):
               "models": [{"model": str(tuned), "parameters": {"density": 0.5}}]}  # fmt: skip
     with pytest.raises(RecipeError, match=r"'weight' is required.*--weight"):
         plan_merge(recipe)
+
+
+def test_merge_cli_refuses_two_outputs_and_group_size_without_quantize(llama_and_gpt2, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    llama, _, tuned = llama_and_gpt2
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(llama), "parameters": {"weight": 0.5}},
+        {"model": str(tuned), "parameters": {"weight": 0.5}}]}))  # fmt: skip
+    run = CliRunner().invoke
+    r = run(cli, ["merge", str(recipe), str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "two output folders" in r.output
+    r = run(cli, ["merge", str(recipe), "-o", str(tmp_path / "c"), "--group-size", "32"])
+    assert r.exit_code != 0 and "--quantize" in r.output
+    assert not any((tmp_path / d).exists() for d in "abc")
+    r = run(cli, ["merge", str(recipe), "-o", str(tmp_path / "d"), "--quantize", "4",
+                  "--group-size", "32"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert (
+        json.loads((tmp_path / "d" / "config.json").read_text())["quantization"]["group_size"] == 32
+    )
