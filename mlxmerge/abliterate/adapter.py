@@ -21,6 +21,19 @@ from mlxmerge.io import open_checkpoint
 from mlxmerge.io.output import atomic_folder, check_output
 
 
+def check_adapter_export(ckpt) -> list:
+    """The residual writers a rank-1 adapter edits; ``MlxmergeError`` (from headers only, before
+    any forward pass) when one has a bias or is not 2-D (GPT-2's biased writers, stacked experts)."""
+    writers = writer_tensors(ckpt.names(), architecture(ckpt.model_type))
+    for wt in writers:
+        if wt.name.endswith(".bias") or len(ckpt.shape(wt.name)) != 2:
+            raise MlxmergeError(
+                f"{wt.name}: adapter export handles bias-free 2-D writers only; "
+                "export the full model instead (drop --adapter)"
+            )
+    return writers
+
+
 def export_adapter(
     model, output: str | Path, direction, *, attn_weights: list[float], mlp_weights: list[float],
     force: bool = False, extra_files: dict[str, str] | None = None,
@@ -28,13 +41,7 @@ def export_adapter(
     """Write ``adapters.safetensors`` and ``adapter_config.json`` for the orthogonalization."""
     ckpt = model if hasattr(model, "entries") else open_checkpoint(model)
     arch = architecture(ckpt.model_type)
-    writers = writer_tensors(ckpt.names(), arch)
-    for wt in writers:
-        if wt.name.endswith(".bias") or len(ckpt.shape(wt.name)) != 2:
-            raise MlxmergeError(
-                f"{wt.name}: adapter export handles bias-free 2-D writers only; "
-                "export the full model instead (drop --adapter)"
-            )
+    writers = check_adapter_export(ckpt)
     target = check_output(output, [str(ckpt.path)], force=force)
     directions = np.asarray(direction, dtype=np.float32)
     weights, keys = {}, set()
@@ -64,4 +71,4 @@ def export_adapter(
     return target
 
 
-__all__ = ["export_adapter"]
+__all__ = ["check_adapter_export", "export_adapter"]

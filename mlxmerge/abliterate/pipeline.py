@@ -161,6 +161,10 @@ def abliterate(
             f"{model}: --adapter writes an adapter for a plain base; merge the LoRA first "
             "(mlxmerge linear MODEL+ADAPTER --weight 1 -o OUT) or abliterate to a full model"
         )
+    if adapter:
+        from mlxmerge.abliterate.adapter import check_adapter_export
+
+        check_adapter_export(ckpt)
     if pick is not None and not trials:
         raise MlxmergeError("--pick chooses among search trials; give --trials N as well")
     if trials < 0:
