@@ -131,6 +131,7 @@ def abliterate(
     max_tokens: int = 100,
     markers: tuple[str, ...] = REFUSAL_MARKERS,
     kl_threshold: float = 0.1,
+    allow_nonfinite: bool = False,
     dtype: str = "bfloat16",
     layout: str = "mlx",
     quantize: Quantization | None = None,
@@ -314,7 +315,7 @@ def abliterate(
             mlp_weights=mlp_w, embedding_strength=strength if embeddings else 0.0,
             norm_preserving=norm_preserving, dtype=dtype, layout=layout, quantize=quantize,
             chat_template=template, force=force, card_body=card_body, extra_files=extra,
-            progress=progress,
+            progress=progress, allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
     timings["write_s"] = time.perf_counter() - t
     if residual is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.models import allow_nonfinite_option
 from mlxmerge.cli.progress import progress_bar
 
 
@@ -129,9 +130,11 @@ def _with(options):
 )
 @click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation on test prompts.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@allow_nonfinite_option
 def abliterate(model, output, harmful, harmless, column, system, template, max_tokens, batch_size,
                markers, as_json, layers, direction_layer, strength, trials, pick, seed, projected,
-               norm_preserving, embeddings, dtype, layout, bits, group_size, adapter, no_eval, force):  # fmt: skip
+               norm_preserving, embeddings, dtype, layout, bits, group_size, adapter, no_eval, force,
+               allow_nonfinite):  # fmt: skip
     """Remove the refusal direction from MODEL and write the edited model to OUTPUT."""
     from mlxmerge.abliterate.pipeline import abliterate as run
     from mlxmerge.io import Quantization
@@ -145,7 +148,7 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
             max_tokens=max_tokens, markers=_markers(markers), projected=projected,
             norm_preserving=norm_preserving, embeddings=embeddings, dtype=dtype, layout=layout,
             quantize=Quantization(int(bits), group_size) if bits else None, adapter=adapter,
-            evaluate=not no_eval,
+            evaluate=not no_eval, allow_nonfinite=allow_nonfinite,
             force=force, progress=bars,
         )  # fmt: skip
     finally:
