@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe_router import GATE_MODES
-from mlxmerge.merge.recipe import _model_ref, _unknown, check_dtype, yaml_error
+from mlxmerge.merge.recipe import _model_ref, _unknown, check_dtype, load_documents
 
 TOP_KEYS = (
     "base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
@@ -93,14 +91,11 @@ def parse_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
     if isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
-        where = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise yaml_error(path, e) from None
+        where = str(source)
+        docs = load_documents(source)
+        if len(docs) > 1:
+            raise RecipeError(f"{where}: holds {len(docs)} YAML documents; a MoE config is one")
+        raw = docs[0]
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a MoE config is a YAML mapping with base_model and experts")
     _unknown(raw, TOP_KEYS, where)
