@@ -125,10 +125,12 @@ class FiniteGuard:
     verb: str = "output"
     warnings: list[str] = field(default_factory=list)
     _pending: list = field(default_factory=list)
+    hint: str = "; pass --allow-nonfinite to write it anyway"
+    """Appended to the error; empty where proceeding could mean nothing (an SVD of NaN)."""
 
     def report(self, message: str) -> None:
         if not self.allow:
-            raise NonFiniteError(f"{message}; pass --allow-nonfinite to write it anyway")
+            raise NonFiniteError(message + self.hint)
         self.warnings.append(message)
         log.warning(message)
 

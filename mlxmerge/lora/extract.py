@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.lora.svd import SVD_METHODS, captured, low_rank
 from mlxmerge.lora.write import FORMATS, write_mlx_adapter, write_peft_adapter
@@ -82,7 +83,9 @@ def extract_lora(
     ``mlxmerge.lora.svd.low_rank``). The report lists per module: ``rank``, ``energy`` (share
     of ``Σ s²`` kept) and ``rel_delta`` (‖ΔW‖/‖W_base‖), plus each spectrum as ``captured``
     shares for plotting.
-    Raises ``MlxmergeError`` on mismatched models, bad options or an unusable output folder.
+    Raises ``MlxmergeError`` on mismatched models, bad options or an unusable output folder, and
+    ``NonFiniteError`` naming the model and tensor when an input or a factor holds NaN/Inf (no
+    SVD of such a matrix means anything, so there is no --allow-nonfinite here).
     """
     if format not in FORMATS:
         raise MlxmergeError(f"unknown adapter format {format!r}; use mlx or peft")
@@ -108,15 +111,27 @@ def extract_lora(
 
     factors: dict[str, tuple[mx.array, mx.array]] = {}
     rows, spectra = [], {}
+    guard = FiniteGuard(False, "extract-lora", hint="")
+
+    def pair(name: str) -> tuple[mx.array, mx.array]:
+        # NaN/Inf stops here, before an SVD would spread it (or a norm would hide it).
+        w, f = bs.get(name, mx.float32), ft.get(name, mx.float32)
+        mx.eval(w, f)
+        guard.check_input(str(base), name, w)
+        guard.check_input(str(finetuned), name, f)
+        return w, f
+
     for name in targets:
-        w = bs.get(name, mx.float32)
-        delta = ft.get(name, mx.float32) - w
+        w, f = pair(name)
+        delta = f - w
         lr = low_rank(delta, rank=rank, energy=energy, max_rank=max_rank, method=svd)
         r = lr.b.shape[1]
         b, a = lr.b.astype(out_dtype), lr.a.astype(out_dtype)
         shares = captured(lr.s, lr.total)
         w_norm = mx.linalg.norm(w.reshape(-1))
         mx.eval(b, a, shares, w_norm)
+        guard.check_output(f"{name.removesuffix('.weight')}.lora_b", b)
+        guard.check_output(f"{name.removesuffix('.weight')}.lora_a", a)
         module = name.removesuffix(".weight")
         factors[module] = (b, a)
         spectra[module] = shares.tolist()
@@ -132,8 +147,8 @@ def extract_lora(
     others, full = [], {}
     covered = set(targets)
     for name in (n for n in bs.names() if n not in covered):
-        w = bs.get(name, mx.float32)
-        d = mx.linalg.norm((ft.get(name, mx.float32) - w).reshape(-1)).item()
+        w, f = pair(name)
+        d = mx.linalg.norm((f - w).reshape(-1)).item()
         if d > 0:
             row = {
                 "tensor": name,

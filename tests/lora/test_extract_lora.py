@@ -198,3 +198,24 @@ def test_delta_helper_is_rank_4():
     w = mx.random.normal((32, 48), key=mx.random.key(0))
     s = np.linalg.svd(np.array(low_rank_change(w, RANK, mx.random.key(1))), compute_uv=False)
     assert s[RANK - 1] > 1e-3 and s[RANK] < 1e-5 * s[0]
+
+
+def test_a_non_finite_fine_tune_is_named_before_any_svd(lowrank, tmp_path):
+    """Issue 15: extract-lora stops on NaN/Inf in an input, naming model and tensor."""
+    from mlxmerge.errors import NonFiniteError
+
+    tuned = load_weights(lowrank["ft"])
+    name = "model.layers.1.mlp.up_proj.weight"
+    x = np.array(tuned[name])
+    x[0, 0], x[1, 1] = np.nan, np.inf
+    tuned[name] = mx.array(x)
+    bad = save_weights(tmp_path / "bad", tuned, lowrank["config"], lowrank["tokenizer"],
+                       title="bad")  # fmt: skip
+    with pytest.raises(NonFiniteError, match=rf"bad: tensor {name} holds 1 NaN and 1 Inf"):
+        extract_lora(str(bad), str(lowrank["base"]), tmp_path / "a", rank=4)
+    assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(cli, ["extract-lora", str(bad), "--base", str(lowrank["base"]),
+                                 "--rank", "4", "-o", str(tmp_path / "b")])  # fmt: skip
+    assert r.exit_code != 0 and "1 NaN and 1 Inf" in r.output and "Traceback" not in r.output
+    assert "--allow-nonfinite" not in r.output  # extract-lora has no such option
+    assert not (tmp_path / "b").exists()
