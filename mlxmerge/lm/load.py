@@ -20,8 +20,9 @@ def load(
     ``reference`` is anything ``open_checkpoint`` takes (or an opened checkpoint), including
     mergekit's ``base+adapter``, which loads with the adapter applied. MLX-quantized folders load
     as they are (mlx-lm reads ``quantization`` from config.json); ``adapter_path`` applies a LoRA
-    adapter folder. Raises ``CheckpointError`` for a folder that is not a model and
-    ``MlxmergeError`` for an architecture mlx-lm lacks.
+    adapter folder. Raises ``CheckpointError`` for a folder that is not a model,
+    ``MlxmergeError`` for an architecture mlx-lm lacks and ``NonFiniteError`` naming the first
+    parameter that holds NaN/Inf (a bit test of the loaded buffers, no second read of the files).
     """
     import mlx_lm
 
@@ -34,7 +35,22 @@ def load(
     else:
         model, tokenizer = load_mlx_lm(ckpt)
     experts_to_float32(model)
+    check_finite(model, str(ckpt.reference), verb)
     return model, tokenizer
+
+
+def check_finite(model: nn.Module, name: str, verb: str) -> None:
+    """One line naming the first parameter of ``model`` that holds NaN or Inf (issue: a broken
+    upload makes every forward pass garbage, and nothing else would say why)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxmerge.io.finite import FiniteGuard
+
+    guard = FiniteGuard(False, verb, hint=f"; {verb} cannot run on it (mlxmerge inspect --check)")
+    for key, x in tree_flatten(model.parameters()):
+        mx.eval(x)
+        guard.check_input(name, key, x)
 
 
 def experts_to_float32(model: nn.Module) -> int:
