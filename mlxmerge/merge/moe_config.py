@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.moe_router import GATE_MODES
-from mlxmerge.merge.recipe import _model_ref, _unknown, check_dtype, load_documents
+from mlxmerge.merge.recipe import _model_ref, _unknown, check_dtype, read_document
 
 TOP_KEYS = (
     "base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
@@ -87,15 +87,7 @@ def parse_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
     """Read a mergekit-moe config (path or dict) and check what needs no model."""
     if isinstance(source, MoEConfig):
         return source
-    where = "moe config"
-    if isinstance(source, dict):
-        raw = source
-    else:
-        where = str(source)
-        docs = load_documents(source)
-        if len(docs) > 1:
-            raise RecipeError(f"{where}: holds {len(docs)} YAML documents; a MoE config is one")
-        raw = docs[0]
+    raw, where = read_document(source, "moe config", several="; a MoE config is one")
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a MoE config is a YAML mapping with base_model and experts")
     _unknown(raw, TOP_KEYS, where)

@@ -176,24 +176,28 @@ def load_documents(source: str | Path) -> list[dict]:
     return docs
 
 
+def read_document(source: str | Path | dict, what: str, several: str) -> tuple[object, str]:
+    """``(document, where)``: the one YAML document of the file ``source`` and its path, or a dict
+    as given with ``what`` as its name. ``several`` ends the error for a multi-document file."""
+    if isinstance(source, dict):
+        return source, what
+    docs = load_documents(source)
+    if len(docs) > 1:
+        raise RecipeError(f"{source}: holds {len(docs)} YAML documents{several}")
+    return docs[0], str(source)
+
+
 def parse_recipe(source: str | Path | dict) -> Recipe:
     """Read a mergekit YAML recipe (path, YAML text or dict) into a ``Recipe``.
 
     A file with several YAML documents is a mergekit-multi recipe: read it with
     ``mlxmerge.merge.multi`` (``merge()`` and the CLI do).
     """
-    where = "recipe"
-    if isinstance(source, dict):
-        raw = source
-    else:
-        where = str(source)
-        docs = load_documents(source)
-        if len(docs) > 1:
-            raise RecipeError(
-                f"{where}: holds {len(docs)} YAML documents (a mergekit-multi recipe); "
-                "run it with mlxmerge merge, which builds the named intermediate merges first"
-            )
-        raw = docs[0]
+    raw, where = read_document(
+        source, "recipe",
+        several=" (a mergekit-multi recipe); run it with mlxmerge merge, which builds the named "
+        "intermediate merges first",
+    )  # fmt: skip
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{where}: a recipe is a YAML mapping with merge_method and models or slices"
