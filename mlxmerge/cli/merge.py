@@ -337,29 +337,12 @@ def _method_command(method: str):
     cli.command(method.replace("_", "-"))(command)
 
 
-def _not_implemented_command(method: str):
-    """A hidden command for a mergekit method name mlxmerge lacks: says so instead of 'No such command'."""
-    from mlxmerge.merge.registry import not_implemented_message
-
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args):
-        raise RecipeError(not_implemented_message(method))
-
-    settings = {"ignore_unknown_options": True, "allow_extra_args": True}
-    cli.command(_flag(method), hidden=True, context_settings=settings, add_help_option=False)(
-        command
-    )
-
-
 def _register_methods():
-    from mlxmerge.merge.registry import MERGEKIT_METHODS, METHODS
+    from mlxmerge.merge.registry import METHODS
 
     for method in METHODS:
         if method != "passthrough":
             _method_command(method)
-    for method in MERGEKIT_METHODS:
-        if method not in METHODS:
-            _not_implemented_command(method)
 
 
 _register_methods()

@@ -407,29 +407,11 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-# Every method name mergekit 0.1.5 registers, so a real name not (yet) here gets an honest message.
-MERGEKIT_METHODS = (
-    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
-    "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
-    "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
-)  # fmt: skip
-
-
-def not_implemented_message(name: str) -> str:
-    """What to say about a mergekit method name mlxmerge does not implement."""
-    return (
-        f"merge method {name!r} is one of mergekit's, but mlxmerge does not implement it yet; "
-        f"run this recipe with mergekit, or pick one of: {', '.join(sorted(METHODS))}."
-    )
-
-
 def get_method(name: str) -> MethodSpec:
     """The spec of a merge method; an unknown name raises RecipeError naming the closest."""
     spec = METHODS.get(name)
     if spec is not None:
         return spec
-    if str(name) in MERGEKIT_METHODS:
-        raise RecipeError(not_implemented_message(name))
     close = difflib.get_close_matches(str(name).replace("-", "_"), METHODS, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise RecipeError(
