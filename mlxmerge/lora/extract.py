@@ -113,17 +113,22 @@ def extract_lora(
     rows, spectra = [], {}
     guard = FiniteGuard(False, "extract-lora", hint="")
 
-    def pair(name: str) -> tuple[mx.array, mx.array]:
-        # NaN/Inf stops here, before an SVD would spread it (or a norm would hide it).
-        w, f = bs.get(name, mx.float32), ft.get(name, mx.float32)
-        mx.eval(w, f)
-        guard.check_input(str(base), name, w)
-        guard.check_input(str(finetuned), name, f)
-        return w, f
+    def name_nonfinite(name: str, total: mx.array) -> None:
+        # A NaN/Inf entry in either model makes the squared sum of their difference non-finite:
+        # only then are the two tensors read again, to name the one at fault before any SVD.
+        if math.isfinite(total.item()):
+            return
+        for ref, ck in ((str(base), bs), (str(finetuned), ft)):
+            x = ck.get(name, mx.float32)
+            mx.eval(x)
+            guard.check_input(ref, name, x)
 
     for name in targets:
-        w, f = pair(name)
-        delta = f - w
+        w = bs.get(name, mx.float32)
+        delta = ft.get(name, mx.float32) - w
+        total = mx.sum(mx.square(delta))
+        mx.eval(delta, total)
+        name_nonfinite(name, total)
         lr = low_rank(delta, rank=rank, energy=energy, max_rank=max_rank, method=svd)
         r = lr.b.shape[1]
         b, a = lr.b.astype(out_dtype), lr.a.astype(out_dtype)
@@ -147,8 +152,10 @@ def extract_lora(
     others, full = [], {}
     covered = set(targets)
     for name in (n for n in bs.names() if n not in covered):
-        w, f = pair(name)
-        d = mx.linalg.norm((f - w).reshape(-1)).item()
+        w = bs.get(name, mx.float32)
+        total = mx.sum(mx.square(ft.get(name, mx.float32) - w))
+        name_nonfinite(name, total)
+        d = math.sqrt(total.item())
         if d > 0:
             row = {
                 "tensor": name,
