@@ -37,6 +37,8 @@ HIDDEN, INTER, VOCAB = 2048, 5632, 32000
 
 
 def synthetic_model(folder: Path, gigabytes: float, seed: int, tok: Path) -> Path:
+    if (folder / "config.json").exists():  # kept from an earlier run with the same --dir
+        return folder
     per_layer = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN) * 2
     fixed = 2 * VOCAB * HIDDEN * 2
     layers = max(1, round((gigabytes * 1e9 - fixed) / per_layer))
@@ -196,7 +198,11 @@ def main() -> None:
     )
     ap.add_argument("--sizes", default="1,3", help="GB per model, comma separated")
     ap.add_argument("--methods", default="linear,slerp,ties,dare_ties,passthrough")
-    ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="scratch folder, kept with its models for the next run (default: a temp dir)",
+    )
     ap.add_argument("--mergekit", default=None, metavar="VENV",
                     help="a virtualenv with mergekit: merge the same pair with it and print ratios")  # fmt: skip
     ap.add_argument("--check-cost", action="store_true",
@@ -254,8 +260,9 @@ def main() -> None:
                        if "mk_s" in row else ""),
                     flush=True,
                 )  # fmt: skip
-            for mdl in models:
-                shutil.rmtree(mdl)
+            if not args.dir:
+                for mdl in models:
+                    shutil.rmtree(mdl)
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)

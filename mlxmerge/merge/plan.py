@@ -409,7 +409,7 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 # threads, NumPy buffers, per-block temporaries). Methods run in row blocks (task arithmetic,
 # TIES, DARE on tensors of 4M+ entries) keep their inputs in the stored dtype: low slopes.
 PEAK_FIT = {
-    "linear": (2.0, 70), "passthrough": (0.5, 60), "slerp": (3.0, 135), "nuslerp": (3.0, 135),
+    "linear": (0.6, 70), "passthrough": (0.5, 60), "slerp": (1.0, 70), "nuslerp": (3.0, 135),
     "nearswap": (3.0, 135), "multislerp": (6.0, 135), "karcher": (8.0, 135),
     "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
     "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),

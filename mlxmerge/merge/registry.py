@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge import methods as m
+from mlxmerge.merge.methods import kernels, row_blocks
 from mlxmerge.merge.methods.sparsify import RESCALE_MODES, check_della, derive_key
 from mlxmerge.merge.methods.task_arithmetic import DISJOINT_MEAN, ELECT
 from mlxmerge.merge.params import (
@@ -72,6 +73,11 @@ class MethodSpec:
     """Allowed values of string parameters given as bare defaults (a Param carries its own)."""
     params: dict[str, Param] = field(default_factory=dict)
     """Every parameter's Param, per-model ones first (filled from the two dicts)."""
+    blocked: Callable[..., mx.array | None] | None = None
+    """The same merge, memory-bounded: ``(tensors, base, out_dtype, *, params) -> mx.array``
+    over inputs of one shape in their stored dtype, returned evaluated in ``out_dtype`` with
+    float32 temporaries the size of a row block (compiled kernels); None when these params or
+    this shape are not supported, and the runner calls ``fn`` on float32 copies instead."""
 
     def __post_init__(self):
         params = dict(self.params)
@@ -160,6 +166,7 @@ def _gta_spec(fn, *, normalize, rescale, consensus, sparsify, paper, summary, ex
     global_params.update(extra_global)
     return MethodSpec(
         fn=fn,
+        blocked=row_blocks.blocked,
         tensor_params=tensor_params,
         global_params=global_params,
         base="required",
@@ -176,6 +183,7 @@ _INTERP_WEIGHT = number("Relative weight of this model in the interpolation.")
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         fn=m.linear,
+        blocked=kernels.linear,
         tensor_params={"weight": number("Weight of this model in the average.")},
         global_params={"normalize": flag("Divide by the sum of the weights.", True)},
         base="none",
@@ -186,6 +194,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "slerp": MethodSpec(
         fn=m.slerp,
+        blocked=kernels.slerp,
         tensor_params={},
         global_params={
             "t": number("Position on the arc: 0 gives the base, 1 the other model.", REQUIRED, 0, 1)

@@ -19,7 +19,6 @@ from mlxmerge.io.model_folder import output_size
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.lora.fused import split_reference
-from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.common import ConsumableInputs
 from mlxmerge.merge.plan import (
     MergePlan,
@@ -147,11 +146,12 @@ def compute_tensor(
         )
 
     stacked = is_stacked_experts(name, p.shape)
-    same = base is not None and all(tuple(x.shape) == p.shape for x in [*xs, base])
-    if out_dtype is not None and same and not stacked and row_blocks.supported(fn, kwargs, p.shape):
-        return row_blocks.merge_rows(
-            xs, base, out_dtype, **{**fn.keywords, **kwargs}, **keys(name)
-        )  # fmt: skip
+    same = all(tuple(x.shape) == p.shape for x in [*xs] + ([base] if p.base else []))
+    if out_dtype is not None and same and not stacked and plan.method.blocked is not None:
+        params = {**getattr(fn, "keywords", {}), **kwargs, **keys(name)}
+        y = plan.method.blocked(xs, base, out_dtype, **params)
+        if y is not None:
+            return y
     xs = [x.astype(mx.float32) for x in xs]
     base = None if base is None else base.astype(mx.float32)
     if base is not None and tuple(base.shape) != p.shape:

@@ -22,17 +22,23 @@ def linear(
 ) -> mx.array:
     """Weighted sum of all models' tensors, divided by the weight sum when ``normalize``."""
     check_shapes(tensors, None)
-    w = per_model(weight, len(tensors), "weight")
+    w, total = linear_weights(weight, len(tensors), normalize)
+    out = w[0] * tensors[0]
+    for wi, x in zip(w[1:], tensors[1:]):
+        out = out + wi * x
+    return out / total if normalize else out
+
+
+def linear_weights(weight, n: int, normalize: bool) -> tuple[list[float], float]:
+    """The per-model weights and their sum; RecipeError when normalizing by a zero sum."""
+    w = per_model(weight, n, "weight")
     total = float(sum(w))
     if normalize and abs(total) < 1e-8:
         raise RecipeError(
             f"linear: the weights {w} sum to 0, so they cannot be normalized; "
             "set normalize: false or change the weights."
         )
-    out = w[0] * tensors[0]
-    for wi, x in zip(w[1:], tensors[1:]):
-        out = out + wi * x
-    return out / total if normalize else out
+    return w, total
 
 
 def passthrough(

@@ -36,7 +36,10 @@ def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
     """Whether ``fn`` (a method from the table) with ``params`` can run in row blocks."""
     if getattr(fn, "func", None) is not generalized_task_arithmetic:
         return False
-    kw = {**fn.keywords, **params}
+    return _supported({**fn.keywords, **params}, shape)
+
+
+def _supported(kw: dict, shape: tuple[int, ...]) -> bool:
     sparsify = kw.get("sparsify", "none")
     rescaled = kw.get("rescale", False) and sparsify != "none"
     return (
@@ -46,6 +49,15 @@ def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
         and not (sparsify == "magnitude" and rescaled)  # would need a third pass
         and kw.get("elect", "weighted") == "weighted"  # 'unweighted' votes over the tensor
     )
+
+
+def blocked(
+    tensors: Sequence[mx.array], base: mx.array | None, out_dtype: mx.Dtype, **params
+) -> mx.array | None:
+    """``merge_rows`` when the settings and the shape allow it (``MethodSpec.blocked``), else None."""
+    if base is None or not _supported(params, tuple(base.shape)):
+        return None
+    return merge_rows(tensors, base, out_dtype, **params)
 
 
 def _block_rows(rows: int, cols: int, entries: int) -> int:

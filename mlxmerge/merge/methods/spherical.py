@@ -41,17 +41,24 @@ def slerp(
         raise RecipeError(f"slerp takes exactly one model besides the base, got {len(tensors)}.")
     check_shapes(tensors, base)
     v0, v1 = base, tensors[0]
-    n0, n1 = norm(v0), norm(v1)
+    c0, c1 = slerp_coefficients(norm(v0), norm(v1), dot(v0, v1), t, eps)
+    return c0 * v0 + c1 * v1
+
+
+def slerp_coefficients(
+    n0: mx.array, n1: mx.array, dot01: mx.array, t: float, eps: float = 1e-8
+) -> tuple[mx.array, mx.array]:
+    """(c0, c1) with slerp = c0·v0 + c1·v1, from ‖v0‖, ‖v1‖ and v0·v1 (scalars)."""
     # Normalise only tensors with a usable norm (mergekit's `normalize` skips norm <= eps).
     s0 = mx.where(n0 > eps, n0, 1.0)
     s1 = mx.where(n1 > eps, n1, 1.0)
-    d = dot(v0, v1) / (s0 * s1)
+    d = dot01 / (s0 * s1)
     colinear = mx.abs(d) > DOT_THRESHOLD
     theta = mx.arccos(mx.clip(d, -1.0, 1.0))
     sin_theta = mx.where(colinear, 1.0, mx.sin(theta))
     c0 = mx.where(colinear, 1.0 - t, mx.sin((1.0 - t) * theta) / sin_theta)
     c1 = mx.where(colinear, t, mx.sin(t * theta) / sin_theta)
-    return c0 * v0 + c1 * v1
+    return c0, c1
 
 
 def _nuslerp(t: float, v0: mx.array, v1: mx.array, row_wise: bool, flatten: bool) -> mx.array:
