@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from mlxmerge.merge.methods.common import BLOCK, fsum
 from mlxmerge.merge.methods.linear import linear_weights
 from mlxmerge.merge.methods.spherical import check_t, slerp_coefficients
-from mlxmerge.merge.methods.common import BLOCK, fsum
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
 
