@@ -74,28 +74,125 @@ def _level1(a: mx.array) -> mx.array:
     return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
 
 
-def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, int]:
-    """(k-th largest |δ|, entries above it, entries equal to it) without a full |δ|."""
+_KERNELS: dict[tuple, object] = {}
+
+
+def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
+    """``x.reshape(-1)[idx]`` as float32, gathered by NumPy from ``x``'s buffer (an MLX
+    ``take`` of scattered entries is ~5x slower on the CPU); same values as MLX's cast."""
+    flat = x.reshape(-1)
+    if flat.dtype == mx.bfloat16:  # NumPy has no bfloat16: its bits are a float32's top half
+        bits = np.asarray(flat.view(mx.uint16))[idx]
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(flat)[idx].astype(np.float32)
+
+
+def _kept(mask: mx.array, a: mx.array) -> mx.array:
+    if "kept" not in _KERNELS:
+        _KERNELS["kept"] = mx.compile(lambda m, a: mx.where(m, a, 0.0))
+    return _KERNELS["kept"](mask, a)
+
+
+def _streams() -> list:
+    """Two CPU streams (one thread each): independent row blocks are computed in parallel."""
+    if "streams" not in _KERNELS:
+        _KERNELS["streams"] = [mx.new_stream(mx.default_device()) for _ in range(2)]
+    return _KERNELS["streams"]
+
+
+def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
+    if "abs" not in _KERNELS:
+        _KERNELS["abs"] = mx.compile(
+            lambda x, b: mx.abs(x.astype(mx.float32) - b.astype(mx.float32))
+        )
+    return _KERNELS["abs"](x, b)
+
+
+def _fused_mode(rule: dict) -> str | None:
+    """How the fused kernel masks one model's δ (None: a rule only ``masked`` handles)."""
+    if not rule:
+        return "all"
+    if rule.get("none"):
+        return "zero"
+    if "ge" in rule:
+        return "ties" if "room" in rule else "ge"
+    if "mask" in rule:
+        return "mask_scale" if "scale" in rule else "mask_inv" if "inverse_p" in rule else "mask"
+    return None
+
+
+def _fused_param(rule: dict):
+    for k in ("ge", "scale", "inverse_p"):
+        if k in rule:
+            return rule[k].item() if isinstance(rule[k], mx.array) else rule[k]
+    return 0.0
+
+
+def _mask_kernel(mode: str):
+    """δ = x − base masked as ``masked`` does for this mode: one compiled kernel per model.
+
+    ``param`` is the threshold, the L1 scale or the keep probability; same operations as
+    ``masked``, so the same bits.
+    """
+
+    def kernel(x, b, param, *mask):
+        d = x.astype(mx.float32) - b.astype(mx.float32)
+        if mode == "zero":
+            return mx.zeros_like(d)
+        if mode == "ge":
+            return mx.where(mx.abs(d) >= param, d, 0.0)
+        if mode == "gt":
+            return mx.where(mx.abs(d) > param, d, 0.0)
+        if mode == "mask":
+            return mx.where(mask[0], d, 0.0)
+        if mode == "mask_scale":
+            return mx.where(mask[0], d, 0.0) * param
+        if mode == "mask_inv":
+            return mx.where(mask[0], d / param, 0.0)
+        return d
+
+    key = ("mask", mode)
+    if key not in _KERNELS:
+        _KERNELS[key] = mx.compile(kernel)
+    return _KERNELS[key]
+
+
+def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, list[int]]:
+    """(k-th largest |δ|, entries above it, entries equal to it in each block) without a
+    full |δ|."""
     idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
     sample = np.sort(np.asarray(mx.abs(delta(None, mx.array(idx.astype(np.int64))))))
     lo, hi = kth_bracket(sample, k, n)
     above, bands = 0, []
     for r0, r1 in spans:
-        a = mx.abs(delta((r0, r1), None)).reshape(-1)
-        count = mx.sum(a > float(hi))
-        mx.eval(a, count)
+        a = delta((r0, r1), None, absolute=True).reshape(-1)
+        mx.eval(a)
         v = np.asarray(a)
+        above += int(np.count_nonzero(v > hi))
         bands.append(v[(v >= lo) & (v <= hi)])
-        above += int(count.item())
         del a, v
     band = np.concatenate(bands)
     need = k - above
     if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-        every = np.concatenate([np.asarray(mx.abs(delta(s, None)).reshape(-1)) for s in spans])
+        bands = [np.asarray(mx.abs(delta(s, None)).reshape(-1)) for s in spans]
+        every = np.concatenate(bands)
         thr = float(np.partition(every, every.size - k)[every.size - k])
-        return thr, int(np.count_nonzero(every > thr)), int(np.count_nonzero(every == thr))
-    thr = float(np.partition(band, band.size - need)[band.size - need])
-    return thr, above + int(np.count_nonzero(band > thr)), int(np.count_nonzero(band == thr))
+        above = int(np.count_nonzero(every > thr))
+    else:
+        thr = float(np.partition(band, band.size - need)[band.size - need])
+        above += int(np.count_nonzero(band > thr))
+    # every entry equal to thr lies in a band, so the bands give each block's count of ties
+    return thr, above, [int(np.count_nonzero(b == thr)) for b in bands]
+
+
+def _tie_modes(room: int, equal: list[int]) -> list[str]:
+    """Per block: keep every tie ("ge"), none ("gt"), or some ("cut": the block's first ones)
+    so that exactly ``room`` ties are kept in row-major order."""
+    modes, seen = [], 0
+    for e in equal:
+        modes.append("ge" if seen + e <= room else "gt" if seen >= room else "cut")
+        seen += e
+    return modes
 
 
 def merge_rows(
@@ -135,19 +232,27 @@ def merge_rows(
     dens = per_model(density, n_models, "density")
 
     def delta_of(i):
-        def delta(span, idx):
+        def delta(span, idx, absolute=False):
             if idx is not None:  # a gather of entries (the threshold's sample)
-                flat_x, flat_b = xs[i].reshape(-1), b.reshape(-1)
-                return mx.take(flat_x, idx).astype(mx.float32) - mx.take(flat_b, idx).astype(
-                    mx.float32
-                )
+                idx = np.asarray(idx)
+                return mx.array(_gather_f32(xs[i], idx) - _gather_f32(b, idx))
             r0, r1 = span
+            if absolute:
+                return _abs_delta(xs[i][r0:r1], b[r0:r1])
             return xs[i][r0:r1].astype(mx.float32) - b[r0:r1].astype(mx.float32)
 
         return delta
 
     deltas = [delta_of(i) for i in range(n_models)]
     # Per model: how its task vector is masked in the combine pass.
+    masks = {}
+    if sparsify == "random":  # every model's random mask at once, on both CPU streams
+        for i in range(n_models):
+            if dens[i] < 1:
+                sp.check_density(dens[i], sparsify)
+                with mx.stream(_streams()[i % 2]):
+                    masks[i] = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
+        mx.eval(list(masks.values()))  # one bool per entry: a quarter of a float32 copy
     keep: list[dict] = []
     for i in range(n_models):
         rule: dict = {}
@@ -160,20 +265,19 @@ def merge_rows(
             if k <= 0:
                 rule["none"] = True
             else:
-                thr, n_above, n_equal = _threshold(deltas[i], spans, k, n)
+                thr, n_above, equal = _threshold(deltas[i], spans, k, n)
                 rule["ge"] = thr
-                if n_equal > k - n_above:  # ties at the threshold: keep the first ones
+                if sum(equal) > k - n_above:  # ties at the threshold: keep the first ones
                     rule["room"], rule["seen"] = k - n_above, 0
+                    rule["blocks"], rule["equal"] = _tie_modes(k - n_above, equal), equal
         elif sparsify == "random" and dens[i] < 1:
-            mask = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
-            mx.eval(mask)  # one bool per entry: a quarter of a float32 copy
-            rule["mask"] = mask
+            rule["mask"] = mask = masks[i]
             if rescale and rescale_mode == "l1":
                 before, after = [], []
                 for r0, r1 in spans:
-                    d = deltas[i]((r0, r1), None)
-                    pb = _level1(mx.abs(d))
-                    pa = _level1(mx.abs(mx.where(mask[r0:r1], d, 0.0)))
+                    a = _abs_delta(xs[i][r0:r1], b[r0:r1])
+                    pb = _level1(a)
+                    pa = _level1(_kept(mask[r0:r1], a))
                     mx.eval(pb, pa)
                     before.append(pb)
                     after.append(pa)
@@ -209,16 +313,45 @@ def merge_rows(
             return mx.where(m, d, 0.0)
         return d
 
-    kernel = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
     total_w = float(sum(w))
     scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
     weights = mx.array(w, dtype=mx.float32)
+    modes = tuple(_fused_mode(rule) for rule in keep)
     out = []
-    for r0, r1 in spans:
-        ds = [masked(i, r0, r1) for i in range(n_models)]
-        y = kernel(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
-        mx.eval(y)
-        out.append(y)
+    if None not in modes:  # compiled kernels only, from the stored inputs to out_dtype
+        params = mx.array([_fused_param(rule) for rule in keep], dtype=mx.float32)
+        combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize,
+                                  out_dtype)  # fmt: skip
+
+        def block_delta(i, j, r0, r1):
+            mode, rule = modes[i], keep[i]
+            if mode == "ties":  # exact top-k: every tie, none, or (one block) the first ones
+                mode = rule["blocks"][j]
+                if mode == "cut":
+                    rule["seen"] = sum(rule["equal"][:j])  # ties in the blocks before
+                    return masked(i, r0, r1)
+            mask = [rule["mask"][r0:r1]] if "mask" in rule else []
+            return _mask_kernel(mode)(xs[i][r0:r1], b[r0:r1], params[i], *mask)
+
+        # Two blocks at a time on two CPU streams: each stream runs on its own thread.
+        streams = _streams()
+        for pair in range(0, len(spans), len(streams)):
+            ys = []
+            for j in range(pair, min(pair + len(streams), len(spans))):
+                r0, r1 = spans[j]
+                with mx.stream(streams[j - pair]):
+                    ds = [block_delta(i, j, r0, r1) for i in range(n_models)]
+                    ys.append(combine(b[r0:r1], scalars, weights, *ds))
+            mx.eval(ys)
+            out.extend(ys)
+        ds = ys = None
+    else:
+        combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
+        for r0, r1 in spans:
+            ds = [masked(i, r0, r1) for i in range(n_models)]
+            y = combine(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
+            mx.eval(y)
+            out.append(y)
     y = mx.concatenate(out).reshape(shape)
     mx.eval(y)
     return y

@@ -126,49 +126,97 @@ def generalized_task_arithmetic(
 _KERNELS: dict[tuple, object] = {}
 
 
-def _combine_kernel(n: int, consensus: str, elect: str, disjoint_mean: str, normalize: bool):
-    """Weighting, sign election and the (disjoint) mean as one compiled elementwise kernel.
+def _compiled(key: tuple, fn):
+    if key not in _KERNELS:
+        _KERNELS[key] = mx.compile(fn)
+    return _KERNELS[key]
 
-    Compiling fuses the ~20 elementwise passes into one; on the CPU backend that is 3-4x faster
-    than running them one by one, and no (n_models, *shape) stack is ever materialized.
-    Weights and scalars are array inputs, so per-layer gradients do not recompile.
+
+def _combine_kernel(
+    n: int,
+    consensus: str,
+    elect: str,
+    disjoint_mean: str,
+    normalize: bool,
+    out_dtype: mx.Dtype | None = None,
+):
+    """Weighting, sign election and the (disjoint) mean as compiled elementwise kernels.
+
+    Returns ``combine(base, scalars, weights, *deltas)``: float32 (or ``out_dtype``), no
+    (n_models, *shape) stack ever materialized. Weights and scalars are array inputs, so
+    per-layer gradients do not recompile. The sign election runs as three small kernels (the
+    merged sum, the agreeing weight, the final mean) rather than one: MLX's CPU code generator
+    (g++ -O3, mlx 0.32) vectorizes each of them, not their fusion, which ran 4-6x slower
+    (benchmarks/README.md). Same operations in the same order either way: same bits.
     """
-    key = (n, consensus, elect, disjoint_mean, normalize)
-    if key in _KERNELS:
-        return _KERNELS[key]
+    cast = (lambda y: y) if out_dtype is None else (lambda y: y.astype(out_dtype))
 
-    def kernel(base, scalars, weights, *deltas):
-        lambda_, weight_sum = scalars[0], scalars[1]
-        weighted = [d * weights[i] for i, d in enumerate(deltas)]
-        if consensus == "sum":
-            voters = weighted if elect == "weighted" else list(deltas)
-            total = voters[0]
-            for v in voters[1:]:
-                total = total + v
-            if elect == "weighted":
-                positive = total >= 0  # a zero sum elects +1 (mergekit)
-            else:  # the paper: a zero sum takes the majority of the elected signs
-                s = mx.sign(total)
-                positive = mx.where(s == 0, mx.sum(s) >= 0, s > 0)
-            mix = mx.zeros_like(base)
-            divisor = mx.zeros_like(base)
-            for i, v in enumerate(voters):
-                agree = mx.where(positive, v > 0, v < 0)  # zeros never agree
-                mix = mix + mx.where(agree, weighted[i], 0.0)
-                share = weights[i] if disjoint_mean == "weight" else 1.0
-                divisor = divisor + mx.where(agree, share, 0.0)
-            divisor = mx.where(divisor == 0, 1.0, divisor)
-        else:
-            mix = weighted[0]
-            for v in weighted[1:]:
-                mix = mix + v
-            divisor = weight_sum
+    def finish(base, lambda_, mix, divisor):
         if normalize:
             mix = mix / divisor
-        return base + mix * lambda_
+        return cast(base.astype(mx.float32) + mix * lambda_)
 
-    _KERNELS[key] = mx.compile(kernel)
-    return _KERNELS[key]
+    if consensus != "sum" or elect != "weighted":
+        # One kernel: task arithmetic's weighted sum, or the paper's election (a reduction).
+        def whole(base, scalars, weights, *deltas):
+            lambda_, weight_sum = scalars[0], scalars[1]
+            weighted = [d * weights[i] for i, d in enumerate(deltas)]
+            if consensus == "sum":
+                s = mx.sign(_sum(deltas))
+                positive = mx.where(s == 0, mx.sum(s) >= 0, s > 0)
+                mix, divisor = _disjoint(weighted, list(deltas), positive, weights, disjoint_mean)
+            else:
+                mix, divisor = _sum(weighted), weight_sum
+            return finish(base, lambda_, mix, divisor)
+
+        return _compiled(("whole", n, consensus, elect, disjoint_mean, normalize, out_dtype), whole)
+
+    def agreeing(weights, deltas):
+        weighted = [d * weights[i] for i, d in enumerate(deltas)]
+        positive = _sum(weighted) >= 0  # a zero sum elects +1 (mergekit)
+        return weighted, positive
+
+    def mix_kernel(weights, *deltas):
+        weighted, positive = agreeing(weights, deltas)
+        return _disjoint(weighted, weighted, positive, weights, disjoint_mean)[0]
+
+    def divisor_kernel(weights, *deltas):
+        weighted, positive = agreeing(weights, deltas)
+        return _disjoint(weighted, weighted, positive, weights, disjoint_mean)[1]
+
+    def final_kernel(base, scalars, mix, divisor):
+        return finish(base, scalars[0], mix, divisor)
+
+    mix_k = _compiled(("mix", n, disjoint_mean), mix_kernel)
+    div_k = _compiled(("divisor", n, disjoint_mean), divisor_kernel)
+    final_k = _compiled(("final", normalize, out_dtype), final_kernel)
+
+    def combine(base, scalars, weights, *deltas):
+        mix = mix_k(weights, *deltas)
+        divisor = div_k(weights, *deltas) if normalize else mix
+        return final_k(base, scalars, mix, divisor)
+
+    return combine
+
+
+def _sum(xs):
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+def _disjoint(weighted, voters, positive, weights, disjoint_mean):
+    """Σ of the weighted deltas whose voter agrees with the elected sign, and Σ of their
+    weights (or their count); a divisor of 0 (no model agrees) becomes 1."""
+    mix = mx.zeros_like(weighted[0])
+    divisor = mx.zeros_like(weighted[0])
+    for i, v in enumerate(voters):
+        agree = mx.where(positive, v > 0, v < 0)  # zeros never agree
+        mix = mix + mx.where(agree, weighted[i], 0.0)
+        share = weights[i] if disjoint_mean == "weight" else 1.0
+        divisor = divisor + mx.where(agree, share, 0.0)
+    return mix, mx.where(divisor == 0, 1.0, divisor)
 
 
 def _gta(name: str, sparsify: str, consensus: str, normalize: bool, rescale: bool):
