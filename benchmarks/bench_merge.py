@@ -2,7 +2,10 @@
 
 For each size (total bytes per model, bf16) and method, a fresh process runs the merge and
 reports its peak RSS; the floor is reading every input byte once plus writing the output once
-with plain file I/O, measured in the same run on the same files (page cache warm for both).
+with plain file I/O, measured in the same run on the same files (page cache warm for both,
+``os.sync()`` before each timing so no earlier run's write-back is still under way; both
+timings include ``fsync`` of what was written). ``--repeat N`` interleaves N runs of each and
+keeps the fastest.
 
     python benchmarks/bench_merge.py --sizes 1,3 --methods linear,slerp,ties,dare_ties,passthrough
     python benchmarks/bench_merge.py --sizes 0.5 --methods linear,slerp,ties \
@@ -74,6 +77,7 @@ def synthetic_model(folder: Path, gigabytes: float, seed: int, tok: Path) -> Pat
 
 
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    os.sync()  # start with no dirty pages of an earlier run still being written back
     t = time.perf_counter()
     buf = bytearray(64 << 20)
     for folder in inputs:
@@ -164,6 +168,7 @@ def check_seconds(folders: list[Path]) -> float:
 
 
 def run_child(cmd: list[str]) -> dict:
+    os.sync()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(f"{cmd[0]} failed:\n{res.stderr[-3000:]}")
@@ -205,6 +210,8 @@ def main() -> None:
     )
     ap.add_argument("--mergekit", default=None, metavar="VENV",
                     help="a virtualenv with mergekit: merge the same pair with it and print ratios")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each (interleaved); the fastest time and the highest peak are kept")  # fmt: skip
     ap.add_argument("--check-cost", action="store_true",
                     help="also run each merge without the NaN/Inf checks and print their cost")  # fmt: skip
     args = ap.parse_args()
@@ -225,10 +232,15 @@ def main() -> None:
                     3 if method in ("ties", "dare_ties") else (1 if method == "passthrough" else 2)
                 )
                 ins = [base, a, b][3 - n_in :] if method != "passthrough" else [a]
-                floor = io_floor(ins, model_bytes, scratch / "floor.bin")
                 out = scratch / "out"
-                r = run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "1"])
-                shutil.rmtree(out, ignore_errors=True)
+                floors, runs = [], []
+                for _ in range(args.repeat):  # interleaved; the fastest of each is kept
+                    floors.append(io_floor(ins, model_bytes, scratch / "floor.bin"))
+                    runs.append(run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "1"]))  # fmt: skip
+                    shutil.rmtree(out, ignore_errors=True)
+                floor = min(floors)
+                r = min(runs, key=lambda x: x["seconds"])
+                r["peak_rss"] = max(x["peak_rss"] for x in runs)
                 row = {"gb": gb, "method": method, "s": r["seconds"], "floor": floor,
                        "rss": r["peak_rss"], "largest": largest}  # fmt: skip
                 if args.check_cost:
@@ -243,8 +255,12 @@ def main() -> None:
                     row["check_s"] = check_seconds(ins + [a])
                 if args.mergekit:
                     py = str(Path(args.mergekit) / "bin" / "python")
-                    mk = run_child([py, "-c", MERGEKIT_CHILD, json.dumps(recipe), str(out)])
-                    shutil.rmtree(out, ignore_errors=True)
+                    mks = []
+                    for _ in range(args.repeat):
+                        mks.append(run_child([py, "-c", MERGEKIT_CHILD, json.dumps(recipe), str(out)]))  # fmt: skip
+                        shutil.rmtree(out, ignore_errors=True)
+                    mk = min(mks, key=lambda x: x["seconds"])
+                    mk["peak_rss"] = max(x["peak_rss"] for x in mks)
                     row["mk_s"], row["mk_rss"] = mk["seconds"], mk["peak_rss"]
                 rows.append(row)
                 print(
