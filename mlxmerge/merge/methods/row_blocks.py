@@ -160,29 +160,56 @@ def _mask_kernel(mode: str):
 def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, list[int]]:
     """(k-th largest |δ|, entries above it, entries equal to it in each block) without a
     full |δ|."""
+    return _thresholds([delta], spans, [k], n)[0]
+
+
+def _thresholds(deltas, spans, ks: list[int], n: int) -> list[tuple[float, int, list[int]]]:
+    """``_threshold`` for several models at once: each block's |δ| of every model is computed
+    by MLX, then NumPy gathers each model's band in a thread of its own (NumPy releases the
+    GIL), so two models use both cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
     idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    sample = np.sort(np.asarray(mx.abs(delta(None, mx.array(idx.astype(np.int64))))))
-    lo, hi = kth_bracket(sample, k, n)
-    above, bands = 0, []
-    for r0, r1 in spans:
-        a = delta((r0, r1), None, absolute=True).reshape(-1)
-        mx.eval(a)
-        v = np.asarray(a)
-        above += int(np.count_nonzero(v > hi))
-        bands.append(v[(v >= lo) & (v <= hi)])
-        del a, v
-    band = np.concatenate(bands)
-    need = k - above
-    if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-        bands = [np.asarray(mx.abs(delta(s, None)).reshape(-1)) for s in spans]
-        every = np.concatenate(bands)
-        thr = float(np.partition(every, every.size - k)[every.size - k])
-        above = int(np.count_nonzero(every > thr))
-    else:
-        thr = float(np.partition(band, band.size - need)[band.size - need])
-        above += int(np.count_nonzero(band > thr))
-    # every entry equal to thr lies in a band, so the bands give each block's count of ties
-    return thr, above, [int(np.count_nonzero(b == thr)) for b in bands]
+    brackets = []
+    for delta, k in zip(deltas, ks):
+        sample = np.sort(np.asarray(mx.abs(delta(None, idx))))
+        brackets.append(kth_bracket(sample, k, n))
+    above = [0] * len(deltas)
+    bands: list[list[np.ndarray]] = [[] for _ in deltas]
+
+    def scan(i, v):
+        lo, hi = brackets[i]
+        above[i] += int(np.count_nonzero(v > hi))
+        bands[i].append(v[(v >= lo) & (v <= hi)])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for r0, r1 in spans:
+            a = [d((r0, r1), None, absolute=True).reshape(-1) for d in deltas]
+            mx.eval(a)
+            list(pool.map(scan, range(len(deltas)), [np.asarray(x) for x in a]))
+            del a
+
+        def finish(i):
+            k, band = ks[i], np.concatenate(bands[i])
+            need = k - above[i]
+            if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
+                bands[i] = [np.asarray(mx.abs(deltas[i](s, None)).reshape(-1)) for s in spans]
+                every = np.concatenate(bands[i])
+                thr = float(np.partition(every, every.size - k)[every.size - k])
+                n_above = int(np.count_nonzero(every > thr))
+            else:
+                thr = float(np.partition(band, band.size - need)[band.size - need])
+                n_above = above[i] + int(np.count_nonzero(band > thr))
+            # every entry equal to thr lies in a band: the bands give each block's ties
+            return thr, n_above, [int(np.count_nonzero(b == thr)) for b in bands[i]]
+
+        misses = [
+            i for i in range(len(deltas)) if not 0 < ks[i] - above[i] <= sum(map(len, bands[i]))
+        ]
+        done = {i: finish(i) for i in misses}  # MLX work: in this thread
+        rest = [i for i in range(len(deltas)) if i not in done]
+        done.update(zip(rest, pool.map(finish, rest)))
+    return [done[i] for i in range(len(deltas))]
 
 
 def _tie_modes(room: int, equal: list[int]) -> list[str]:
@@ -253,6 +280,13 @@ def merge_rows(
                 with mx.stream(_streams()[i % 2]):
                     masks[i] = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
         mx.eval(list(masks.values()))  # one bool per entry: a quarter of a float32 copy
+    trims = {}
+    if sparsify == "magnitude" and trim_scope != "model":  # every model's top-k threshold
+        todo = [i for i in range(n_models) if dens[i] < 1 and int(dens[i] * n) > 0]
+        for i in todo:
+            sp.check_density(dens[i], sparsify)
+        found = _thresholds([deltas[i] for i in todo], spans, [int(dens[i] * n) for i in todo], n)
+        trims = dict(zip(todo, found))
     keep: list[dict] = []
     for i in range(n_models):
         rule: dict = {}
@@ -265,7 +299,7 @@ def merge_rows(
             if k <= 0:
                 rule["none"] = True
             else:
-                thr, n_above, equal = _threshold(deltas[i], spans, k, n)
+                thr, n_above, equal = trims[i]
                 rule["ge"] = thr
                 if sum(equal) > k - n_above:  # ties at the threshold: keep the first ones
                     rule["room"], rule["seen"] = k - n_above, 0
