@@ -1,8 +1,9 @@
 """Read the next tensor's inputs in a background thread while the current one is computed.
 
-The reader thread does plain file I/O into NumPy buffers and the NaN/Inf test on the stored
-bits (so both run beside the compute, on another core); it never touches MLX. The merge thread
-turns each buffer into an ``mx.array`` (one memcpy) and computes. A semaphore of ``depth``
+The reader thread does plain file I/O into NumPy buffers, the NaN/Inf test on the stored bits
+and the copy into an ``mx.array`` (so all three run beside the compute, on another core); it
+builds no MLX graph (a lazy array must not cross threads). The merge thread only views and
+computes. A semaphore of ``depth``
 slots bounds how many tensors' inputs are held ahead, and a tensor whose inputs exceed
 ``budget`` bytes is not read ahead at all (the merge thread loads it when it gets there): peak
 memory grows by at most ``budget``, whatever the model.
@@ -28,13 +29,13 @@ BUDGET = 128 * 1024**2  # bytes of inputs read ahead at most; larger tensors are
 class StoredTensor:
     """A tensor's stored bytes read into memory; ``finite`` is None when not a float."""
 
-    words: np.ndarray  # the raw bits as unsigned words of the element size
+    words: mx.array  # the raw bits as unsigned words of the element size (evaluated)
     dtype: mx.Dtype
     shape: tuple[int, ...]
     finite: bool | None
 
     def to_mlx(self) -> mx.array:
-        return mx.array(self.words).view(self.dtype).reshape(self.shape)
+        return self.words.view(self.dtype).reshape(self.shape)
 
 
 def read_stored(ckpt: Checkpoint, name: str) -> StoredTensor | None:
@@ -62,7 +63,9 @@ def read_stored(ckpt: Checkpoint, name: str) -> StoredTensor | None:
                 raise OSError(f"{raw.file}: file ended while reading tensor {name}")
             done += n
     view.release()
-    return StoredTensor(words, dtype, tuple(raw.shape), finite.words_finite(words, mask))
+    ok = finite.words_finite(words, mask)
+    # The copy into MLX memory runs here too (an evaluated array, no graph: safe in any thread)
+    return StoredTensor(mx.array(words), dtype, tuple(raw.shape), ok)
 
 
 class InputPrefetcher:
