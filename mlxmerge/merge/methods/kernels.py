@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from mlxmerge.merge.methods.common import BLOCK, fsum
+from mlxmerge.merge.methods.common import BLOCK, fsum, streams
 from mlxmerge.merge.methods.linear import linear_weights
 from mlxmerge.merge.methods.spherical import check_t, slerp_coefficients
 
@@ -94,11 +94,15 @@ def norms_and_dot(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.arra
     fa, fb = a.reshape(-1), b.reshape(-1)
     parts: list[list[mx.array]] = [[], [], []]
     product = _product_kernel()
-    for s in range(0, fa.size, BLOCK_ENTRIES):
+    pair = streams()
+    starts = range(0, fa.size, BLOCK_ENTRIES)
+    for j, s in enumerate(starts):  # consecutive blocks on two streams: both cores
         x, y = fa[s : s + BLOCK_ENTRIES], fb[s : s + BLOCK_ENTRIES]
-        for acc, (u, v) in zip(parts, ((x, x), (y, y), (x, y))):
-            acc.append(_level1(product(u, v)))
-        mx.eval([acc[-1] for acc in parts])
+        with mx.stream(pair[j % 2]):
+            for acc, (u, v) in zip(parts, ((x, x), (y, y), (x, y))):
+                acc.append(_level1(product(u, v)))
+        if j % 2 or j == len(starts) - 1:
+            mx.eval([acc[-2:] for acc in parts])
     aa, bb, ab = (fsum(mx.concatenate(p)) for p in parts)
     return mx.sqrt(aa), mx.sqrt(bb), ab
 

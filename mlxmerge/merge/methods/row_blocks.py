@@ -25,7 +25,14 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.merge.methods import sparsify as sp
-from mlxmerge.merge.methods.common import BLOCK, SAMPLE_SIZE, fsum, kth_bracket, per_model
+from mlxmerge.merge.methods.common import (
+    BLOCK,
+    SAMPLE_SIZE,
+    fsum,
+    kth_bracket,
+    per_model,
+    streams,
+)
 from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_task_arithmetic
 
 BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
@@ -91,13 +98,6 @@ def _kept(mask: mx.array, a: mx.array) -> mx.array:
     if "kept" not in _KERNELS:
         _KERNELS["kept"] = mx.compile(lambda m, a: mx.where(m, a, 0.0))
     return _KERNELS["kept"](mask, a)
-
-
-def _streams() -> list:
-    """Two CPU streams (one thread each): independent row blocks are computed in parallel."""
-    if "streams" not in _KERNELS:
-        _KERNELS["streams"] = [mx.new_stream(mx.default_device()) for _ in range(2)]
-    return _KERNELS["streams"]
 
 
 def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
@@ -277,7 +277,7 @@ def merge_rows(
         for i in range(n_models):
             if dens[i] < 1:
                 sp.check_density(dens[i], sparsify)
-                with mx.stream(_streams()[i % 2]):
+                with mx.stream(streams()[i % 2]):
                     masks[i] = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
         mx.eval(list(masks.values()))  # one bool per entry: a quarter of a float32 copy
     trims = {}
@@ -368,12 +368,12 @@ def merge_rows(
             return _mask_kernel(mode)(xs[i][r0:r1], b[r0:r1], params[i], *mask)
 
         # Two blocks at a time on two CPU streams: each stream runs on its own thread.
-        streams = _streams()
-        for pair in range(0, len(spans), len(streams)):
+        pool = streams()
+        for pair in range(0, len(spans), len(pool)):
             ys = []
-            for j in range(pair, min(pair + len(streams), len(spans))):
+            for j in range(pair, min(pair + len(pool), len(spans))):
                 r0, r1 = spans[j]
-                with mx.stream(streams[j - pair]):
+                with mx.stream(pool[j - pair]):
                     ds = [block_delta(i, j, r0, r1) for i in range(n_models)]
                     ys.append(combine(b[r0:r1], scalars, weights, *ds))
             mx.eval(ys)
