@@ -439,7 +439,27 @@ def test_breadcrumbs_drops_outliers_and_small():
 
 
 def _bernoulli_np(p, shape, key):
-    return np.array(mx.random.bernoulli(p if np.isscalar(p) else mx.array(p), shape, key=key))
+    if not np.isscalar(p):  # DELLA's per-entry probabilities: MLX's uniform draw
+        return np.array(mx.random.bernoulli(mx.array(p), shape, key=key))
+    return _hash_mask_np(p, shape, key)
+
+
+def _fmix32_np(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _hash_mask_np(p, shape, key):
+    """DARE's keep mask written out in NumPy: MurmurHash3's finalizer, twice, of each entry's
+    flat index and the key's two words; kept when the top 24 bits < round(p·2^24)."""
+    s0, s1 = np.array(key).astype(np.uint32)
+    i = np.arange(int(np.prod(shape)), dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        h = _fmix32_np(_fmix32_np(i ^ s0) ^ s1)
+    return ((h >> np.uint32(8)) < np.uint32(round(p * 2**24))).reshape(shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -273,13 +273,12 @@ def merge_rows(
     deltas = [delta_of(i) for i in range(n_models)]
     # Per model: how its task vector is masked in the combine pass.
     masks = {}
-    if sparsify == "random":  # every model's random mask at once, on both CPU streams
+    if sparsify == "random":  # every model's random mask first
         for i in range(n_models):
             if dens[i] < 1:
                 sp.check_density(dens[i], sparsify)
-                with mx.stream(streams()[i % 2]):
-                    masks[i] = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
-        mx.eval(list(masks.values()))  # one bool per entry: a quarter of a float32 copy
+                # one bool per entry: a quarter of a float32 copy
+                masks[i] = sp.random_mask(dens[i], shape, keys[i]).reshape(rows, cols)
     trims = {}
     if sparsify == "magnitude" and trim_scope != "model":  # every model's top-k threshold
         todo = [i for i in range(n_models) if dens[i] < 1 and int(dens[i] * n) > 0]

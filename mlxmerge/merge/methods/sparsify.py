@@ -14,8 +14,10 @@ DARE and DELLA papers) divides each kept entry by its keep probability.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import mlx.core as mx
+import numpy as np
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.methods.common import l1, top_k_mask
@@ -114,11 +116,62 @@ def bernoulli(
     rescale: bool = True,
     rescale_mode: str = "l1",
 ):
-    """DARE: keep each entry independently with probability ``density``."""
+    """DARE: keep each entry independently with probability ``density`` (``random_mask``)."""
     if density >= 1:
         return delta
-    mask = mx.random.bernoulli(density, delta.shape, key=key)
+    mask = random_mask(density, delta.shape, key)
     return _apply(delta, mask, density, rescale, rescale_mode)
+
+
+MASK_BLOCK = 1 << 21  # entries hashed per kernel call
+KEEP_BITS = 24  # the keep probability is resolved to 2^-24
+
+
+def _fmix32(h: mx.array) -> mx.array:
+    # MurmurHash3's 32-bit finalizer (Appleby): a bijection whose output bits each depend on
+    # every input bit; uint32 multiplication wraps modulo 2^32.
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@mx.compile
+def _keep_kernel(index: mx.array, seeds: mx.array, threshold: mx.array) -> mx.array:
+    h = _fmix32(_fmix32(index ^ seeds[0]) ^ seeds[1])
+    return (h >> (32 - KEEP_BITS)) < threshold
+
+
+def random_mask(density: float, shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """Boolean mask of ``shape``: each entry kept independently with probability ``density``.
+
+    A counter-based generator (the Random123 idea, Salmon et al. 2011): entry i's 32 random
+    bits are MurmurHash3's finalizer applied twice to i and the two words of ``key``, so any
+    block of entries is drawn on its own, in any order, with the same result, and the draw is
+    one compiled elementwise kernel (~3x faster than ``mx.random.bernoulli`` on the CPU). The
+    top 24 bits are compared with round(density·2^24). Deterministic per key on every platform.
+    """
+    n = math.prod(shape)
+    return mask_entries(density, key, 0, n).reshape(shape)
+
+
+def mask_entries(density: float, key: mx.array, start: int, stop: int) -> mx.array:
+    """Entries ``start:stop`` (flat, row-major) of ``random_mask(density, shape, key)``."""
+    s0, s1 = (int(v) for v in np.asarray(key).reshape(-1)[:2].astype(np.uint32))
+    threshold = mx.array(round(density * (1 << KEEP_BITS)), dtype=mx.uint32)
+    parts, s = [], start
+    while s < stop:
+        e = min(stop, (s // MASK_BLOCK + 1) * MASK_BLOCK)  # blocks never straddle 2^32
+        high, low = divmod(s, 1 << 32)  # indices past 2^32 get their own second seed
+        seeds = mx.array([s0, (s1 + high * 0x9E3779B9) % (1 << 32)], dtype=mx.uint32)
+        index = mx.arange(low, low + (e - s), dtype=mx.uint32)
+        parts.append(_keep_kernel(index, seeds, threshold))
+        mx.eval(parts[-1])
+        s = e
+    if not parts:
+        return mx.zeros((0,), dtype=mx.bool_)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.array:
