@@ -1,25 +1,28 @@
-"""Task arithmetic, TIES and DARE over row blocks of a large tensor: the same bits, less memory.
+"""Task arithmetic, TIES, DARE, breadcrumbs and DELLA over row blocks: the same bits, less memory.
 
 ``generalized_task_arithmetic`` keeps one float32 task vector per model alive at once (plus
 masks and |δ|), ≈ 6-8× the tensor in float32 at peak. Here the inputs stay in their stored
 dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES`` entries):
 
-1. statistics, per model, in a streaming pass: the TIES top-k threshold (a sample brackets the
-   k-th largest |δ|; the entries inside the bracket are gathered block by block and ranked,
-   as ``common.kth_largest`` does) or, for DARE's L1 rescale, ‖δ‖₁ and ‖δ⊙m‖₁ from per-block
-   level-1 partial sums that ``common.fsum`` then finishes exactly as it would have;
-2. the combine pass: per block, δᵢ → mask → the same compiled sign-election / mean kernel,
-   cast to the output dtype at once.
+1. statistics, per model, in streaming passes: top-k thresholds of |δ| (TIES keeps the k
+   largest, breadcrumbs also drops the largest ones: a sample brackets each k-th largest |δ|,
+   the entries inside the brackets are gathered block by block in one pass and ranked, as
+   ``common.kth_largest`` does); DARE's Bernoulli draw or DELLA's per-row rank probabilities
+   (rows are independent, so a block of rows gives the same ranks); for the L1 rescale,
+   ‖δ‖₁ and ‖δ⊙m‖₁ from per-block level-1 partial sums that ``common.fsum`` then finishes
+   exactly as it would have;
+2. the combine pass: per block, δᵢ → mask → rescale → the same compiled sign-election / mean
+   kernel, cast to the output dtype at once.
 
 Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``).
-Unsupported settings (other sparsifiers, the paper's unweighted election) return None and the
-caller uses the whole-tensor path.
+Unsupported settings (the paper's unweighted election) return None and the caller uses the
+whole-tensor path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +34,10 @@ from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_
 BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
 MIN_ENTRIES = 1 << 22  # below this the whole-tensor path costs little memory anyway
 
+Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
+"""``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
+the flat entries ``idx`` (a gather) when ``span`` is None."""
+
 
 def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
     """Whether ``fn`` (a method from the table) with ``params`` can run in row blocks."""
@@ -40,14 +47,14 @@ def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
 
 
 def _supported(kw: dict, shape: tuple[int, ...]) -> bool:
-    sparsify = kw.get("sparsify", "none")
-    rescaled = kw.get("rescale", False) and sparsify != "none"
     return (
         len(shape) >= 2
         and math.prod(shape) >= MIN_ENTRIES
-        and sparsify in ("none", "magnitude", "random")
-        and not (sparsify == "magnitude" and rescaled)  # would need a third pass
+        and kw.get("sparsify", "none") in sp.SPARSIFY
         and kw.get("elect", "weighted") == "weighted"  # 'unweighted' votes over the tensor
+        and kw.get("rescale_mode", "l1") in sp.RESCALE_MODES
+        and kw.get("disjoint_mean", "weight") in ("weight", "count")
+        and kw.get("trim_scope", "tensor") in ("tensor", "model")
     )
 
 
@@ -60,13 +67,17 @@ def blocked(
     return merge_rows(tensors, base, out_dtype, **params)
 
 
-def _block_rows(rows: int, cols: int, entries: int) -> int:
-    # Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+def block_spans(rows: int, cols: int, entries: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about ``entries`` entries each, in order, covering ``rows``.
+
+    Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+    """
     unit = BLOCK // math.gcd(cols, BLOCK)
-    return max(unit, entries // cols // unit * unit)
+    step = max(unit, (entries or BLOCK_ENTRIES) // cols // unit * unit)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _level1(a: mx.array) -> mx.array:
+def level1(a: mx.array) -> mx.array:
     """``fsum``'s first level (sums of 1024-entry groups, then the tail) for one block."""
     flat = a.reshape(-1)
     m = flat.size // BLOCK * BLOCK
@@ -74,28 +85,144 @@ def _level1(a: mx.array) -> mx.array:
     return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
 
 
-def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, int]:
-    """(k-th largest |δ|, entries above it, entries equal to it) without a full |δ|."""
+def finish_fsum(parts: list[mx.array]) -> mx.array:
+    """``fsum`` of the whole tensor from its blocks' ``level1`` sums (blocks in order)."""
+    return fsum(mx.concatenate(parts))
+
+
+class TopK:
+    """The ``k`` largest entries of a score, found block by block (``common.top_k_mask``).
+
+    ``mask(a)`` marks a block's entries among the k largest; blocks must come in row-major
+    order, and ``start()`` rewinds before each pass, so ties at the threshold are kept first
+    come, first served exactly as the whole-tensor mask keeps them.
+    """
+
+    def __init__(self, thr: float, n_above: int, n_equal: int, k: int):
+        self.thr = thr
+        self.room = k - n_above if n_equal > k - n_above else None  # None: no tie to break
+        self.seen = 0
+
+    def start(self) -> None:
+        self.seen = 0
+
+    def mask(self, a: mx.array) -> mx.array:
+        if self.room is None:
+            return a >= self.thr
+        equal = (a == self.thr).reshape(-1)
+        rank = self.seen + mx.cumsum(equal.astype(mx.int32))
+        self.seen += int(mx.sum(equal.astype(mx.int32)).item())
+        return (a > self.thr) | (equal & (rank <= self.room)).reshape(a.shape)
+
+
+class _Every:
+    """k >= n: every entry (``top_k_mask``'s shortcut)."""
+
+    def start(self) -> None:
+        pass
+
+    def mask(self, a: mx.array) -> mx.array:
+        return mx.ones(a.shape, dtype=mx.bool_)
+
+
+class _NoEntry(_Every):
+    """k <= 0: no entry."""
+
+    def mask(self, a: mx.array) -> mx.array:
+        return mx.zeros(a.shape, dtype=mx.bool_)
+
+
+def top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
+    """A ``TopK`` for each of ``ks``, all from one sample and one pass over the blocks.
+
+    A seeded sample brackets each k-th largest score; the pass counts the entries above each
+    bracket and gathers those inside, and only those are ranked. A bracket that misses (six
+    standard deviations: it should not) falls back to ranking every entry.
+    """
+    inside = [k for k in ks if 0 < k < n]
+    found = dict(zip(inside, _top_ks(score, spans, inside, n))) if inside else {}
+    return [found[k] if k in found else (_Every() if k >= n else _NoEntry()) for k in ks]
+
+
+def _top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
     idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    sample = np.sort(np.asarray(mx.abs(delta(None, mx.array(idx.astype(np.int64))))))
-    lo, hi = kth_bracket(sample, k, n)
-    above, bands = 0, []
-    for r0, r1 in spans:
-        a = mx.abs(delta((r0, r1), None)).reshape(-1)
-        count = mx.sum(a > float(hi))
-        mx.eval(a, count)
+    sample = np.sort(np.asarray(score(None, mx.array(idx.astype(np.int64)))))
+    brackets = [kth_bracket(sample, k, n) for k in ks]
+    above = [0] * len(ks)
+    bands: list[list[np.ndarray]] = [[] for _ in ks]
+    for span in spans:
+        a = score(span, None).reshape(-1)
+        counts = [mx.sum(a > float(hi)) for _, hi in brackets]
+        mx.eval(a, *counts)
         v = np.asarray(a)
-        bands.append(v[(v >= lo) & (v <= hi)])
-        above += int(count.item())
+        for j, (lo, hi) in enumerate(brackets):
+            bands[j].append(v[(v >= lo) & (v <= hi)])
+            above[j] += int(counts[j].item())
         del a, v
-    band = np.concatenate(bands)
-    need = k - above
-    if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-        every = np.concatenate([np.asarray(mx.abs(delta(s, None)).reshape(-1)) for s in spans])
-        thr = float(np.partition(every, every.size - k)[every.size - k])
-        return thr, int(np.count_nonzero(every > thr)), int(np.count_nonzero(every == thr))
-    thr = float(np.partition(band, band.size - need)[band.size - need])
-    return thr, above + int(np.count_nonzero(band > thr)), int(np.count_nonzero(band == thr))
+    out = []
+    for j, k in enumerate(ks):
+        band = np.concatenate(bands[j])
+        need = k - above[j]
+        if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
+            every = np.concatenate([np.asarray(score(s, None).reshape(-1)) for s in spans])
+            thr = float(np.partition(every, every.size - k)[every.size - k])
+            out.append(TopK(thr, int(np.sum(every > thr)), int(np.sum(every == thr)), k))
+            continue
+        thr = float(np.partition(band, band.size - need)[band.size - need])
+        out.append(TopK(thr, above[j] + int(np.sum(band > thr)), int(np.sum(band == thr)), k))
+    return out
+
+
+class _Keep:
+    """How one model's task vector is masked and rescaled, block by block.
+
+    ``mask(j, r0, r1, δ)`` gives block j's keep mask (None: keep all) unless a statistics pass
+    cached them in ``masks``; ``scale`` (L1 rescale) multiplies the kept entries; ``inverse_p``
+    divides them by their keep probability (a number, or a function of the block's δ: DELLA).
+    ``tops`` are the thresholds whose tie counters rewind before each pass.
+    """
+
+    def __init__(self):
+        self.zero = False
+        self.mask: Callable[[int, int, int, mx.array], mx.array] | None = None
+        self.masks: list[mx.array] | None = None
+        self.scale: mx.array | None = None
+        self.inverse_p = None
+        self.tops: list = []
+
+    def apply(self, j: int, r0: int, r1: int, d: mx.array) -> mx.array:
+        if self.zero:
+            return mx.zeros_like(d)
+        if self.masks is not None:
+            m = self.masks[j]
+        elif self.mask is not None:
+            m = self.mask(j, r0, r1, d)
+        else:
+            return d
+        if self.scale is not None:
+            return mx.where(m, d, 0.0) * self.scale
+        if self.inverse_p is not None:
+            p = self.inverse_p(d) if callable(self.inverse_p) else self.inverse_p
+            return mx.where(m, d / p, 0.0)
+        return mx.where(m, d, 0.0)
+
+
+def _l1_scale(delta, spans, mask_of) -> tuple[mx.array, list[mx.array]]:
+    """``sparsify.rescale_l1``'s factor ‖δ‖₁/‖δ⊙m‖₁ (1 below 1e-7), and the block masks."""
+    before, after, masks = [], [], []
+    for j, (r0, r1) in enumerate(spans):
+        d = delta(r0, r1)
+        m = mask_of(j, r0, r1, d)
+        pb, pa = level1(mx.abs(d)), level1(mx.abs(mx.where(m, d, 0.0)))
+        mx.eval(pb, pa, m)
+        before.append(pb)
+        after.append(pa)
+        masks.append(m)
+    l1_before, l1_after = finish_fsum(before), finish_fsum(after)
+    ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
+    scale = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
+    mx.eval(scale)
+    return scale, masks
 
 
 def merge_rows(
@@ -107,6 +234,8 @@ def merge_rows(
     consensus: str,
     weight: list[float],
     density: list[float] | float = 1.0,
+    gamma: list[float] | float = 0.01,
+    epsilon: list[float] | float = 0.15,
     normalize: bool = False,
     lambda_: float = 1.0,
     rescale: bool = False,
@@ -122,103 +251,122 @@ def merge_rows(
 
     ``tensors`` and ``base`` are the inputs in their stored dtype (bf16: half the memory of
     float32), all of one shape (rows, ...). Returns the evaluated output in ``out_dtype``.
+    Raises ``RecipeError`` for the same bad parameters as the whole-tensor function.
     """
     n_models = len(tensors)
     shape = tuple(base.shape)
     rows, cols = shape[0], math.prod(shape[1:])
-    n = rows * cols
-    step = _block_rows(rows, cols, block_entries or BLOCK_ENTRIES)
-    spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    spans = block_spans(rows, cols, block_entries)
     xs = [t.reshape(rows, cols) for t in tensors]
     b = base.reshape(rows, cols)
     w = per_model(weight, n_models, "weight")
     dens = per_model(density, n_models, "density")
+    gam = per_model(gamma, n_models, "gamma")
+    eps = per_model(epsilon, n_models, "epsilon")
+    if sparsify in ("random", "della_magprune") and (keys is None or len(keys) != n_models):
+        raise ValueError(f"sparsify={sparsify!r} needs one PRNG key per model (derive_key)")
 
     def delta_of(i):
-        def delta(span, idx):
-            if idx is not None:  # a gather of entries (the threshold's sample)
-                flat_x, flat_b = xs[i].reshape(-1), b.reshape(-1)
-                return mx.take(flat_x, idx).astype(mx.float32) - mx.take(flat_b, idx).astype(
-                    mx.float32
-                )
-            r0, r1 = span
+        def delta(r0, r1):
             return xs[i][r0:r1].astype(mx.float32) - b[r0:r1].astype(mx.float32)
 
-        return delta
+        def magnitude(span, idx):
+            if idx is not None:  # a gather of entries (the thresholds' sample)
+                flat_x, flat_b = xs[i].reshape(-1), b.reshape(-1)
+                return mx.abs(
+                    mx.take(flat_x, idx).astype(mx.float32)
+                    - mx.take(flat_b, idx).astype(mx.float32)
+                )
+            return mx.abs(delta(*span))
 
-    deltas = [delta_of(i) for i in range(n_models)]
-    # Per model: how its task vector is masked in the combine pass.
-    keep: list[dict] = []
-    for i in range(n_models):
-        rule: dict = {}
-        if sparsify != "none":
-            sp.check_density(dens[i], sparsify)
-        if sparsify == "magnitude" and trim_scope == "model":
-            rule["ge"] = trim_thresholds[i]
-        elif sparsify == "magnitude" and dens[i] < 1:
-            k = int(dens[i] * n)
-            if k <= 0:
-                rule["none"] = True
-            else:
-                thr, n_above, n_equal = _threshold(deltas[i], spans, k, n)
-                rule["ge"] = thr
-                if n_equal > k - n_above:  # ties at the threshold: keep the first ones
-                    rule["room"], rule["seen"] = k - n_above, 0
-        elif sparsify == "random" and dens[i] < 1:
-            mask = mx.random.bernoulli(dens[i], shape, key=keys[i]).reshape(rows, cols)
-            mx.eval(mask)  # one bool per entry: a quarter of a float32 copy
-            rule["mask"] = mask
-            if rescale and rescale_mode == "l1":
-                before, after = [], []
-                for r0, r1 in spans:
-                    d = deltas[i]((r0, r1), None)
-                    pb = _level1(mx.abs(d))
-                    pa = _level1(mx.abs(mx.where(mask[r0:r1], d, 0.0)))
-                    mx.eval(pb, pa)
-                    before.append(pb)
-                    after.append(pa)
-                l1_before = fsum(mx.concatenate(before))
-                l1_after = fsum(mx.concatenate(after))
-                ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
-                rule["scale"] = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
-                mx.eval(rule["scale"])
-            elif rescale:
-                rule["inverse_p"] = dens[i]
-        keep.append(rule)
+        return delta, magnitude
 
-    def masked(i, r0, r1):
-        d = deltas[i]((r0, r1), None)
-        rule = keep[i]
-        if rule.get("none"):
-            return mx.zeros_like(d)
-        if "ge" in rule:
-            a = mx.abs(d)
-            if "room" in rule:  # the exact top-k with row-major tie-breaking, block by block
-                equal = (a == rule["ge"]).reshape(-1)
-                rank = rule["seen"] + mx.cumsum(equal.astype(mx.int32))
-                rule["seen"] += int(mx.sum(equal.astype(mx.int32)).item())
-                tie = (equal & (rank <= rule["room"])).reshape(a.shape)
-                return mx.where((a > rule["ge"]) | tie, d, 0.0)
-            return mx.where(a >= rule["ge"], d, 0.0)
-        if "mask" in rule:
-            m = rule["mask"][r0:r1]
-            if "scale" in rule:
-                return mx.where(m, d, 0.0) * rule["scale"]
-            if "inverse_p" in rule:
-                return mx.where(m, d / rule["inverse_p"], 0.0)
-            return mx.where(m, d, 0.0)
-        return d
+    keep = [_keep(i, *delta_of(i), spans, shape, sparsify, dens[i], gam[i], eps[i], rescale,
+                  rescale_mode, keys, trim_scope, trim_thresholds)
+            for i in range(n_models)]  # fmt: skip
 
     kernel = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
     total_w = float(sum(w))
     scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
     weights = mx.array(w, dtype=mx.float32)
+    for k in keep:
+        for t in k.tops:
+            t.start()
     out = []
-    for r0, r1 in spans:
-        ds = [masked(i, r0, r1) for i in range(n_models)]
+    for j, (r0, r1) in enumerate(spans):
+        ds = [keep[i].apply(j, r0, r1, delta_of(i)[0](r0, r1)) for i in range(n_models)]
         y = kernel(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
         mx.eval(y)
         out.append(y)
     y = mx.concatenate(out).reshape(shape)
     mx.eval(y)
     return y
+
+
+def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, rescale,
+          rescale_mode, keys, trim_scope, trim_thresholds) -> _Keep:  # fmt: skip
+    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale."""
+    rule = _Keep()
+    if sparsify == "none":
+        return rule
+    sp.check_density(density, sparsify)
+    if sparsify == "magnitude" and trim_scope == "model":
+        if trim_thresholds is None:
+            raise ValueError("trim_scope='model' needs the model-wide trim_thresholds")
+        thr = trim_thresholds[i]
+        rule.mask = lambda j, r0, r1, d: mx.abs(d) >= thr
+        return rule  # the TIES paper's model-wide trim: no rescale
+    if density >= 1:
+        return rule
+    if sparsify == "della_magprune" and density <= 0:
+        rule.zero = True
+        return rule
+    n = math.prod(shape)
+    rows = spans[-1][1]
+    p: object = density  # keep probability, for the inverse_p rescale
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        n_top = 0
+        if sparsify == "magnitude":
+            n_keep = int(density * n)
+        else:  # breadcrumbs: the n_keep largest minus the n_top largest (sparsify.py)
+            target, n_top = int(density * n), int(gamma * n)
+            n_bot = n - target - n_top
+            if n_bot < 0:
+                n_top, n_bot = n_top + n_bot, 0
+            n_keep = n - n_bot
+        ks = [n_keep] + ([n_top] if n_top > 0 else [])
+        rule.tops = top_ks(magnitude, spans, ks, n)
+        kept, outliers = rule.tops[0], rule.tops[1] if n_top > 0 else None
+
+        def mask(j, r0, r1, d):
+            a = mx.abs(d)
+            return kept.mask(a) if outliers is None else kept.mask(a) & ~outliers.mask(a)
+
+        rule.mask = mask
+    elif sparsify == "random":
+        full = mx.random.bernoulli(density, shape, key=keys[i]).reshape(rows, -1)
+        mx.eval(full)  # one bool per entry: a quarter of a float32 copy
+        rule.mask = lambda j, r0, r1, d: full[r0:r1]
+    else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
+        sp.check_della(density, epsilon)
+        # bernoulli(p, shape, key) is uniform(shape, key) < p: the same draw, made whole once
+        # (4 bytes an entry, as bernoulli's own) while p comes block by block.
+        u = mx.random.uniform(shape=shape, key=keys[i]).reshape(rows, -1)
+        mx.eval(u)
+
+        def p(d):
+            return sp.della_probabilities(d, density, epsilon)
+
+        rule.mask = lambda j, r0, r1, d: u[r0:r1] < p(d)
+    if rescale and rescale_mode == "l1":
+        for t in rule.tops:
+            t.start()
+        rule.scale, rule.masks = _l1_scale(delta, spans, rule.mask)
+    elif rescale:
+        rule.inverse_p = p
+    if sparsify == "della_magprune":
+        if rule.masks is None:  # cache the masks (a bool an entry) and drop the uniform draw
+            rule.masks = [rule.mask(j, r0, r1, delta(r0, r1)) for j, (r0, r1) in enumerate(spans)]
+            mx.eval(*rule.masks)
+        rule.mask = None
+    return rule
