@@ -112,3 +112,24 @@ def test_runner_blocks_large_tensors_with_the_same_bytes(family, tmp_path, monke
     assert calls
     for f in sorted(whole.glob("*.safetensors")):
         assert f.read_bytes() == (blocked / f.name).read_bytes()
+
+
+def test_bernoulli_from_its_bits_block_by_block_is_mx_random_bernoulli():
+    shape, key = (512, 300), derive_key(5, "t", 0)
+    bits = row_blocks.bernoulli_bits(shape, key)
+    # p·upper at the draw itself (never kept) and one float32 step above it (always kept): a
+    # uniform draw compared with p gets half of these wrong
+    edge = np.array(bits.astype(mx.float32) / row_blocks._BERNOULLI_UPPER)
+    odd = np.arange(edge.size).reshape(shape) % 2 == 1
+    on_edge = mx.array(np.where(odd, np.nextafter(edge, np.float32(1)), edge))
+    for p in (mx.random.uniform(shape=shape, key=mx.random.key(1)), on_edge, mx.array(0.3)):
+        want = mx.random.bernoulli(p, shape, key=key)
+        pb = mx.broadcast_to(p, shape)
+        got = mx.concatenate(
+            [
+                row_blocks.bernoulli_of_bits(bits[r : r + 100], pb[r : r + 100])
+                for r in range(0, 512, 100)
+            ]
+        )
+        assert 0 < int(mx.sum(want).item()) < want.size
+        np.testing.assert_array_equal(np.array(got), np.array(want))

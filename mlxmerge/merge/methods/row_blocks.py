@@ -7,8 +7,9 @@ dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES``
 1. statistics, per model, in streaming passes: top-k thresholds of |δ| (TIES keeps the k
    largest, breadcrumbs also drops the largest ones: a sample brackets each k-th largest |δ|,
    the entries inside the brackets are gathered block by block in one pass and ranked, as
-   ``common.kth_largest`` does); DARE's Bernoulli draw or DELLA's per-row rank probabilities
-   (rows are independent, so a block of rows gives the same ranks); for the L1 rescale,
+   ``common.kth_largest`` does); DARE's Bernoulli draw, or DELLA's per-row rank probabilities
+   (rows are independent, so a block of rows gives the same ranks) against the uint32 draw
+   behind ``mx.random.bernoulli``, made whole once; for the L1 rescale,
    ‖δ‖₁ and ‖δ⊙m‖₁ from per-block level-1 partial sums that ``common.fsum`` then finishes
    exactly as it would have;
 2. the combine pass: per block, δᵢ → mask → rescale → the same compiled sign-election / mean
@@ -171,6 +172,22 @@ def _top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
         thr = float(np.partition(band, band.size - need)[band.size - need])
         out.append(TopK(thr, above[j] + int(np.sum(band > thr)), int(np.sum(band == thr)), k))
     return out
+
+
+# mx.random.bernoulli(p, shape, key) is bits < p · (2³² rounded up to the next float32), with
+# bits = the key's uint32 draw of that shape (mlx/random.cpp), which randint over [0, 2³²) in
+# uint32 returns as drawn. Drawing the bits once and comparing block by block gives the same mask.
+_BERNOULLI_UPPER = mx.array(np.nextafter(np.float32(2**32 - 1), np.float32(np.inf)))
+
+
+def bernoulli_bits(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """The uint32 draw behind ``mx.random.bernoulli(p, shape, key=key)``."""
+    return mx.random.randint(0, 2**32, shape, dtype=mx.uint32, key=key)
+
+
+def bernoulli_of_bits(bits: mx.array, p: mx.array) -> mx.array:
+    """``mx.random.bernoulli(p, ...)``'s mask from its ``bernoulli_bits`` (any matching slice)."""
+    return bits < p * _BERNOULLI_UPPER
 
 
 class _Keep:
@@ -349,15 +366,13 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
         rule.mask = lambda j, r0, r1, d: full[r0:r1]
     else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
         sp.check_della(density, epsilon)
-        # bernoulli(p, shape, key) is uniform(shape, key) < p: the same draw, made whole once
-        # (4 bytes an entry, as bernoulli's own) while p comes block by block.
-        u = mx.random.uniform(shape=shape, key=keys[i]).reshape(rows, -1)
-        mx.eval(u)
+        bits = bernoulli_bits(shape, keys[i]).reshape(rows, -1)
+        mx.eval(bits)  # 4 bytes an entry, as bernoulli's own draw; p comes block by block
 
         def p(d):
             return sp.della_probabilities(d, density, epsilon)
 
-        rule.mask = lambda j, r0, r1, d: u[r0:r1] < p(d)
+        rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
     if rescale and rescale_mode == "l1":
         for t in rule.tops:
             t.start()
@@ -365,7 +380,7 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
     elif rescale:
         rule.inverse_p = p
     if sparsify == "della_magprune":
-        if rule.masks is None:  # cache the masks (a bool an entry) and drop the uniform draw
+        if rule.masks is None:  # cache the masks (a bool an entry) and drop the draw
             rule.masks = [rule.mask(j, r0, r1, delta(r0, r1)) for j, (r0, r1) in enumerate(spans)]
             mx.eval(*rule.masks)
         rule.mask = None
