@@ -10,10 +10,11 @@ stored dtype and every float32 temporary lives for one block of rows:
 2. the energies mean(τᵢ²) of the selected task vectors from per-block level-1 partial sums
    that ``common.fsum`` finishes exactly as it would have (``row_blocks.level1``), with the
    keep masks of step 1 kept, one bool per entry;
-3. per block: the same sign election and weighted mean, cast to the output dtype at once.
+3. per block: the sign election and weighted mean in ``sce``'s own compiled kernel, cast to
+   the output dtype at once.
 
-Each block runs the same elementwise operations as the whole-tensor function, so results are
-equal bit for bit (``tests/merge/test_sce_rows.py``). Paper: FuseChat, arXiv:2408.07990.
+Each block runs the same operations as the whole-tensor function, so results are equal bit
+for bit (``tests/merge/test_sce_rows.py``). Paper: FuseChat, arXiv:2408.07990.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import mlx.core as mx
 
 from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.row_blocks import block_spans, finish_fsum, level1, top_ks
-from mlxmerge.merge.methods.task_arithmetic import _sign_mask
+from mlxmerge.merge.methods.task_arithmetic import sce_kernel, sce_weights
 
 
 def blocked(
@@ -73,19 +74,15 @@ def blocked(
         for i, p in enumerate(parts):
             partial[i].append(p)
     energy = mx.stack([finish_fsum(p) / n for p in partial])  # mean τᵢ², (n_models,)
-    total = mx.sum(energy)
-    w = mx.where(mx.abs(total) < 1e-6, 1.0 / len(xs), energy / mx.where(total == 0, 1, total))
-    w = w.reshape(-1, 1, 1)
-    mx.eval(w)
-
+    w = sce_weights(energy)
+    kernel = sce_kernel(len(xs))
     out = []
     for j, (r0, r1) in enumerate(spans):
-        tv = task_vectors(r0, r1)
+        bj = b[r0:r1].astype(mx.float32)
+        tv = [x[r0:r1].astype(mx.float32) - bj for x in xs]
         if top is not None:
-            tv = mx.where(masks[j], tv, 0.0)
-        erased = mx.where(_sign_mask(tv, tv, resolve_zero=False), w, 0.0)
-        mixed = mx.sum(tv * erased, axis=0) / mx.maximum(mx.sum(erased, axis=0), 1e-6)
-        y = (b[r0:r1].astype(mx.float32) + mixed).astype(out_dtype)
+            tv = [mx.where(masks[j], t, 0.0) for t in tv]
+        y = kernel(bj, w, *tv).astype(out_dtype)
         mx.eval(y)
         out.append(y)
     y = mx.concatenate(out).reshape(shape)
