@@ -38,6 +38,15 @@ def test_blocked_sce_breaks_variance_ties_in_row_major_order(monkeypatch):
     np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
+def test_a_missed_variance_bracket_falls_back_to_exact_ranking(monkeypatch):
+    monkeypatch.setattr(row_blocks, "MIN_ENTRIES", 1)
+    monkeypatch.setattr(sce_rows, "kth_bracket", lambda *a: (0.0, 0.0))  # nothing in the band
+    xs, base = inputs((300, 200), 2)
+    want = sce([x.astype(mx.float32) for x in xs], base.astype(mx.float32), select_topk=0.3)
+    got = sce_rows.blocked(xs, base, mx.float32, select_topk=0.3, block_entries=5000)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
 def test_small_or_invalid_settings_use_the_whole_tensor_path():
     xs, base = inputs((64, 64))
     assert sce_rows.blocked(xs, base, mx.float32) is None  # small: no need

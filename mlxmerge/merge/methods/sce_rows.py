@@ -1,20 +1,21 @@
 """SCE over row blocks of a large tensor: the same bits as ``task_arithmetic.sce``, less memory.
 
-``sce`` stacks every task vector τᵢ = xᵢ − base in float32 and adds the variance, the masks and
-the weighted products on top: ≈ 8× the tensor in float32 at peak. Here the inputs stay in their
-stored dtype and every float32 temporary lives for one block of rows:
+``sce`` holds the variance, the selection and a float32 task vector per model for the whole
+tensor. Here the inputs stay in their stored dtype and every float32 temporary lives for one
+block of rows:
 
-1. with 0 < select_topk < 1: count the positions where var over models ≠ 0, then find the
-   int(count·select_topk)-th largest variance from a sample and one band pass
-   (``row_blocks.top_ks``);
+1. with 0 < select_topk < 1, one pass counts the positions where the variance over models is
+   ≠ 0 and gathers the variances inside a bracket, from a sample, around the
+   int(count·select_topk)-th largest (widened by the sample's uncertainty on the count); the
+   exact threshold is ranked from them (``row_blocks.TopK``: ties kept in row-major order);
 2. the energies mean(τᵢ²) of the selected task vectors from per-block level-1 partial sums
-   that ``common.fsum`` finishes exactly as it would have (``row_blocks.level1``), with the
-   keep masks of step 1 kept, one bool per entry;
-3. per block: the sign election and weighted mean in ``sce``'s own compiled kernel, cast to
-   the output dtype at once.
+   that ``common.fsum`` finishes exactly as it would have (``row_blocks.level1``), and the
+   selection kept as one bool per entry;
+3. per block: ``sce``'s own compiled erase-and-mean kernel, cast to the output dtype at once.
 
-Each block runs the same operations as the whole-tensor function, so results are equal bit
-for bit (``tests/merge/test_sce_rows.py``). Paper: FuseChat, arXiv:2408.07990.
+Each block runs the same operations (the same compiled kernels) as the whole-tensor function,
+so results are equal bit for bit (``tests/merge/test_sce_rows.py``).
+Paper: FuseChat, arXiv:2408.07990.
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ import math
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from mlxmerge.merge.methods import row_blocks
-from mlxmerge.merge.methods.row_blocks import block_spans, finish_fsum, level1, top_ks
-from mlxmerge.merge.methods.task_arithmetic import sce_kernel, sce_weights
+from mlxmerge.merge.methods.common import SAMPLE_SIZE, kth_bracket
+from mlxmerge.merge.methods.row_blocks import TopK, block_spans, finish_fsum, level1, top_ks
+from mlxmerge.merge.methods.task_arithmetic import (
+    sce_kernel,
+    sce_square,
+    sce_variance,
+    sce_weights,
+)
 
 
 def blocked(
@@ -57,20 +65,29 @@ def blocked(
     spans = block_spans(rows, n // rows, block_entries)
     xs = [t.reshape(rows, -1) for t in tensors]
     b = base.reshape(rows, -1)
+    variance = sce_variance(len(xs))
 
-    def task_vectors(r0, r1):  # (n_models, r1 - r0, cols)
-        return mx.stack([x[r0:r1].astype(mx.float32) - b[r0:r1].astype(mx.float32) for x in xs])
+    def var_of(span, idx):
+        if idx is not None:  # a gather of entries (the threshold's sample)
+            return variance(mx.take(b.reshape(-1), idx), *[mx.take(x.reshape(-1), idx) for x in xs])
+        r0, r1 = span
+        return variance(b[r0:r1], *[x[r0:r1] for x in xs])
 
-    top = _selection(xs, b, spans, n, select_topk, task_vectors) if select_topk < 1 else None
+    top = None
+    if select_topk <= 0:
+        top = top_ks(None, spans, [0], n)[0]  # nothing selected: no statistics needed
+    elif select_topk < 1:
+        top = _selection(var_of, spans, n, select_topk)
+
     masks: list[mx.array] = []  # the selection, one bool per entry, for the combine pass
     partial: list[list[mx.array]] = [[] for _ in xs]
+    everything = mx.array(True)
     for r0, r1 in spans:
-        tv = task_vectors(r0, r1)
         if top is not None:
-            masks.append(top.mask(mx.var(tv, axis=0)))
-            tv = mx.where(masks[-1], tv, 0.0)
-        parts = [level1(t * t) for t in tv]
-        mx.eval(*parts, *masks[-1:])
+            masks.append(top.mask(var_of((r0, r1), None)))
+        keep = masks[-1] if top is not None else everything
+        parts = [level1(sce_square(keep, x[r0:r1], b[r0:r1])) for x in xs]
+        mx.eval(*parts, keep)
         for i, p in enumerate(parts):
             partial[i].append(p)
     energy = mx.stack([finish_fsum(p) / n for p in partial])  # mean τᵢ², (n_models,)
@@ -78,11 +95,8 @@ def blocked(
     kernel = sce_kernel(len(xs))
     out = []
     for j, (r0, r1) in enumerate(spans):
-        bj = b[r0:r1].astype(mx.float32)
-        tv = [x[r0:r1].astype(mx.float32) - bj for x in xs]
-        if top is not None:
-            tv = [mx.where(masks[j], t, 0.0) for t in tv]
-        y = kernel(bj, w, *tv).astype(out_dtype)
+        keep = masks[j] if top is not None else everything
+        y = kernel(b[r0:r1], w, keep, *[x[r0:r1] for x in xs]).astype(out_dtype)
         mx.eval(y)
         out.append(y)
     y = mx.concatenate(out).reshape(shape)
@@ -90,22 +104,35 @@ def blocked(
     return y
 
 
-def _selection(xs, b, spans, n, select_topk, task_vectors):
-    """The ``TopK`` of the int(nnz(var)·select_topk) positions of largest variance over models."""
-    if select_topk <= 0:
-        return top_ks(None, spans, [0], n)[0]  # nothing selected (no statistics needed)
+def _selection(var_of, spans, n: int, select_topk: float):
+    """The ``TopK`` of the int(nnz(var)·select_topk) largest variances, in one pass.
 
-    def variance(span, idx):
-        if idx is not None:  # a gather of entries (the threshold's sample)
-            flat_b = b.reshape(-1)
-            tv = mx.stack([mx.take(x.reshape(-1), idx).astype(mx.float32)
-                           - mx.take(flat_b, idx).astype(mx.float32) for x in xs])  # fmt: skip
-            return mx.var(tv, axis=0)
-        return mx.var(task_vectors(*span), axis=0)
-
-    nonzero = 0
+    The count of nonzero variances is known only after the pass, so the bracket spans the k of
+    the sample's nonzero fraction ± six standard deviations; a miss falls back to ``top_ks``.
+    """
+    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
+    sample = np.sort(np.asarray(var_of(None, mx.array(idx.astype(np.int64)))))
+    m = sample.size
+    f = np.count_nonzero(sample) / m
+    spread = 6.0 * math.sqrt(max(f * (1 - f), 1.0 / n) / m) + 2.0 / m
+    k_few = max(1, int(max(0.0, f - spread) * n * select_topk))
+    k_many = max(1, int(min(1.0, f + spread) * n * select_topk))
+    lo, hi = kth_bracket(sample, k_many, n)[0], kth_bracket(sample, k_few, n)[1]
+    nonzero = above = 0
+    bands = []
     for span in spans:
-        nonzero += int(mx.sum(variance(span, None) != 0).item())
-    top = top_ks(variance, spans, [int(nonzero * select_topk)], n)[0]
-    top.start()
+        v = var_of(span, None).reshape(-1)
+        counts = mx.sum(v != 0), mx.sum(v > float(hi))
+        mx.eval(v, *counts)
+        a = np.asarray(v)
+        bands.append(a[(a >= lo) & (a <= hi)])
+        nonzero += int(counts[0].item())
+        above += int(counts[1].item())
+    k = int(nonzero * select_topk)
+    band = np.concatenate(bands)
+    need = k - above
+    if not 0 < k < n or not 0 < need <= band.size:  # k outside (0, n), or a miss
+        return top_ks(var_of, spans, [k], n)[0]
+    thr = float(np.partition(band, band.size - need)[band.size - need])
+    top = TopK(thr, above + int(np.sum(band > thr)), int(np.sum(band == thr)), k)
     return top
