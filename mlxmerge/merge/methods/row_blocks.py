@@ -92,45 +92,55 @@ def finish_fsum(parts: list[mx.array]) -> mx.array:
 
 
 class TopK:
-    """The ``k`` largest entries of a score, found block by block (``common.top_k_mask``).
+    """The ``k`` largest entries of a score, block by block (``common.top_k_mask``).
 
-    ``mask(a)`` marks a block's entries among the k largest; blocks must come in row-major
-    order, and ``start()`` rewinds before each pass, so ties at the threshold are kept first
-    come, first served exactly as the whole-tensor mask keeps them.
+    ``thr`` is the k-th largest score; of the entries equal to it, the first ``k − above`` in
+    row-major order are kept, as the whole-tensor mask keeps them. From each block's count of
+    equal entries the block where that room runs out (``cut``) is known in advance: blocks
+    before it keep score ≥ thr, blocks after it score > thr, and only the cut block ranks its
+    equal entries (a cumsum).
     """
 
-    def __init__(self, thr: float, n_above: int, n_equal: int, k: int):
+    def __init__(self, thr: float, n_above: int, equal_per_block: Sequence[int], k: int):
         self.thr = thr
-        self.room = k - n_above if n_equal > k - n_above else None  # None: no tie to break
-        self.seen = 0
+        room, seen = k - n_above, 0
+        self.cut, self.left = len(equal_per_block), 0  # no cut: every equal entry is kept
+        for j, e in enumerate(equal_per_block):
+            if seen + e > room:
+                self.cut, self.left = j, room - seen
+                break
+            seen += e
 
-    def start(self) -> None:
-        self.seen = 0
+    def bound(self, j: int) -> tuple[float, bool] | None:
+        """(thr, inclusive) when block ``j`` keeps score ≥ thr (True) or > thr (False), else None."""
+        if j == self.cut and self.left > 0:
+            return None
+        return self.thr, j < self.cut
 
-    def mask(self, a: mx.array) -> mx.array:
-        if self.room is None:
-            return a >= self.thr
+    def mask(self, a: mx.array, j: int) -> mx.array:
+        """Block ``j``'s keep mask from its scores ``a``."""
+        got = self.bound(j)
+        if got is not None:
+            return a >= self.thr if got[1] else a > self.thr
         equal = (a == self.thr).reshape(-1)
-        rank = self.seen + mx.cumsum(equal.astype(mx.int32))
-        self.seen += int(mx.sum(equal.astype(mx.int32)).item())
-        return (a > self.thr) | (equal & (rank <= self.room)).reshape(a.shape)
+        tie = equal & (mx.cumsum(equal.astype(mx.int32)) <= self.left)
+        return (a > self.thr) | tie.reshape(a.shape)
 
 
-class _Every:
+class _Every(TopK):
     """k >= n: every entry (``top_k_mask``'s shortcut)."""
 
-    def start(self) -> None:
-        pass
-
-    def mask(self, a: mx.array) -> mx.array:
-        return mx.ones(a.shape, dtype=mx.bool_)
+    def __init__(self):
+        super().__init__(-math.inf, 0, [], 0)
+        self.cut = 1 << 62  # score ≥ −inf in every block
 
 
-class _NoEntry(_Every):
+class _NoEntry(TopK):
     """k <= 0: no entry."""
 
-    def mask(self, a: mx.array) -> mx.array:
-        return mx.zeros(a.shape, dtype=mx.bool_)
+    def __init__(self):
+        super().__init__(math.inf, 0, [], 0)
+        self.cut = -1  # score > +inf in every block
 
 
 def top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
@@ -165,12 +175,15 @@ def _top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
         band = np.concatenate(bands[j])
         need = k - above[j]
         if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-            every = np.concatenate([np.asarray(score(s, None).reshape(-1)) for s in spans])
-            thr = float(np.partition(every, every.size - k)[every.size - k])
-            out.append(TopK(thr, int(np.sum(every > thr)), int(np.sum(every == thr)), k))
+            every = [np.asarray(score(s, None).reshape(-1)) for s in spans]
+            flat = np.concatenate(every)
+            thr = float(np.partition(flat, flat.size - k)[flat.size - k])
+            equal = [int(np.count_nonzero(v == thr)) for v in every]
+            out.append(TopK(thr, int(np.count_nonzero(flat > thr)), equal, k))
             continue
         thr = float(np.partition(band, band.size - need)[band.size - need])
-        out.append(TopK(thr, above[j] + int(np.sum(band > thr)), int(np.sum(band == thr)), k))
+        equal = [int(np.count_nonzero(v == thr)) for v in bands[j]]  # thr lies in the band
+        out.append(TopK(thr, above[j] + int(np.count_nonzero(band > thr)), equal, k))
     return out
 
 
@@ -196,7 +209,8 @@ class _Keep:
     ``mask(j, r0, r1, δ)`` gives block j's keep mask (None: keep all) unless a statistics pass
     cached them in ``masks``; ``scale`` (L1 rescale) multiplies the kept entries; ``inverse_p``
     divides them by their keep probability (a number, or a function of the block's δ: DELLA).
-    ``tops`` are the thresholds whose tie counters rewind before each pass.
+    ``bounds(j)``: for a plain top-k mask, ((thr, inclusive) kept, (thr, inclusive) dropped or
+    None) when block ``j`` needs no tie ranking, else None (the compiled fast path).
     """
 
     def __init__(self):
@@ -205,7 +219,17 @@ class _Keep:
         self.masks: list[mx.array] | None = None
         self.scale: mx.array | None = None
         self.inverse_p = None
-        self.tops: list = []
+        self.tops: list[TopK] = []  # [kept] or [kept, dropped] for the magnitude masks
+
+    def block(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array, delta) -> mx.array:
+        """Block ``j``'s masked (and rescaled) δ from the (rows, cols) stored-dtype inputs."""
+        plain = self.masks is None and self.scale is None and self.inverse_p is None
+        if self.tops and plain and not self.zero:
+            bounds = [t.bound(j) for t in self.tops]
+            if all(bd is not None for bd in bounds):  # no tie to rank here: one fused kernel
+                flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
+                return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
+        return self.apply(j, r0, r1, delta(r0, r1))
 
     def apply(self, j: int, r0: int, r1: int, d: mx.array) -> mx.array:
         if self.zero:
@@ -222,6 +246,34 @@ class _Keep:
             p = self.inverse_p(d) if callable(self.inverse_p) else self.inverse_p
             return mx.where(m, d / p, 0.0)
         return mx.where(m, d, 0.0)
+
+
+_MASKED: dict[int, object] = {}
+
+
+def _top_masked(n_bounds: int):
+    """Compiled ``(x, b, bounds) -> δ`` kept by 1 or 2 (TopK kept, TopK dropped) bounds.
+
+    ``bounds`` = [thr, inclusive, ...] (float32); the same selection as the masks built op by
+    op (comparisons and a select are exact), in one pass.
+    """
+    if n_bounds not in _MASKED:
+
+        def kernel(x, b, bounds):
+            d = x.astype(mx.float32) - b.astype(mx.float32)
+            a = mx.abs(d)
+            keep = mx.where(bounds[1] > 0, a >= bounds[0], a > bounds[0])
+            if n_bounds == 2:
+                keep = keep & ~mx.where(bounds[3] > 0, a >= bounds[2], a > bounds[2])
+            return mx.where(keep, d, 0.0)
+
+        _MASKED[n_bounds] = mx.compile(kernel)
+    return _MASKED[n_bounds]
+
+
+@mx.compile
+def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
+    return mx.abs(x.astype(mx.float32) - b.astype(mx.float32))
 
 
 def _l1_scale(delta, spans, mask_of) -> tuple[mx.array, list[mx.array]]:
@@ -289,12 +341,9 @@ def merge_rows(
 
         def magnitude(span, idx):
             if idx is not None:  # a gather of entries (the thresholds' sample)
-                flat_x, flat_b = xs[i].reshape(-1), b.reshape(-1)
-                return mx.abs(
-                    mx.take(flat_x, idx).astype(mx.float32)
-                    - mx.take(flat_b, idx).astype(mx.float32)
-                )
-            return mx.abs(delta(*span))
+                return _abs_delta(mx.take(xs[i].reshape(-1), idx), mx.take(b.reshape(-1), idx))
+            r0, r1 = span
+            return _abs_delta(xs[i][r0:r1], b[r0:r1])
 
         return delta, magnitude
 
@@ -306,12 +355,9 @@ def merge_rows(
     total_w = float(sum(w))
     scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
     weights = mx.array(w, dtype=mx.float32)
-    for k in keep:
-        for t in k.tops:
-            t.start()
     out = []
     for j, (r0, r1) in enumerate(spans):
-        ds = [keep[i].apply(j, r0, r1, delta_of(i)[0](r0, r1)) for i in range(n_models)]
+        ds = [keep[i].block(j, r0, r1, xs[i], b, delta_of(i)[0]) for i in range(n_models)]
         y = kernel(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
         mx.eval(y)
         out.append(y)
@@ -357,7 +403,8 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
 
         def mask(j, r0, r1, d):
             a = mx.abs(d)
-            return kept.mask(a) if outliers is None else kept.mask(a) & ~outliers.mask(a)
+            m = kept.mask(a, j)
+            return m if outliers is None else m & ~outliers.mask(a, j)
 
         rule.mask = mask
     elif sparsify == "random":
@@ -374,8 +421,6 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
 
         rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
     if rescale and rescale_mode == "l1":
-        for t in rule.tops:
-            t.start()
         rule.scale, rule.masks = _l1_scale(delta, spans, rule.mask)
     elif rescale:
         rule.inverse_p = p

@@ -84,7 +84,7 @@ def blocked(
     everything = mx.array(True)
     for r0, r1 in spans:
         if top is not None:
-            masks.append(top.mask(var_of((r0, r1), None)))
+            masks.append(top.mask(var_of((r0, r1), None), len(masks)))
         keep = masks[-1] if top is not None else everything
         parts = [level1(sce_square(keep, x[r0:r1], b[r0:r1])) for x in xs]
         mx.eval(*parts, keep)
@@ -134,5 +134,5 @@ def _selection(var_of, spans, n: int, select_topk: float):
     if not 0 < k < n or not 0 < need <= band.size:  # k outside (0, n), or a miss
         return top_ks(var_of, spans, [k], n)[0]
     thr = float(np.partition(band, band.size - need)[band.size - need])
-    top = TopK(thr, above + int(np.sum(band > thr)), int(np.sum(band == thr)), k)
-    return top
+    equal = [int(np.count_nonzero(v == thr)) for v in bands]  # thr lies in the band
+    return TopK(thr, above + int(np.count_nonzero(band > thr)), equal, k)
