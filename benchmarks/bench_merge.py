@@ -175,6 +175,10 @@ def run_child(cmd: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+_WITH_BASE = ("ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+              "sce", "ties_rescale")  # fmt: skip
+
+
 def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
     m = lambda p, **kw: {"model": str(p), **({"parameters": kw} if kw else {})}
     if method == "linear":
@@ -188,6 +192,20 @@ def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
         }
     if method in ("ties", "dare_ties"):
         return {"merge_method": method, "base_model": str(base),
+                "models": [m(a, weight=1.0, density=0.5), m(b, weight=1.0, density=0.5)]}  # fmt: skip
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        return {"merge_method": method, "base_model": str(base),
+                "models": [m(a, weight=1.0, density=0.5, gamma=0.01),
+                           m(b, weight=1.0, density=0.5, gamma=0.01)]}  # fmt: skip
+    if method in ("della", "della_linear"):
+        return {"merge_method": method, "base_model": str(base),
+                "models": [m(a, weight=1.0, density=0.5, epsilon=0.1),
+                           m(b, weight=1.0, density=0.5, epsilon=0.1)]}  # fmt: skip
+    if method == "sce":
+        return {"merge_method": "sce", "base_model": str(base), "models": [m(a), m(b)],
+                "parameters": {"select_topk": 0.5}}  # fmt: skip
+    if method == "ties_rescale":  # TIES with mergekit's L1 rescale of the kept entries
+        return {"merge_method": "ties", "base_model": str(base), "parameters": {"rescale": True},
                 "models": [m(a, weight=1.0, density=0.5), m(b, weight=1.0, density=0.5)]}  # fmt: skip
     if method == "passthrough":
         half = layers // 2
@@ -228,9 +246,7 @@ def main() -> None:
             largest = max(VOCAB, INTER) * HIDDEN * 4
             for method in args.methods.split(","):
                 recipe = {**recipe_for(method, base, a, b, layers), "dtype": "bfloat16"}
-                n_in = (
-                    3 if method in ("ties", "dare_ties") else (1 if method == "passthrough" else 2)
-                )
+                n_in = 3 if method in _WITH_BASE else (1 if method == "passthrough" else 2)
                 ins = [base, a, b][3 - n_in :] if method != "passthrough" else [a]
                 out = scratch / "out"
                 floors, runs = [], []

@@ -407,7 +407,8 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 # (two merged models; 65 and 131 MB largest fp32 tensor; benchmarks/README.md): bytes above
 # the process's resident size before the merge ≈ slope × largest fp32 tensor + constant (MB:
 # threads, NumPy buffers, per-block temporaries). Methods run in row blocks (task arithmetic,
-# TIES, DARE on tensors of 4M+ entries) keep their inputs in the stored dtype: low slopes.
+# TIES, DARE, breadcrumbs, DELLA, SCE on tensors of 4M+ entries) keep their inputs in the
+# stored dtype: low slopes.
 PEAK_FIT = {
     "linear": (0.6, 70), "passthrough": (0.5, 60), "slerp": (1.0, 70), "nuslerp": (3.0, 135),
     "nearswap": (3.0, 135), "multislerp": (6.0, 135), "karcher": (8.0, 135),
@@ -416,6 +417,12 @@ PEAK_FIT = {
     "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (6.5, 70),
 }  # fmt: skip
 UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks
+# Methods with a row-block form, fitted without it (a setting or a shape it does not take).
+UNBLOCKED_PEAK_FIT = {
+    "task_arithmetic": UNBLOCKED_FIT, "ties": UNBLOCKED_FIT, "dare_ties": UNBLOCKED_FIT,
+    "dare_linear": UNBLOCKED_FIT, "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
+    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70),
+}  # fmt: skip
 OVERLAP_BUDGET = 128 * 1024**2  # prefetch and write-behind hold at most this much each
 N_MODELS_FITTED = 2
 
@@ -427,16 +434,14 @@ def estimate_peak(plan: MergePlan, out_dtype: mx.Dtype, *, overlap: bool = True)
     largest tensor in float32, see ``PEAK_FIT``; one more copy per merged model beyond two),
     plus what the reader and writer threads hold ahead (at most ``OVERLAP_BUDGET`` each).
     """
-    from mlxmerge.merge.methods import row_blocks
 
     method = plan.recipe.merge_method
     biggest = max(plan.tensors, key=lambda p: math.prod(p.shape))
     largest = math.prod(biggest.shape) * 4
     slope, constant = PEAK_FIT.get(method, UNBLOCKED_FIT)
     params = {**biggest.global_params, **biggest.tensor_params}
-    blockable = method in ("task_arithmetic", "ties", "dare_ties", "dare_linear")
-    if blockable and not row_blocks.supported(plan.method.fn, params, biggest.shape):
-        slope, constant = UNBLOCKED_FIT
+    if method in UNBLOCKED_PEAK_FIT and not _blocks(plan, params, biggest.shape):
+        slope, constant = UNBLOCKED_PEAK_FIT[method]
     slope += max(0, max(len(p.inputs) for p in plan.tensors) - N_MODELS_FITTED)
     extra = 0
     if overlap:
@@ -452,6 +457,15 @@ def estimate_peak(plan: MergePlan, out_dtype: mx.Dtype, *, overlap: bool = True)
         # inputs read ahead (+ a third: the NumPy-to-MLX copy of one), one output behind
         extra = int(1.3 * max(ahead, default=0)) + max(behind, default=0)
     return int(process_rss() + constant * 1000**2 + slope * largest + extra)
+
+
+def _blocks(plan: MergePlan, params: dict, shape: tuple[int, ...]) -> bool:
+    """Whether the method's row-block form takes a tensor of ``shape`` with ``params``."""
+    from mlxmerge.merge.methods import row_blocks
+
+    if plan.recipe.merge_method == "sce":
+        return len(shape) >= 2 and math.prod(shape) >= row_blocks.MIN_ENTRIES
+    return row_blocks.supported(plan.method.fn, params, shape)
 
 
 def process_rss() -> int:

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge import methods as m
-from mlxmerge.merge.methods import kernels, row_blocks
+from mlxmerge.merge.methods import kernels, row_blocks, sce_rows
 from mlxmerge.merge.methods.sparsify import RESCALE_MODES, check_della, derive_key
 from mlxmerge.merge.methods.task_arithmetic import DISJOINT_MEAN, ELECT
 from mlxmerge.merge.params import (
@@ -329,6 +329,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "sce": MethodSpec(
         fn=m.sce,
+        blocked=sce_rows.blocked,
         tensor_params={},
         global_params={
             "select_topk": number(

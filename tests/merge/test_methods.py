@@ -10,6 +10,7 @@ import pytest
 
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge import methods as m
+from mlxmerge.merge.methods import sparsify
 from mlxmerge.merge.methods.common import fsum, top_k_mask
 from mlxmerge.merge.registry import METHODS, REQUIRED, call_method, check_params, get_method
 
@@ -556,6 +557,18 @@ def test_della_matches_numpy_with_same_mask(shape, method, mode):
         out,
         np_gta(xs, base, w, deltas, consensus=method == "della", normalize=method == "della"),
     )
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (5, 1), (3, 1025)])
+def test_row_ranks_are_a_stable_sort_per_row(shape, monkeypatch):
+    monkeypatch.setattr(sparsify, "RANK_CHUNK", 100)  # several chunks of rows
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.integers(-4, 5, size=shape)).astype(np.float32) * 0.25  # ties and zeros
+    a[:, ::7] = 1e-30  # tiny values rank above the zeros
+    order = np.argsort(a, axis=1, kind="stable")
+    want = np.empty(shape, np.float32)
+    np.put_along_axis(want, order, np.arange(shape[1], dtype=np.float32)[None], axis=1)
+    np.testing.assert_array_equal(np.array(sparsify.row_ranks(mx.array(a))), want)
 
 
 def test_della_keeps_large_entries_more_often():

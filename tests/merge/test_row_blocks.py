@@ -1,4 +1,5 @@
-"""Row-blocked TIES / DARE / task arithmetic equal the whole-tensor computation bit for bit."""
+"""Row-blocked task arithmetic / TIES / DARE / breadcrumbs / DELLA equal the whole-tensor
+computation bit for bit."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,9 +8,12 @@ import pytest
 from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.sparsify import derive_key
 from mlxmerge.merge.methods.task_arithmetic import (
+    breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_ties,
     della,
+    della_linear,
     task_arithmetic,
     ties,
 )
@@ -34,13 +38,30 @@ CASES = {
     "dare_inverse_p": {"weight": [0.5, 0.5], "density": 0.4, "rescale_mode": "inverse_p"},
     "ties_model_scope": {"weight": [1.0, 1.0], "density": 0.5, "trim_scope": "model",
                          "trim_thresholds": [0.01, 0.02]},
+    "ties_rescale_l1": {"weight": [1.0, 0.6], "density": [0.4, 0.7], "rescale": True},
+    "ties_rescale_inverse_p": {"weight": [1.0, 0.6], "density": 0.3, "rescale": True,
+                               "rescale_mode": "inverse_p"},
+    "breadcrumbs": {"weight": [0.7, 0.5], "density": [0.4, 0.8], "gamma": [0.01, 0.05]},
+    "breadcrumbs_ties": {"weight": [1.0, 0.6], "density": 0.5, "gamma": 0.02},
+    "breadcrumbs_no_outliers": {"weight": [1.0, 1.0], "density": [0.9, 0.5], "gamma": [0.2, 0.0]},
+    "breadcrumbs_l1": {"weight": [1.0, 1.0], "density": 0.6, "gamma": 0.1, "rescale": True},
+    "breadcrumbs_nothing": {"weight": [1.0, 1.0], "density": [0.0, 0.0], "gamma": [1.0, 0.0]},
+    "della": {"weight": [1.0, 0.6], "density": [0.4, 0.7], "epsilon": [0.1, 0.2]},
+    "della_linear": {"weight": [0.5, 0.5], "density": 0.5, "epsilon": 0.3},
+    "della_inverse_p": {"weight": [0.5, 0.5], "density": 0.5, "epsilon": 0.2,
+                        "rescale_mode": "inverse_p"},
+    "della_no_rescale": {"weight": [1.0, 1.0], "density": [0.6, 0.0], "rescale": False},
 }  # fmt: skip
 FNS = {"task_arithmetic": task_arithmetic, "ties": ties, "dare_ties": dare_ties,
-       "dare_linear": dare_linear, "ties_model_scope": ties, "dare_inverse_p": dare_linear}  # fmt: skip
+       "dare_linear": dare_linear, "ties_model_scope": ties, "dare_inverse_p": dare_linear,
+       "ties_rescale_l1": ties, "ties_rescale_inverse_p": ties, "breadcrumbs": breadcrumbs,
+       "breadcrumbs_ties": breadcrumbs_ties, "breadcrumbs_no_outliers": breadcrumbs,
+       "breadcrumbs_l1": breadcrumbs_ties, "breadcrumbs_nothing": breadcrumbs, "della": della,
+       "della_linear": della_linear, "della_inverse_p": della, "della_no_rescale": della}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("shape", [(300, 200), (97, 3, 50)])
+@pytest.mark.parametrize("shape", [(300, 200), (97, 4, 64)])  # several blocks each
 def test_blocked_equals_whole_tensor(case, shape):
     fn = FNS[case]
     params = CASES[case]
@@ -48,16 +69,21 @@ def test_blocked_equals_whole_tensor(case, shape):
     keys = [derive_key(3, "t", i) for i in range(2)]
     want = fn([x.astype(mx.float32) for x in xs], base.astype(mx.float32), **params, keys=keys)
     got = row_blocks.merge_rows(
-        xs, base, mx.float32, **fn.keywords, **params, keys=keys, block_entries=5000
+        xs, base, mx.float32, **{**fn.keywords, **params}, keys=keys, block_entries=5000
     )
     np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
-def test_blocked_top_k_breaks_ties_in_row_major_order():
+@pytest.mark.parametrize("fn", [ties, breadcrumbs])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_blocked_top_k_breaks_ties_in_row_major_order(fn, rescale):
     xs, base = inputs((256, 64), integer=True, dtype=mx.float32)
-    want = ties(xs, base, weight=[1.0, 1.0], density=[0.37, 0.61])
-    got = row_blocks.merge_rows(xs, base, mx.float32, **ties.keywords, weight=[1.0, 1.0],
-                                density=[0.37, 0.61], block_entries=1024)  # fmt: skip
+    params = {"weight": [1.0, 1.0], "density": [0.37, 0.61], "rescale": rescale}
+    if fn is breadcrumbs:  # the outlier threshold falls among equal |δ| as well
+        params["gamma"] = [0.13, 0.05]
+    want = fn(xs, base, **params)
+    kw = {**fn.keywords, **params}
+    got = row_blocks.merge_rows(xs, base, mx.float32, **kw, block_entries=1024)
     np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
@@ -65,11 +91,12 @@ def test_unsupported_settings_use_the_whole_tensor_path():
     big = (4096, 1024)
     assert row_blocks.supported(ties, {}, big)
     assert not row_blocks.supported(ties, {"elect": "unweighted"}, big)
-    assert not row_blocks.supported(della, {}, big)
+    assert row_blocks.supported(della, {}, big)
+    assert row_blocks.supported(ties, {"rescale": True}, big)
     assert not row_blocks.supported(ties, {}, (64, 64))  # small: no need
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 def test_runner_blocks_large_tensors_with_the_same_bytes(family, tmp_path, monkeypatch, method):
     recipe = {"merge_method": method, "base_model": str(family["base"]), "dtype": "bfloat16",
               "models": [{"model": str(family["base"])}] + [
@@ -85,3 +112,24 @@ def test_runner_blocks_large_tensors_with_the_same_bytes(family, tmp_path, monke
     assert calls
     for f in sorted(whole.glob("*.safetensors")):
         assert f.read_bytes() == (blocked / f.name).read_bytes()
+
+
+def test_bernoulli_from_its_bits_block_by_block_is_mx_random_bernoulli():
+    shape, key = (512, 300), derive_key(5, "t", 0)
+    bits = row_blocks.bernoulli_bits(shape, key)
+    # p·upper at the draw itself (never kept) and one float32 step above it (always kept): a
+    # uniform draw compared with p gets half of these wrong
+    edge = np.array(bits.astype(mx.float32) / row_blocks._BERNOULLI_UPPER)
+    odd = np.arange(edge.size).reshape(shape) % 2 == 1
+    on_edge = mx.array(np.where(odd, np.nextafter(edge, np.float32(1)), edge))
+    for p in (mx.random.uniform(shape=shape, key=mx.random.key(1)), on_edge, mx.array(0.3)):
+        want = mx.random.bernoulli(p, shape, key=key)
+        pb = mx.broadcast_to(p, shape)
+        got = mx.concatenate(
+            [
+                row_blocks.bernoulli_of_bits(bits[r : r + 100], pb[r : r + 100])
+                for r in range(0, 512, 100)
+            ]
+        )
+        assert 0 < int(mx.sum(want).item()) < want.size
+        np.testing.assert_array_equal(np.array(got), np.array(want))

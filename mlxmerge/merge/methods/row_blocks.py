@@ -1,25 +1,29 @@
-"""Task arithmetic, TIES and DARE over row blocks of a large tensor: the same bits, less memory.
+"""Task arithmetic, TIES, DARE, breadcrumbs and DELLA over row blocks: the same bits, less memory.
 
 ``generalized_task_arithmetic`` keeps one float32 task vector per model alive at once (plus
 masks and |δ|), ≈ 6-8× the tensor in float32 at peak. Here the inputs stay in their stored
 dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES`` entries):
 
-1. statistics, per model, in a streaming pass: the TIES top-k threshold (a sample brackets the
-   k-th largest |δ|; the entries inside the bracket are gathered block by block and ranked,
-   as ``common.kth_largest`` does) or, for DARE's L1 rescale, ‖δ‖₁ and ‖δ⊙m‖₁ from per-block
-   level-1 partial sums that ``common.fsum`` then finishes exactly as it would have;
-2. the combine pass: per block, δᵢ → mask → the same compiled sign-election / mean kernel,
-   cast to the output dtype at once.
+1. statistics, per model, in streaming passes: top-k thresholds of |δ| (TIES keeps the k
+   largest, breadcrumbs also drops the largest ones: a sample brackets each k-th largest |δ|,
+   the entries inside the brackets are gathered block by block in one pass and ranked, as
+   ``common.kth_largest`` does); DARE's Bernoulli draw, or DELLA's per-row rank probabilities
+   (rows are independent, so a block of rows gives the same ranks) against the uint32 draw
+   behind ``mx.random.bernoulli``, made whole once; for the L1 rescale,
+   ‖δ‖₁ and ‖δ⊙m‖₁ from per-block level-1 partial sums that ``common.fsum`` then finishes
+   exactly as it would have;
+2. the combine pass: per block, δᵢ → mask → rescale → the same compiled sign-election / mean
+   kernel, cast to the output dtype at once.
 
 Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``).
-Unsupported settings (other sparsifiers, the paper's unweighted election) return None and the
-caller uses the whole-tensor path.
+Unsupported settings (the paper's unweighted election) return None and the caller uses the
+whole-tensor path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -38,6 +42,10 @@ from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_
 BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
 MIN_ENTRIES = 1 << 22  # below this the whole-tensor path costs little memory anyway
 
+Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
+"""``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
+the flat entries ``idx`` (a gather) when ``span`` is None."""
+
 
 def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
     """Whether ``fn`` (a method from the table) with ``params`` can run in row blocks."""
@@ -47,14 +55,14 @@ def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
 
 
 def _supported(kw: dict, shape: tuple[int, ...]) -> bool:
-    sparsify = kw.get("sparsify", "none")
-    rescaled = kw.get("rescale", False) and sparsify != "none"
     return (
         len(shape) >= 2
         and math.prod(shape) >= MIN_ENTRIES
-        and sparsify in ("none", "magnitude", "random")
-        and not (sparsify == "magnitude" and rescaled)  # would need a third pass
+        and kw.get("sparsify", "none") in sp.SPARSIFY
         and kw.get("elect", "weighted") == "weighted"  # 'unweighted' votes over the tensor
+        and kw.get("rescale_mode", "l1") in sp.RESCALE_MODES
+        and kw.get("disjoint_mean", "weight") in ("weight", "count")
+        and kw.get("trim_scope", "tensor") in ("tensor", "model")
     )
 
 
@@ -67,13 +75,17 @@ def blocked(
     return merge_rows(tensors, base, out_dtype, **params)
 
 
-def _block_rows(rows: int, cols: int, entries: int) -> int:
-    # Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+def block_spans(rows: int, cols: int, entries: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about ``entries`` entries each, in order, covering ``rows``.
+
+    Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+    """
     unit = BLOCK // math.gcd(cols, BLOCK)
-    return max(unit, entries // cols // unit * unit)
+    step = max(unit, (entries or BLOCK_ENTRIES) // cols // unit * unit)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _level1(a: mx.array) -> mx.array:
+def level1(a: mx.array) -> mx.array:
     """``fsum``'s first level (sums of 1024-entry groups, then the tail) for one block."""
     flat = a.reshape(-1)
     m = flat.size // BLOCK * BLOCK
@@ -81,7 +93,208 @@ def _level1(a: mx.array) -> mx.array:
     return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
 
 
-_KERNELS: dict[tuple, object] = {}
+def finish_fsum(parts: list[mx.array]) -> mx.array:
+    """``fsum`` of the whole tensor from its blocks' ``level1`` sums (blocks in order)."""
+    return fsum(mx.concatenate(parts))
+
+
+class TopK:
+    """The ``k`` largest entries of a score, block by block (``common.top_k_mask``).
+
+    ``thr`` is the k-th largest score; of the entries equal to it, the first ``k − above`` in
+    row-major order are kept, as the whole-tensor mask keeps them. From each block's count of
+    equal entries the block where that room runs out (``cut``) is known in advance: blocks
+    before it keep score ≥ thr, blocks after it score > thr, and only the cut block ranks its
+    equal entries (a cumsum).
+    """
+
+    def __init__(self, thr: float, n_above: int, equal_per_block: Sequence[int], k: int):
+        self.thr = thr
+        room, seen = k - n_above, 0
+        self.cut, self.left = len(equal_per_block), 0  # no cut: every equal entry is kept
+        for j, e in enumerate(equal_per_block):
+            if seen + e > room:
+                self.cut, self.left = j, room - seen
+                break
+            seen += e
+
+    def bound(self, j: int) -> tuple[float, bool] | None:
+        """(thr, inclusive) when block ``j`` keeps score ≥ thr (True) or > thr (False), else None."""
+        if j == self.cut and self.left > 0:
+            return None
+        return self.thr, j < self.cut
+
+    def mask(self, a: mx.array, j: int) -> mx.array:
+        """Block ``j``'s keep mask from its scores ``a``."""
+        got = self.bound(j)
+        if got is not None:
+            return a >= self.thr if got[1] else a > self.thr
+        equal = (a == self.thr).reshape(-1)
+        tie = equal & (mx.cumsum(equal.astype(mx.int32)) <= self.left)
+        return (a > self.thr) | tie.reshape(a.shape)
+
+
+class _Every(TopK):
+    """k >= n: every entry (``top_k_mask``'s shortcut)."""
+
+    def __init__(self):
+        super().__init__(-math.inf, 0, [], 0)
+        self.cut = 1 << 62  # score ≥ −inf in every block
+
+
+class _NoEntry(TopK):
+    """k <= 0: no entry."""
+
+    def __init__(self):
+        super().__init__(math.inf, 0, [], 0)
+        self.cut = -1  # score > +inf in every block
+
+
+def top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
+    """A ``TopK`` for each of ``ks``, all from one sample and one pass over the blocks.
+
+    A seeded sample brackets each k-th largest score; the pass counts the entries above each
+    bracket and gathers those inside, and only those are ranked. A bracket that misses (six
+    standard deviations: it should not) falls back to ranking every entry.
+    """
+    inside = [k for k in ks if 0 < k < n]
+    found = dict(zip(inside, _top_ks(score, spans, inside, n))) if inside else {}
+    return [found[k] if k in found else (_Every() if k >= n else _NoEntry()) for k in ks]
+
+
+def _top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
+    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
+    sample = np.sort(np.asarray(score(None, mx.array(idx.astype(np.int64)))))
+    brackets = [kth_bracket(sample, k, n) for k in ks]
+    above = [0] * len(ks)
+    bands: list[list[np.ndarray]] = [[] for _ in ks]
+    for span in spans:
+        a = score(span, None).reshape(-1)
+        counts = [mx.sum(a > float(hi)) for _, hi in brackets]
+        mx.eval(a, *counts)
+        v = np.asarray(a)
+        for j, (lo, hi) in enumerate(brackets):
+            bands[j].append(v[(v >= lo) & (v <= hi)])
+            above[j] += int(counts[j].item())
+        del a, v
+    out = []
+    for j, k in enumerate(ks):
+        band = np.concatenate(bands[j])
+        need = k - above[j]
+        if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
+            every = [np.asarray(score(s, None).reshape(-1)) for s in spans]
+            flat = np.concatenate(every)
+            thr = float(np.partition(flat, flat.size - k)[flat.size - k])
+            equal = [int(np.count_nonzero(v == thr)) for v in every]
+            out.append(TopK(thr, int(np.count_nonzero(flat > thr)), equal, k))
+            continue
+        thr = float(np.partition(band, band.size - need)[band.size - need])
+        equal = [int(np.count_nonzero(v == thr)) for v in bands[j]]  # thr lies in the band
+        out.append(TopK(thr, above[j] + int(np.count_nonzero(band > thr)), equal, k))
+    return out
+
+
+# mx.random.bernoulli(p, shape, key) is bits < p · (2³² rounded up to the next float32), with
+# bits = the key's uint32 draw of that shape (mlx/random.cpp), which randint over [0, 2³²) in
+# uint32 returns as drawn. Drawing the bits once and comparing block by block gives the same mask.
+_BERNOULLI_UPPER = mx.array(np.nextafter(np.float32(2**32 - 1), np.float32(np.inf)))
+
+
+def bernoulli_bits(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """The uint32 draw behind ``mx.random.bernoulli(p, shape, key=key)``."""
+    return mx.random.randint(0, 2**32, shape, dtype=mx.uint32, key=key)
+
+
+def bernoulli_of_bits(bits: mx.array, p: mx.array) -> mx.array:
+    """``mx.random.bernoulli(p, ...)``'s mask from its ``bernoulli_bits`` (any matching slice)."""
+    return bits < p * _BERNOULLI_UPPER
+
+
+class _Keep:
+    """How one model's task vector is masked and rescaled, block by block.
+
+    ``mask(j, r0, r1, δ)`` gives block j's keep mask (None: keep all) unless a statistics pass
+    cached them in ``masks``; ``scale`` (L1 rescale) multiplies the kept entries; ``inverse_p``
+    divides them by their keep probability (a number, or a function of the block's δ: DELLA).
+    ``bounds(j)``: for a plain top-k mask, ((thr, inclusive) kept, (thr, inclusive) dropped or
+    None) when block ``j`` needs no tie ranking, else None (the compiled fast path).
+    """
+
+    def __init__(self):
+        self.zero = False
+        self.mask: Callable[[int, int, int, mx.array], mx.array] | None = None
+        self.masks: list[mx.array] | None = None
+        self.scale: mx.array | None = None
+        self.inverse_p = None
+        self.tops: list[TopK] = []  # [kept] or [kept, dropped] for the magnitude masks
+        self.draw: mx.array | None = None  # DARE's whole keep mask, (rows, cols)
+
+    def block(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array, delta) -> mx.array:
+        """Block ``j``'s masked (and rescaled) δ from the (rows, cols) stored-dtype inputs."""
+        plain = self.masks is None and self.scale is None and self.inverse_p is None
+        if self.tops and plain and not self.zero:
+            bounds = [t.bound(j) for t in self.tops]
+            if all(bd is not None for bd in bounds):  # no tie to rank here: one fused kernel
+                flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
+                return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
+        m = self.masks[j] if self.masks is not None else self.fixed(j, r0, r1)
+        if m is not None and not self.zero and not callable(self.inverse_p):
+            mode, param = "mask", 0.0
+            if self.scale is not None:
+                mode, param = "scale", self.scale
+            elif self.inverse_p is not None:
+                mode, param = "inverse_p", self.inverse_p
+            param = mx.array(param, dtype=mx.float32)
+            return _mask_kernel(mode)(x[r0:r1], b[r0:r1], param, m)
+        return self.apply(j, r0, r1, delta(r0, r1))
+
+    def fixed(self, j: int, r0: int, r1: int) -> mx.array | None:
+        """Block ``j``'s mask when it does not depend on δ (DARE's draw), else None."""
+        return self.draw[r0:r1] if self.draw is not None else None
+
+    def apply(self, j: int, r0: int, r1: int, d: mx.array) -> mx.array:
+        if self.zero:
+            return mx.zeros_like(d)
+        if self.masks is not None:
+            m = self.masks[j]
+        elif self.mask is not None:
+            m = self.mask(j, r0, r1, d)
+        else:
+            return d
+        if self.scale is not None:
+            return mx.where(m, d, 0.0) * self.scale
+        if self.inverse_p is not None:
+            p = self.inverse_p(d) if callable(self.inverse_p) else self.inverse_p
+            return mx.where(m, d / p, 0.0)
+        return mx.where(m, d, 0.0)
+
+
+_MASKED: dict[int, object] = {}
+
+
+def _top_masked(n_bounds: int):
+    """Compiled ``(x, b, bounds) -> δ`` kept by 1 or 2 (TopK kept, TopK dropped) bounds.
+
+    ``bounds`` = [thr, inclusive, ...] (float32); the same selection as the masks built op by
+    op (comparisons and a select are exact), in one pass.
+    """
+    if n_bounds not in _MASKED:
+
+        def kernel(x, b, bounds):
+            d = x.astype(mx.float32) - b.astype(mx.float32)
+            a = mx.abs(d)
+            keep = mx.where(bounds[1] > 0, a >= bounds[0], a > bounds[0])
+            if n_bounds == 2:
+                keep = keep & ~mx.where(bounds[3] > 0, a >= bounds[2], a > bounds[2])
+            return mx.where(keep, d, 0.0)
+
+        _MASKED[n_bounds] = mx.compile(kernel)
+    return _MASKED[n_bounds]
+
+
+@mx.compile
+def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
+    return mx.abs(x.astype(mx.float32) - b.astype(mx.float32))
 
 
 def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
@@ -94,132 +307,42 @@ def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
     return np.asarray(flat)[idx].astype(np.float32)
 
 
-def _kept(mask: mx.array, a: mx.array) -> mx.array:
-    if "kept" not in _KERNELS:
-        _KERNELS["kept"] = mx.compile(lambda m, a: mx.where(m, a, 0.0))
-    return _KERNELS["kept"](mask, a)
-
-
-def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
-    if "abs" not in _KERNELS:
-        _KERNELS["abs"] = mx.compile(
-            lambda x, b: mx.abs(x.astype(mx.float32) - b.astype(mx.float32))
-        )
-    return _KERNELS["abs"](x, b)
-
-
-def _fused_mode(rule: dict) -> str | None:
-    """How the fused kernel masks one model's δ (None: a rule only ``masked`` handles)."""
-    if not rule:
-        return "all"
-    if rule.get("none"):
-        return "zero"
-    if "ge" in rule:
-        return "ties" if "room" in rule else "ge"
-    if "mask" in rule:
-        return "mask_scale" if "scale" in rule else "mask_inv" if "inverse_p" in rule else "mask"
-    return None
-
-
-def _fused_param(rule: dict):
-    for k in ("ge", "scale", "inverse_p"):
-        if k in rule:
-            return rule[k].item() if isinstance(rule[k], mx.array) else rule[k]
-    return 0.0
+_MASK_KERNELS: dict[str, object] = {}
 
 
 def _mask_kernel(mode: str):
-    """δ = x − base masked as ``masked`` does for this mode: one compiled kernel per model.
+    """``(x, b, param, mask) -> δ`` masked and rescaled as ``_Keep.apply`` does, compiled:
+    ``mask`` keeps δ, times ``param`` (the L1 scale) or divided by it (the keep probability)."""
+    if mode not in _MASK_KERNELS:
 
-    ``param`` is the threshold, the L1 scale or the keep probability; same operations as
-    ``masked``, so the same bits.
-    """
+        def kernel(x, b, param, m):
+            d = x.astype(mx.float32) - b.astype(mx.float32)
+            if mode == "scale":
+                return mx.where(m, d, 0.0) * param
+            if mode == "inverse_p":
+                return mx.where(m, d / param, 0.0)
+            return mx.where(m, d, 0.0)
 
-    def kernel(x, b, param, *mask):
-        d = x.astype(mx.float32) - b.astype(mx.float32)
-        if mode == "zero":
-            return mx.zeros_like(d)
-        if mode == "ge":
-            return mx.where(mx.abs(d) >= param, d, 0.0)
-        if mode == "gt":
-            return mx.where(mx.abs(d) > param, d, 0.0)
-        if mode == "mask":
-            return mx.where(mask[0], d, 0.0)
-        if mode == "mask_scale":
-            return mx.where(mask[0], d, 0.0) * param
-        if mode == "mask_inv":
-            return mx.where(mask[0], d / param, 0.0)
-        return d
-
-    key = ("mask", mode)
-    if key not in _KERNELS:
-        _KERNELS[key] = mx.compile(kernel)
-    return _KERNELS[key]
+        _MASK_KERNELS[mode] = mx.compile(kernel)
+    return _MASK_KERNELS[mode]
 
 
-def _threshold(delta, spans, k: int, n: int) -> tuple[float, int, list[int]]:
-    """(k-th largest |δ|, entries above it, entries equal to it in each block) without a
-    full |δ|."""
-    return _thresholds([delta], spans, [k], n)[0]
-
-
-def _thresholds(deltas, spans, ks: list[int], n: int) -> list[tuple[float, int, list[int]]]:
-    """``_threshold`` for several models at once: each block's |δ| of every model is computed
-    by MLX, then NumPy gathers each model's band in a thread of its own (NumPy releases the
-    GIL), so two models use both cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    brackets = []
-    for delta, k in zip(deltas, ks):
-        sample = np.sort(np.asarray(mx.abs(delta(None, idx))))
-        brackets.append(kth_bracket(sample, k, n))
-    above = [0] * len(deltas)
-    bands: list[list[np.ndarray]] = [[] for _ in deltas]
-
-    def scan(i, v):
-        lo, hi = brackets[i]
-        above[i] += int(np.count_nonzero(v > hi))
-        bands[i].append(v[(v >= lo) & (v <= hi)])
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for r0, r1 in spans:
-            a = [d((r0, r1), None, absolute=True).reshape(-1) for d in deltas]
-            mx.eval(a)
-            list(pool.map(scan, range(len(deltas)), [np.asarray(x) for x in a]))
-            del a
-
-        def finish(i):
-            k, band = ks[i], np.concatenate(bands[i])
-            need = k - above[i]
-            if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-                bands[i] = [np.asarray(mx.abs(deltas[i](s, None)).reshape(-1)) for s in spans]
-                every = np.concatenate(bands[i])
-                thr = float(np.partition(every, every.size - k)[every.size - k])
-                n_above = int(np.count_nonzero(every > thr))
-            else:
-                thr = float(np.partition(band, band.size - need)[band.size - need])
-                n_above = above[i] + int(np.count_nonzero(band > thr))
-            # every entry equal to thr lies in a band: the bands give each block's ties
-            return thr, n_above, [int(np.count_nonzero(b == thr)) for b in bands[i]]
-
-        misses = [
-            i for i in range(len(deltas)) if not 0 < ks[i] - above[i] <= sum(map(len, bands[i]))
-        ]
-        done = {i: finish(i) for i in misses}  # MLX work: in this thread
-        rest = [i for i in range(len(deltas)) if i not in done]
-        done.update(zip(rest, pool.map(finish, rest)))
-    return [done[i] for i in range(len(deltas))]
-
-
-def _tie_modes(room: int, equal: list[int]) -> list[str]:
-    """Per block: keep every tie ("ge"), none ("gt"), or some ("cut": the block's first ones)
-    so that exactly ``room`` ties are kept in row-major order."""
-    modes, seen = [], 0
-    for e in equal:
-        modes.append("ge" if seen + e <= room else "gt" if seen >= room else "cut")
-        seen += e
-    return modes
+def _l1_scale(delta, spans, mask_of) -> tuple[mx.array, list[mx.array]]:
+    """``sparsify.rescale_l1``'s factor ‖δ‖₁/‖δ⊙m‖₁ (1 below 1e-7), and the block masks."""
+    before, after, masks = [], [], []
+    for j, (r0, r1) in enumerate(spans):
+        d = delta(r0, r1)
+        m = mask_of(j, r0, r1, d)
+        pb, pa = level1(mx.abs(d)), level1(mx.abs(mx.where(m, d, 0.0)))
+        mx.eval(pb, pa, m)
+        before.append(pb)
+        after.append(pa)
+        masks.append(m)
+    l1_before, l1_after = finish_fsum(before), finish_fsum(after)
+    ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
+    scale = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
+    mx.eval(scale)
+    return scale, masks
 
 
 def merge_rows(
@@ -231,6 +354,8 @@ def merge_rows(
     consensus: str,
     weight: list[float],
     density: list[float] | float = 1.0,
+    gamma: list[float] | float = 0.01,
+    epsilon: list[float] | float = 0.15,
     normalize: bool = False,
     lambda_: float = 1.0,
     rescale: bool = False,
@@ -246,145 +371,120 @@ def merge_rows(
 
     ``tensors`` and ``base`` are the inputs in their stored dtype (bf16: half the memory of
     float32), all of one shape (rows, ...). Returns the evaluated output in ``out_dtype``.
+    Raises ``RecipeError`` for the same bad parameters as the whole-tensor function.
     """
     n_models = len(tensors)
     shape = tuple(base.shape)
     rows, cols = shape[0], math.prod(shape[1:])
-    n = rows * cols
-    step = _block_rows(rows, cols, block_entries or BLOCK_ENTRIES)
-    spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    spans = block_spans(rows, cols, block_entries)
     xs = [t.reshape(rows, cols) for t in tensors]
     b = base.reshape(rows, cols)
     w = per_model(weight, n_models, "weight")
     dens = per_model(density, n_models, "density")
+    gam = per_model(gamma, n_models, "gamma")
+    eps = per_model(epsilon, n_models, "epsilon")
+    if sparsify in ("random", "della_magprune") and (keys is None or len(keys) != n_models):
+        raise ValueError(f"sparsify={sparsify!r} needs one PRNG key per model (derive_key)")
 
     def delta_of(i):
-        def delta(span, idx, absolute=False):
-            if idx is not None:  # a gather of entries (the threshold's sample)
-                idx = np.asarray(idx)
-                return mx.array(_gather_f32(xs[i], idx) - _gather_f32(b, idx))
-            r0, r1 = span
-            if absolute:
-                return _abs_delta(xs[i][r0:r1], b[r0:r1])
+        def delta(r0, r1):
             return xs[i][r0:r1].astype(mx.float32) - b[r0:r1].astype(mx.float32)
 
-        return delta
+        def magnitude(span, idx):
+            if idx is not None:  # a gather of entries (the thresholds' sample)
+                idx = np.asarray(idx)
+                return mx.array(np.abs(_gather_f32(xs[i], idx) - _gather_f32(b, idx)))
+            r0, r1 = span
+            return _abs_delta(xs[i][r0:r1], b[r0:r1])
 
-    deltas = [delta_of(i) for i in range(n_models)]
-    # Per model: how its task vector is masked in the combine pass.
-    masks = {}
-    if sparsify == "random":  # every model's random mask first
-        for i in range(n_models):
-            if dens[i] < 1:
-                sp.check_density(dens[i], sparsify)
-                # one bool per entry: a quarter of a float32 copy
-                masks[i] = sp.random_mask(dens[i], shape, keys[i]).reshape(rows, cols)
-    trims = {}
-    if sparsify == "magnitude" and trim_scope != "model":  # every model's top-k threshold
-        todo = [i for i in range(n_models) if dens[i] < 1 and int(dens[i] * n) > 0]
-        for i in todo:
-            sp.check_density(dens[i], sparsify)
-        found = _thresholds([deltas[i] for i in todo], spans, [int(dens[i] * n) for i in todo], n)
-        trims = dict(zip(todo, found))
-    keep: list[dict] = []
-    for i in range(n_models):
-        rule: dict = {}
-        if sparsify != "none":
-            sp.check_density(dens[i], sparsify)
-        if sparsify == "magnitude" and trim_scope == "model":
-            rule["ge"] = trim_thresholds[i]
-        elif sparsify == "magnitude" and dens[i] < 1:
-            k = int(dens[i] * n)
-            if k <= 0:
-                rule["none"] = True
-            else:
-                thr, n_above, equal = trims[i]
-                rule["ge"] = thr
-                if sum(equal) > k - n_above:  # ties at the threshold: keep the first ones
-                    rule["room"], rule["seen"] = k - n_above, 0
-                    rule["blocks"], rule["equal"] = _tie_modes(k - n_above, equal), equal
-        elif sparsify == "random" and dens[i] < 1:
-            rule["mask"] = mask = masks[i]
-            if rescale and rescale_mode == "l1":
-                before, after = [], []
-                for r0, r1 in spans:
-                    a = _abs_delta(xs[i][r0:r1], b[r0:r1])
-                    pb = _level1(a)
-                    pa = _level1(_kept(mask[r0:r1], a))
-                    mx.eval(pb, pa)
-                    before.append(pb)
-                    after.append(pa)
-                l1_before = fsum(mx.concatenate(before))
-                l1_after = fsum(mx.concatenate(after))
-                ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
-                rule["scale"] = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
-                mx.eval(rule["scale"])
-            elif rescale:
-                rule["inverse_p"] = dens[i]
-        keep.append(rule)
+        return delta, magnitude
 
-    def masked(i, r0, r1):
-        d = deltas[i]((r0, r1), None)
-        rule = keep[i]
-        if rule.get("none"):
-            return mx.zeros_like(d)
-        if "ge" in rule:
-            a = mx.abs(d)
-            if "room" in rule:  # the exact top-k with row-major tie-breaking, block by block
-                equal = (a == rule["ge"]).reshape(-1)
-                rank = rule["seen"] + mx.cumsum(equal.astype(mx.int32))
-                rule["seen"] += int(mx.sum(equal.astype(mx.int32)).item())
-                tie = (equal & (rank <= rule["room"])).reshape(a.shape)
-                return mx.where((a > rule["ge"]) | tie, d, 0.0)
-            return mx.where(a >= rule["ge"], d, 0.0)
-        if "mask" in rule:
-            m = rule["mask"][r0:r1]
-            if "scale" in rule:
-                return mx.where(m, d, 0.0) * rule["scale"]
-            if "inverse_p" in rule:
-                return mx.where(m, d / rule["inverse_p"], 0.0)
-            return mx.where(m, d, 0.0)
-        return d
+    keep = [_keep(i, *delta_of(i), spans, shape, sparsify, dens[i], gam[i], eps[i], rescale,
+                  rescale_mode, keys, trim_scope, trim_thresholds)
+            for i in range(n_models)]  # fmt: skip
 
+    combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize, out_dtype)
     total_w = float(sum(w))
     scalars = mx.array([lambda_, 1.0 if abs(total_w) < 1e-8 else total_w], dtype=mx.float32)
     weights = mx.array(w, dtype=mx.float32)
-    modes = tuple(_fused_mode(rule) for rule in keep)
-    out = []
-    if None not in modes:  # compiled kernels only, from the stored inputs to out_dtype
-        params = mx.array([_fused_param(rule) for rule in keep], dtype=mx.float32)
-        combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize,
-                                  out_dtype)  # fmt: skip
-
-        def block_delta(i, j, r0, r1):
-            mode, rule = modes[i], keep[i]
-            if mode == "ties":  # exact top-k: every tie, none, or (one block) the first ones
-                mode = rule["blocks"][j]
-                if mode == "cut":
-                    rule["seen"] = sum(rule["equal"][:j])  # ties in the blocks before
-                    return masked(i, r0, r1)
-            mask = [rule["mask"][r0:r1]] if "mask" in rule else []
-            return _mask_kernel(mode)(xs[i][r0:r1], b[r0:r1], params[i], *mask)
-
-        # Two blocks at a time on two CPU streams: each stream runs on its own thread.
-        pool = streams()
-        for pair in range(0, len(spans), len(pool)):
-            ys = []
-            for j in range(pair, min(pair + len(pool), len(spans))):
-                r0, r1 = spans[j]
-                with mx.stream(pool[j - pair]):
-                    ds = [block_delta(i, j, r0, r1) for i in range(n_models)]
-                    ys.append(combine(b[r0:r1], scalars, weights, *ds))
-            mx.eval(ys)
-            out.extend(ys)
-        ds = ys = None
-    else:
-        combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
-        for r0, r1 in spans:
-            ds = [masked(i, r0, r1) for i in range(n_models)]
-            y = combine(b[r0:r1].astype(mx.float32), scalars, weights, *ds).astype(out_dtype)
-            mx.eval(y)
-            out.append(y)
+    out: list[mx.array] = []
+    pool = streams()  # two blocks at a time, one per CPU stream (thread): both cores
+    for first in range(0, len(spans), len(pool)):
+        ys = []
+        for j in range(first, min(first + len(pool), len(spans))):
+            r0, r1 = spans[j]
+            with mx.stream(pool[j - first]):
+                ds = [keep[i].block(j, r0, r1, xs[i], b, delta_of(i)[0]) for i in range(n_models)]
+                ys.append(combine(b[r0:r1], scalars, weights, *ds))
+        mx.eval(ys)
+        out.extend(ys)
+    ds = ys = None
     y = mx.concatenate(out).reshape(shape)
     mx.eval(y)
     return y
+
+
+def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, rescale,
+          rescale_mode, keys, trim_scope, trim_thresholds) -> _Keep:  # fmt: skip
+    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale."""
+    rule = _Keep()
+    if sparsify == "none":
+        return rule
+    sp.check_density(density, sparsify)
+    if sparsify == "magnitude" and trim_scope == "model":
+        if trim_thresholds is None:
+            raise ValueError("trim_scope='model' needs the model-wide trim_thresholds")
+        thr = trim_thresholds[i]
+        rule.mask = lambda j, r0, r1, d: mx.abs(d) >= thr
+        return rule  # the TIES paper's model-wide trim: no rescale
+    if density >= 1:
+        return rule
+    if sparsify == "della_magprune" and density <= 0:
+        rule.zero = True
+        return rule
+    n = math.prod(shape)
+    rows = spans[-1][1]
+    p: object = density  # keep probability, for the inverse_p rescale
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        n_top = 0
+        if sparsify == "magnitude":
+            n_keep = int(density * n)
+        else:  # breadcrumbs: the n_keep largest minus the n_top largest (sparsify.py)
+            target, n_top = int(density * n), int(gamma * n)
+            n_bot = n - target - n_top
+            if n_bot < 0:
+                n_top, n_bot = n_top + n_bot, 0
+            n_keep = n - n_bot
+        ks = [n_keep] + ([n_top] if n_top > 0 else [])
+        rule.tops = top_ks(magnitude, spans, ks, n)
+        kept, outliers = rule.tops[0], rule.tops[1] if n_top > 0 else None
+
+        def mask(j, r0, r1, d):
+            a = mx.abs(d)
+            m = kept.mask(a, j)
+            return m if outliers is None else m & ~outliers.mask(a, j)
+
+        rule.mask = mask
+    elif sparsify == "random":
+        full = sp.random_mask(density, shape, keys[i]).reshape(rows, -1)
+        rule.draw = full  # one bool per entry: a quarter of a float32 copy
+        rule.mask = lambda j, r0, r1, d: full[r0:r1]
+    else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
+        sp.check_della(density, epsilon)
+        bits = bernoulli_bits(shape, keys[i]).reshape(rows, -1)
+        mx.eval(bits)  # 4 bytes an entry, as bernoulli's own draw; p comes block by block
+
+        def p(d):
+            return sp.della_probabilities(d, density, epsilon)
+
+        rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
+    if rescale and rescale_mode == "l1":
+        rule.scale, rule.masks = _l1_scale(delta, spans, rule.mask)
+    elif rescale:
+        rule.inverse_p = p
+    if sparsify == "della_magprune":
+        if rule.masks is None:  # cache the masks (a bool an entry) and drop the draw
+            rule.masks = [rule.mask(j, r0, r1, delta(r0, r1)) for j, (r0, r1) in enumerate(spans)]
+            mx.eval(*rule.masks)
+        rule.mask = None
+    return rule

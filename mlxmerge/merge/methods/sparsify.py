@@ -174,13 +174,40 @@ def mask_entries(density: float, key: mx.array, start: int, stop: int) -> mx.arr
     return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
+RANK_CHUNK = 1 << 21  # entries per chunk of rows in ``row_ranks`` (16 MB of uint64 keys)
+
+
+def row_ranks(a: mx.array) -> mx.array:
+    """0-based rank of each entry of the 2-D ``a`` (≥ 0, no NaN) within its row, float32.
+
+    Equal to scattering ``arange`` through ``mx.argsort(a, axis=1)`` (a stable sort: ties rank
+    in column order) but ~3x faster on the CPU: each entry becomes one unique uint64 key, its
+    float32 bits (monotone for non-negative floats) above its column, and NumPy sorts the keys
+    a chunk of rows at a time.
+    """
+    rows, n = a.shape
+    shift = np.uint64(max(1, (n - 1).bit_length()))
+    cols = np.arange(n, dtype=np.uint64)
+    ranks = np.empty((rows, n), dtype=np.float32)
+    values = np.asarray(mx.contiguous(a.astype(mx.float32))).view(np.uint32)
+    step = max(1, RANK_CHUNK // n)
+    for r0 in range(0, rows, step):
+        key = values[r0 : r0 + step].astype(np.uint64)  # in place from here: no temporaries
+        key <<= shift
+        key |= cols
+        key.sort(axis=1)
+        key &= (np.uint64(1) << shift) - np.uint64(1)  # the columns, in sorted order
+        np.put_along_axis(
+            ranks[r0 : r0 + step], key.view(np.int64), cols.astype(np.float32)[None], axis=1
+        )
+    return mx.array(ranks)
+
+
 def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.array:
     """Per-row keep probabilities, linear in the |δ| rank: density ± epsilon at the extremes."""
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
     n = rows.shape[1]
-    order = mx.argsort(mx.abs(rows), axis=1)  # per row only: rows are short
-    ranks = mx.broadcast_to(mx.arange(n, dtype=mx.float32)[None], rows.shape)
-    ranks = mx.put_along_axis(mx.zeros(rows.shape, dtype=mx.float32), order, ranks, axis=1)
+    ranks = row_ranks(mx.abs(rows))  # per row only: rows are short
     # A single-entry row has no rank spread: it keeps p = density (mergekit divides 0 by 0).
     rank_norm = ranks / (n - 1) if n > 1 else mx.full(rows.shape, 0.5)
     p = (density - epsilon) + rank_norm * (2 * epsilon)
