@@ -157,41 +157,70 @@ def top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
     bracket and gathers those inside, and only those are ranked. A bracket that misses (six
     standard deviations: it should not) falls back to ranking every entry.
     """
-    inside = [k for k in ks if 0 < k < n]
-    found = dict(zip(inside, _top_ks(score, spans, inside, n))) if inside else {}
-    return [found[k] if k in found else (_Every() if k >= n else _NoEntry()) for k in ks]
+    return top_ks_many([score], spans, [ks], n)[0]
 
 
-def _top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
+def top_ks_many(scores: Sequence[Score], spans, ks: Sequence[Sequence[int]], n: int):
+    """``top_ks`` of several scores (one per model) in one pass over the blocks: MLX computes
+    every model's block of scores, then NumPy counts and gathers each model's brackets in a
+    thread of its own (NumPy releases the GIL), so two models use both cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inside = [[k for k in kk if 0 < k < n] for kk in ks]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = _top_ks(scores, spans, inside, n, pool)
+    return [
+        [f[k] if k in f else (_Every() if k >= n else _NoEntry()) for k in kk]
+        for f, kk in zip(found, ks)
+    ]
+
+
+def _top_ks(scores, spans, ks, n: int, pool) -> list[dict[int, TopK]]:
     idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    sample = np.sort(np.asarray(score(None, mx.array(idx.astype(np.int64)))))
-    brackets = [kth_bracket(sample, k, n) for k in ks]
-    above = [0] * len(ks)
-    bands: list[list[np.ndarray]] = [[] for _ in ks]
+    brackets = []
+    for score, kk in zip(scores, ks):
+        sample = np.sort(np.asarray(score(None, mx.array(idx.astype(np.int64))))) if kk else None
+        brackets.append([kth_bracket(sample, k, n) for k in kk])
+    above = [[0] * len(kk) for kk in ks]
+    bands: list[list[list[np.ndarray]]] = [[[] for _ in kk] for kk in ks]
+
+    def scan(m: int, v: np.ndarray) -> None:
+        for j, (lo, hi) in enumerate(brackets[m]):
+            above[m][j] += int(np.count_nonzero(v > hi))
+            bands[m][j].append(v[(v >= lo) & (v <= hi)])
+
+    todo = [m for m in range(len(scores)) if ks[m]]
     for span in spans:
-        a = score(span, None).reshape(-1)
-        counts = [mx.sum(a > float(hi)) for _, hi in brackets]
-        mx.eval(a, *counts)
-        v = np.asarray(a)
-        for j, (lo, hi) in enumerate(brackets):
-            bands[j].append(v[(v >= lo) & (v <= hi)])
-            above[j] += int(counts[j].item())
-        del a, v
-    out = []
-    for j, k in enumerate(ks):
-        band = np.concatenate(bands[j])
-        need = k - above[j]
-        if not 0 < need <= band.size:  # a six-sigma miss: rank every entry
-            every = [np.asarray(score(s, None).reshape(-1)) for s in spans]
+        a = [scores[m](span, None).reshape(-1) for m in todo]
+        mx.eval(a)
+        list(pool.map(scan, todo, [np.asarray(x) for x in a]))
+        del a
+
+    def rank(m: int, j: int, k: int, every=None) -> TopK:
+        if every is not None:  # a six-sigma miss: rank every entry
             flat = np.concatenate(every)
             thr = float(np.partition(flat, flat.size - k)[flat.size - k])
             equal = [int(np.count_nonzero(v == thr)) for v in every]
-            out.append(TopK(thr, int(np.count_nonzero(flat > thr)), equal, k))
-            continue
+            return TopK(thr, int(np.count_nonzero(flat > thr)), equal, k)
+        band = np.concatenate(bands[m][j])
+        need = k - above[m][j]
         thr = float(np.partition(band, band.size - need)[band.size - need])
-        equal = [int(np.count_nonzero(v == thr)) for v in bands[j]]  # thr lies in the band
-        out.append(TopK(thr, above[j] + int(np.count_nonzero(band > thr)), equal, k))
-    return out
+        equal = [int(np.count_nonzero(v == thr)) for v in bands[m][j]]  # thr lies in the band
+        return TopK(thr, above[m][j] + int(np.count_nonzero(band > thr)), equal, k)
+
+    jobs = [(m, j, k) for m in todo for j, k in enumerate(ks[m])]
+    misses = {(m, j) for m, j, k in jobs
+              if not 0 < k - above[m][j] <= sum(map(len, bands[m][j]))}  # fmt: skip
+    every = {
+        m: [np.asarray(scores[m](s, None).reshape(-1)) for s in spans]
+        for m in {m for m, _ in misses}
+    }  # fmt: skip  (MLX: this thread)
+    ranked = pool.map(lambda job: rank(*job, every.get(job[0]) if job[:2] in misses else None),
+                      jobs)  # fmt: skip
+    found: list[dict[int, TopK]] = [{} for _ in scores]
+    for (m, _, k), t in zip(jobs, ranked):
+        found[m][k] = t
+    return found
 
 
 # mx.random.bernoulli(p, shape, key) is bits < p · (2³² rounded up to the next float32), with
@@ -411,8 +440,15 @@ def merge_rows(
 
         return delta, magnitude
 
+    tops: dict[int, list[TopK]] = {}
+    if sparsify in ("magnitude", "magnitude_outliers") and trim_scope != "model":
+        # every model's thresholds in one pass over the blocks (both cores)
+        todo = [i for i in range(n_models) if 0 < dens[i] < 1]
+        ks = [_magnitude_ks(sparsify, dens[i], gam[i], rows * cols) for i in todo]
+        found = top_ks_many([delta_of(i)[1] for i in todo], spans, ks, rows * cols)
+        tops = dict(zip(todo, found))
     keep = [_keep(i, *delta_of(i), spans, shape, sparsify, dens[i], gam[i], eps[i], rescale,
-                  rescale_mode, keys, trim_scope, trim_thresholds)
+                  rescale_mode, keys, trim_scope, trim_thresholds, tops.get(i))
             for i in range(n_models)]  # fmt: skip
 
     combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize, out_dtype)
@@ -436,8 +472,20 @@ def merge_rows(
     return y
 
 
+def _magnitude_ks(sparsify: str, density: float, gamma: float, n: int) -> list[int]:
+    """The top-k sizes of a magnitude mask: [k kept] or, for breadcrumbs, [n − n_bottom kept,
+    n_top outliers dropped] (sparsify.py)."""
+    if sparsify == "magnitude":
+        return [int(density * n)]
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    return [n - n_bot] + ([n_top] if n_top > 0 else [])
+
+
 def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, rescale,
-          rescale_mode, keys, trim_scope, trim_thresholds) -> _Keep:  # fmt: skip
+          rescale_mode, keys, trim_scope, trim_thresholds, tops=None) -> _Keep:  # fmt: skip
     """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale."""
     rule = _Keep()
     if sparsify == "none":
@@ -458,18 +506,9 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
     rows = spans[-1][1]
     p: object = density  # keep probability, for the inverse_p rescale
     if sparsify in ("magnitude", "magnitude_outliers"):
-        n_top = 0
-        if sparsify == "magnitude":
-            n_keep = int(density * n)
-        else:  # breadcrumbs: the n_keep largest minus the n_top largest (sparsify.py)
-            target, n_top = int(density * n), int(gamma * n)
-            n_bot = n - target - n_top
-            if n_bot < 0:
-                n_top, n_bot = n_top + n_bot, 0
-            n_keep = n - n_bot
-        ks = [n_keep] + ([n_top] if n_top > 0 else [])
-        rule.tops = top_ks(magnitude, spans, ks, n)
-        kept, outliers = rule.tops[0], rule.tops[1] if n_top > 0 else None
+        ks = _magnitude_ks(sparsify, density, gamma, n)
+        rule.tops = tops if tops is not None else top_ks(magnitude, spans, ks, n)
+        kept, outliers = rule.tops[0], rule.tops[1] if len(ks) > 1 else None
 
         def mask(j, r0, r1, d):
             a = mx.abs(d)
