@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from mlxmerge.merge.methods.common import BLOCK, fsum
+from mlxmerge.merge.methods.common import BLOCK, fsum, per_model
 from mlxmerge.merge.methods.linear import linear_weights
 from mlxmerge.merge.methods.spherical import check_t, slerp_coefficients
 
@@ -130,3 +130,271 @@ def slerp(
     y = _mix_kernel(out_dtype)(mx.stack([c0, c1]).astype(mx.float32), base, tensors[0])
     mx.eval(y)
     return y
+
+
+# --- shared machinery of the forms below -----------------------------------------------------
+
+
+def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
+    """Whole-tensor sums of several elementwise float32 products, one block at a time.
+
+    ``terms``: ``(kernel, flats, scalars)`` each; ``kernel(*scalars, *blocks)`` returns one
+    float32 block, ``blocks`` being the same ``BLOCK_ENTRIES`` span of every 1-D array in
+    ``flats`` (``n`` entries each). Every sum is accurate to float32 rounding like ``fsum``
+    (1024-entry groups through ``_level1``, then ``fsum`` of the group sums).
+    """
+    parts: list[list[mx.array]] = [[] for _ in terms]
+    for s in range(0, n, BLOCK_ENTRIES):
+        for acc, (kernel, flats, scalars) in zip(parts, terms):
+            acc.append(_level1(kernel(*scalars, *(f[s : s + BLOCK_ENTRIES] for f in flats))))
+        mx.eval([acc[-1] for acc in parts])
+    return [fsum(mx.concatenate(p)) for p in parts]
+
+
+def _f32(value) -> mx.array:
+    return mx.array(value, dtype=mx.float32)
+
+
+def _flat(xs: Sequence[mx.array | None]) -> list[mx.array | None]:
+    return [None if x is None else x.reshape(-1) for x in xs]
+
+
+def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ENTRIES // max(cols, 1))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _delta(x: mx.array, base: mx.array | None) -> mx.array:
+    """x in float32, minus base when there is one (a task vector), inside a kernel."""
+    return x.astype(mx.float32) if base is None else x.astype(mx.float32) - base.astype(mx.float32)
+
+
+def _delta_product_kernel(with_base: bool):
+    # (x - base)·(y - base) per entry (or x·y without a base): the terms of norms and dots.
+    def build():
+        if with_base:
+            return lambda x, y, b: _delta(x, b) * _delta(y, b)
+        return lambda x, y: x.astype(mx.float32) * y.astype(mx.float32)
+
+    return _compiled(("dprod", with_base), build)
+
+
+def _delta_gram(xs: Sequence[mx.array], base: mx.array | None, pairs) -> list[mx.array]:
+    """Block-summed (xᵢ − base)·(xⱼ − base) over whole tensors for each (i, j) in ``pairs``."""
+    flat = _flat([*xs, base])
+    kernel = _delta_product_kernel(base is not None)
+    tail = [flat[-1]] if base is not None else []
+    terms = [(kernel, [flat[i], flat[j], *tail], []) for i, j in pairs]
+    return block_sums(terms, flat[0].size)
+
+
+# --- nearswap, passthrough ---------------------------------------------------------------------
+
+
+def _nearswap_kernel(out_dtype: mx.Dtype):
+    def build():
+        def kernel(t, a, b):
+            a, b = a.astype(mx.float32), b.astype(mx.float32)
+            w = mx.clip(t / mx.maximum(mx.abs(a - b), 1e-6), 0.0, 1.0)
+            return (w * b + (1.0 - w) * a).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("nearswap", out_dtype), build)
+
+
+def nearswap(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, t: float
+) -> mx.array | None:
+    """``linear.nearswap`` in one compiled pass over stored-dtype inputs."""
+    if base is None or len(tensors) != 1:
+        return None  # the plain function raises the message
+    y = _nearswap_kernel(out_dtype)(_f32(t), base, tensors[0])
+    mx.eval(y)
+    return y
+
+
+def _scale_kernel(out_dtype: mx.Dtype):
+    def build():
+        return lambda s, x: (x.astype(mx.float32) * s).astype(out_dtype)
+
+    return _compiled(("scale", out_dtype), build)
+
+
+def passthrough(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    scale: list[float] | float | None = None,
+) -> mx.array | None:
+    """``linear.passthrough``: the one input times ``scale``, cast in the same pass."""
+    if len(tensors) != 1:
+        return None
+    s = per_model(scale, 1, "scale")[0]
+    x = tensors[0]
+    y = x.astype(out_dtype) if s is None or s == 1.0 else _scale_kernel(out_dtype)(_f32(s), x)
+    mx.eval(y)
+    return y
+
+
+# --- model_stock -------------------------------------------------------------------------------
+
+
+def _stock_mix_kernel(n: int, out_dtype: mx.Dtype):
+    # t·mean(xᵢ) + (1 − t)·base, the order of model_stock's float32 ops.
+    def build():
+        def kernel(t, base, *xs):
+            avg = 0
+            for x in xs:
+                avg = avg + x.astype(mx.float32)
+            avg = avg / n
+            return (t * avg + (1 - t) * base.astype(mx.float32)).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("stock", n, out_dtype), build)
+
+
+def _stock_t(sums: dict, n: int) -> mx.array:
+    """model_stock's t from ‖oᵢ‖² (key (i, i)) and oᵢ·oⱼ (key (i, j)): scalars or per row."""
+    norms = [mx.sqrt(sums[i, i]) for i in range(n)]
+    cosines = [
+        mx.clip(sums[i, j] / mx.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = mx.clip(mx.mean(mx.stack(cosines), axis=0), 0.0, 1.0)[..., None]
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(
+    tensors: Sequence[mx.array],
+    base: mx.array,
+    out_dtype: mx.Dtype,
+    *,
+    filter_wise: bool = False,
+) -> mx.array | None:
+    """``model_stock.model_stock`` over stored-dtype inputs.
+
+    Whole tensor: the N(N+1)/2 offset norms and dots are block-summed, then one compiled mix.
+    ``filter_wise``: per row of the last axis, row blocks of ``BLOCK_ENTRIES`` entries, the row
+    sums as the plain function takes them (``mx.sum`` over the row), the mix compiled.
+    """
+    n = len(tensors)
+    if base is None or n < 2:
+        return None  # nothing to merge, or the plain function raises the message
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    mix = _stock_mix_kernel(n, out_dtype)
+    if not filter_wise:
+        sums = dict(zip(pairs, _delta_gram(tensors, base, pairs)))
+        y = mix(_stock_t(sums, n)[0].astype(mx.float32), base, *tensors)
+        mx.eval(y)
+        return y
+    shape = tuple(base.shape)
+    cols = shape[-1] if len(shape) >= 2 else base.size
+    rows2 = [x.reshape(-1, cols) for x in (*tensors, base)]
+    product = _delta_product_kernel(True)
+    out = []
+    for r0, r1 in _row_spans(rows2[0].shape[0], cols):
+        b = rows2[-1][r0:r1]
+        xs = [x[r0:r1] for x in rows2[:-1]]
+        sums = {(i, j): mx.sum(product(xs[i], xs[j], b), axis=-1) for i, j in pairs}
+        out.append(mix(_stock_t(sums, n), b, *xs))
+        mx.eval(out[-1])
+    return mx.concatenate(out).reshape(shape)
+
+
+# --- nuslerp ----------------------------------------------------------------------------------
+
+
+def _unit_product_kernel(with_base: bool):
+    # (v0/m0)·(v1/m1) per entry, vᵢ = xᵢ (− base): the cosine's terms as ``_nuslerp`` forms them.
+    def build():
+        def kernel(m0, m1, x0, x1, *b):
+            base = b[0] if b else None
+            return (_delta(x0, base) / m0) * (_delta(x1, base) / m1)
+
+        return kernel
+
+    return _compiled(("uprod", with_base), build)
+
+
+def _nuslerp_mix_kernel(with_base: bool, out_dtype: mx.Dtype):
+    def build():
+        def kernel(s0, s1, safe, colinear, omt, t, x0, x1, *b):
+            base = b[0] if b else None
+            v0, v1 = _delta(x0, base), _delta(x1, base)
+            res = (s0 * v0 + s1 * v1) / safe
+            res = mx.where(colinear, omt * v0 + t * v1, res)
+            return (res if base is None else base.astype(mx.float32) + res).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("nuslerp", with_base, out_dtype), build)
+
+
+def _nuslerp_coefficients(cos: mx.array, t: float) -> list[mx.array]:
+    """sin((1−t)θ), sin(tθ), the safe sinθ, the colinear flag, 1 − t and t, with the plain
+    function's ops and Python-float rounding (uncompiled: a compiled sin may round otherwise)."""
+    theta = mx.arccos(mx.clip(cos, -1.0, 1.0))
+    sin_theta = mx.sin(theta)
+    colinear = mx.abs(sin_theta) < 1e-8
+    safe = mx.where(colinear, 1.0, sin_theta)
+    return [mx.sin((1.0 - t) * theta), mx.sin(t * theta), safe, colinear, _f32(1.0 - t), _f32(t)]
+
+
+def nuslerp(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> mx.array | None:
+    """``spherical.nuslerp`` over stored-dtype inputs.
+
+    Flattened: the two norms, then the cosine of the unit vectors, block-summed in two passes
+    (the plain function sums the products of the unit vectors, not the raw dot); one compiled
+    mix. Per row (or per column with ``nuslerp_row_wise``) of a matrix: blocks of whole rows
+    (columns), the sums taken with ``mx.sum`` over each vector as the plain function does.
+    The interpolation angle θ and t enter the mix as arrays, so sin((1−t)θ) is computed in the
+    kernel, as in the plain function.
+    """
+    if len(tensors) != 2 or (not nuslerp_flatten and base is not None and base.ndim < 2):
+        return None
+    if not nuslerp_flatten and tensors[0].ndim < 2:
+        return None  # one vector summed by mx.sum: the plain function is cheap and exact there
+    w = per_model(weight, 2, "weight")
+    total = float(w[0] + w[1])
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    tail = [] if base is None else [base]
+    mix = _nuslerp_mix_kernel(base is not None, out_dtype)
+    if nuslerp_flatten:
+        flat = _flat([*tensors, *tail])
+        n0, n1 = _delta_gram(tensors, base, [(0, 0), (1, 1)])
+        m0, m1 = (mx.maximum(mx.sqrt(s), 1e-7) for s in (n0, n1))
+        (cos,) = block_sums([(_unit_product_kernel(base is not None), flat, [m0, m1])], flat[0].size)
+        y = mix(*_nuslerp_coefficients(cos, t), *tensors, *tail)
+        mx.eval(y)
+        return y
+    shape = tuple(tensors[0].shape)
+    # vectors along the last axis: rows of (-1, last); row_wise: columns of (first, -1).
+    # axis: the one summed over; blocks of whole vectors along the other.
+    axis = 0 if nuslerp_row_wise else 1
+    mats = [x.reshape((shape[0], -1) if nuslerp_row_wise else (-1, shape[-1])) for x in tensors + tail]
+    length, count = mats[0].shape[axis], mats[0].shape[1 - axis]
+    product = _delta_product_kernel(base is not None)
+    unit_product = _unit_product_kernel(base is not None)
+    out = []
+    for a, b in _row_spans(count, length):
+        blk = [m[:, a:b] if nuslerp_row_wise else m[a:b] for m in mats]
+        extra = blk[2:]
+        n0 = mx.sum(product(blk[0], blk[0], *extra), axis=axis, keepdims=True)
+        n1 = mx.sum(product(blk[1], blk[1], *extra), axis=axis, keepdims=True)
+        m0, m1 = (mx.maximum(mx.sqrt(s), 1e-7) for s in (n0, n1))
+        cos = mx.sum(unit_product(m0, m1, *blk), axis=axis, keepdims=True)
+        out.append(mix(*_nuslerp_coefficients(cos, t), *blk))
+        mx.eval(out[-1])
+    return mx.concatenate(out, axis=1 - axis).reshape(shape)
