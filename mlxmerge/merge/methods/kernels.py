@@ -14,13 +14,14 @@ rounding (a compiled kernel may fuse a multiply and an add; the statistics are s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import mlx.core as mx
 
 from mlxmerge.merge.methods.common import BLOCK, fsum, per_model
 from mlxmerge.merge.methods.linear import linear_weights
-from mlxmerge.merge.methods.spherical import check_t, slerp_coefficients
+from mlxmerge.merge.methods.spherical import check_t, karcher_alphas, slerp_coefficients
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
 
@@ -375,7 +376,9 @@ def nuslerp(
         flat = _flat([*tensors, *tail])
         n0, n1 = _delta_gram(tensors, base, [(0, 0), (1, 1)])
         m0, m1 = (mx.maximum(mx.sqrt(s), 1e-7) for s in (n0, n1))
-        (cos,) = block_sums([(_unit_product_kernel(base is not None), flat, [m0, m1])], flat[0].size)
+        (cos,) = block_sums(
+            [(_unit_product_kernel(base is not None), flat, [m0, m1])], flat[0].size
+        )
         y = mix(*_nuslerp_coefficients(cos, t), *tensors, *tail)
         mx.eval(y)
         return y
@@ -383,7 +386,9 @@ def nuslerp(
     # vectors along the last axis: rows of (-1, last); row_wise: columns of (first, -1).
     # axis: the one summed over; blocks of whole vectors along the other.
     axis = 0 if nuslerp_row_wise else 1
-    mats = [x.reshape((shape[0], -1) if nuslerp_row_wise else (-1, shape[-1])) for x in tensors + tail]
+    mats = [
+        x.reshape((shape[0], -1) if nuslerp_row_wise else (-1, shape[-1])) for x in tensors + tail
+    ]
     length, count = mats[0].shape[axis], mats[0].shape[1 - axis]
     product = _delta_product_kernel(base is not None)
     unit_product = _unit_product_kernel(base is not None)
@@ -398,3 +403,314 @@ def nuslerp(
         out.append(mix(*_nuslerp_coefficients(cos, t), *blk))
         mx.eval(out[-1])
     return mx.concatenate(out, axis=1 - axis).reshape(shape)
+
+
+# --- multislerp --------------------------------------------------------------------------------
+
+
+def _ms_units(ne, xs, base):
+    return [_delta(x, base) / ne[i] for i, x in enumerate(xs)]
+
+
+def _ms_mean(units, wa):
+    mean = units[0] * wa[0]
+    for i in range(1, len(units)):
+        mean = mean + units[i] * wa[i]
+    return mean
+
+
+def _ms_tangent(units, wa, dots, meanhat):
+    tangent = (units[0] - dots[0] * meanhat) * wa[0]
+    for i in range(1, len(units)):
+        tangent = tangent + (units[i] - dots[i] * meanhat) * wa[i]
+    return tangent
+
+
+def _ms_kernel(stage: str, n: int, with_base: bool, index: int = 0, out_dtype=None):
+    """One of multislerp's passes as one compiled kernel (one output): 'mean2' ‖mean‖² terms,
+    'dot' unitᵢ·mean̂ terms, 'tangent2' ‖tangent‖² terms, 'out' the result in ``out_dtype``."""
+
+    def build():
+        def kernel(ne, wa, mh, dots, c, sn, scale, flag, *arrays):
+            xs, base = (arrays[:-1], arrays[-1]) if with_base else (arrays, None)
+            units = _ms_units(ne, xs, base)
+            mean = _ms_mean(units, wa)
+            if stage == "mean2":
+                return mean * mean
+            meanhat = mean / mh
+            if stage == "dot":
+                return units[index] * meanhat
+            tangent = _ms_tangent(units, wa, dots, meanhat)
+            if stage == "tangent2":
+                return tangent * tangent
+            res = (meanhat * c + tangent * sn) * scale
+            if n == 2:
+                lerp = wa[0] * _delta(xs[0], base) + wa[1] * _delta(xs[1], base)
+                res = mx.where(flag, lerp, res)
+            return (res if base is None else res + base.astype(mx.float32)).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("multislerp", stage, n, with_base, index, out_dtype), build)
+
+
+def multislerp(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> mx.array | None:
+    """``spherical.multislerp`` over stored-dtype inputs, no float32 copy of a whole tensor.
+
+    Four block-summed passes, each recomputing what it needs from the inputs in one compiled
+    kernel: the norms ‖xᵢ − base‖, ‖mean‖, the dots unitᵢ·mean̂, ‖tangent‖; then one compiled
+    kernel writes the result. The scalars between passes use the plain function's ops.
+    """
+    n = len(tensors)
+    if n < 2:
+        return None
+    w = per_model(weight, n, "weight")
+    if normalize_weights:
+        total = float(sum(w))
+        if abs(total) < 1e-12:
+            return None  # the plain function raises the message
+        w = [wi / total for wi in w]
+    wa = mx.array(w, dtype=mx.float32)
+    tail = [] if base is None else [base]
+    flat = _flat([*tensors, *tail])
+    size = flat[0].size
+    sq = _delta_gram(tensors, base, [(i, i) for i in range(n)])
+    norms = mx.stack([mx.sqrt(s) for s in sq])
+    ne = norms + eps
+    zero = _f32(0.0)
+    filler = [zero, zero, zero, mx.array(False)]  # mh, dots, c, sn, scale, flag unused so far
+
+    def sums(stage, count, scalars):
+        kernels = [_ms_kernel(stage, n, base is not None, i) for i in range(count)]
+        return block_sums([(k, flat, scalars) for k in kernels], size)
+
+    (mean2,) = sums("mean2", 1, [ne, wa, zero, zero, *filler])
+    mean_norm = mx.sqrt(mean2)
+    if n > 2 and mean_norm.item() < eps:
+        return None  # the plain function raises the message
+    mh = mx.maximum(mean_norm, eps)
+    dots = mx.stack(sums("dot", n, [ne, wa, mh, zero, *filler]))
+    (tangent2,) = sums("tangent2", 1, [ne, wa, mh, dots, *filler])
+    tn = mx.sqrt(tangent2) + eps
+    scale = mx.sum(norms * wa)
+    scalars = [ne, wa, mh, dots, mx.cos(tn), mx.sin(tn) / tn, scale, mean_norm < eps]
+    y = _ms_kernel("out", n, base is not None, out_dtype=out_dtype)(*scalars, *flat)
+    mx.eval(y)
+    return y.reshape(tensors[0].shape)
+
+
+# --- karcher -----------------------------------------------------------------------------------
+
+
+def _karcher_kernel(kind: str, stage: str, v: int, active: tuple = (), index: int = 0,
+                    out_dtype=None):  # fmt: skip
+    """One pass of ``karcher`` as one compiled kernel (one output).
+
+    The current mean u is rebuilt per entry from the inputs: kind 'mean' is Σ aᵢ·xᵢ/‖xᵢ‖ / div
+    (before the first step), 'first' the first unit tensor, 'array' a float32 array / div
+    (after a step). Stages: 'u2' u², 'dot' u·unitᵢ, 'tangent2' ‖tangent‖² terms (the models in
+    ``active``), 'step' the next u (float32), 'out' scale·u in ``out_dtype``.
+    """
+
+    def build():
+        def kernel(ns, a, div, ks, cs, nt, cos_nt, sin_nt, scale, *arrays):
+            xs = arrays[1:] if kind == "array" else arrays
+            units = [x.astype(mx.float32) / ns[i] for i, x in enumerate(xs)]
+            if kind == "array":
+                u = arrays[0] / div
+            elif kind == "first":
+                u = units[0]
+            else:
+                u = a[0] * units[0]
+                for i in range(1, v):
+                    u = u + a[i] * units[i]
+                u = u / div
+            if stage == "u2":
+                return u * u
+            if stage == "dot":
+                return u * units[index]
+            if stage == "out":
+                return (scale * u).astype(out_dtype)
+            tangent = None
+            for i in active:
+                term = ks[i] * (units[i] - cs[i] * u)
+                tangent = term if tangent is None else tangent + term
+            if stage == "tangent2":
+                return tangent * tangent
+            return cos_nt * u + sin_nt * (tangent / nt)
+
+        return kernel
+
+    return _compiled(("karcher", kind, stage, v, active, index, out_dtype), build)
+
+
+def karcher(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float] | None = None,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> mx.array | None:
+    """``spherical.karcher`` over stored-dtype inputs: at most two float32 whole tensors.
+
+    Each fixed-point iteration is block-summed passes over the inputs (the dots u·unitᵢ, the
+    tangent's norm, the new mean's norm) and one compiled step writing the next mean in float32;
+    the unit tensors and the tangent are never stored, each kernel rebuilds them per entry.
+    The scalar logic (clipping, skipped terms, stopping) is the plain function's, in Python.
+    """
+    n = len(tensors)
+    if n < 2:
+        return None
+    alphas = karcher_alphas(weight, n)
+    flat = _flat(tensors)
+    size = flat[0].size
+    sq = _delta_gram(tensors, None, [(i, i) for i in range(n)])
+    norms = [mx.sqrt(s).item() for s in sq]
+    valid = [i for i in range(n) if norms[i] > tol and alphas[i] > 0]
+    if not valid:
+        return mx.zeros(tensors[0].shape, dtype=out_dtype)
+    v = len(valid)
+    a_sum = sum(alphas[i] for i in valid)
+    xs = [flat[i] for i in valid]
+    ns = mx.array([norms[i] for i in valid], dtype=mx.float32)
+    a = mx.array([alphas[i] / a_sum for i in valid], dtype=mx.float32)
+    state = {"kind": "mean", "u": None, "div": _f32(1.0)}
+    zeros = mx.zeros((v,), dtype=mx.float32)
+    one = _f32(1.0)
+
+    def run(stage, scalars, active=(), count=1, out_dtype=None):
+        blocks = ([state["u"]] if state["kind"] == "array" else []) + xs
+        kernels = [
+            _karcher_kernel(state["kind"], stage, v, active, i, out_dtype) for i in range(count)
+        ]
+        args = [ns, a, state["div"], *scalars]
+        if stage in ("step", "out"):
+            return kernels[0](*args, *blocks)
+        return [s.item() for s in block_sums([(k, blocks, args) for k in kernels], size)]
+
+    idle = [zeros, zeros, one, one, one, one]  # ks, cs, nt, cos_nt, sin_nt, scale
+    nu = math.sqrt(run("u2", idle)[0])
+    if nu < tol:
+        state["kind"] = "first"
+    else:
+        state["div"] = _f32(nu)
+    for _ in range(max_iter):
+        ks, cs, active = [0.0] * v, [0.0] * v, []
+        for i, d in enumerate(run("dot", idle, count=v)):
+            c = min(max(d, -1.0), 1.0)
+            theta = math.acos(c)
+            if theta < tol:
+                continue
+            ks[i], cs[i] = alphas[valid[i]] / a_sum * theta / math.sin(theta), c
+            active.append(i)
+        if not active:
+            break  # the tangent is zero
+        coeffs = [mx.array(ks, dtype=mx.float32), mx.array(cs, dtype=mx.float32)]
+        nt = math.sqrt(run("tangent2", [*coeffs, one, one, one, one], tuple(active))[0])
+        if nt < tol:
+            break
+        step = [*coeffs, _f32(nt), _f32(math.cos(nt)), _f32(math.sin(nt)), one]
+        u = run("step", step, tuple(active))
+        mx.eval(u)
+        state.update(kind="array", u=u, div=_f32(1.0))
+        nu = math.sqrt(run("u2", idle)[0])
+        if nu > tol:
+            state["div"] = _f32(nu)
+    scale = sum(ai * ni for ai, ni in zip(alphas, norms))
+    y = run("out", [zeros, zeros, one, one, one, _f32(scale)], out_dtype=out_dtype)
+    mx.eval(y)
+    return y.reshape(tensors[0].shape)
+
+
+# --- ram, ramplus_tl --------------------------------------------------------------------------
+
+
+def _ram_parts(eps, base, xs):
+    """Per entry: the masked task vectors cᵢτᵢ, the masks cᵢ and their count Σc (int32)."""
+    tv = [_delta(x, base) for x in xs]
+    active = [mx.abs(d) > eps for d in tv]
+    counts = active[0].astype(mx.int32)
+    for c in active[1:]:
+        counts = counts + c.astype(mx.int32)
+    return [d * c for d, c in zip(tv, active)], active, counts
+
+
+def _ram_kernel(n: int, stage: str, index: int = 0, out_dtype=None):
+    """'out' / 'out_lam': RAM's / RAM+'s result (λᵢ = ``lam[i]``) in ``out_dtype``; 'shared' /
+    'unique': model ``index``'s contributing entries that others share / only it changes."""
+
+    def build():
+        def kernel(eps, lam, base, *xs):
+            tv, active, counts = _ram_parts(eps, base, xs)
+            if stage == "shared":
+                return (active[index] & (counts > 1)).astype(mx.int32)
+            if stage == "unique":
+                return (active[index] & (counts == 1)).astype(mx.int32)
+            unique = (counts == 1).astype(mx.float32)
+            shared = (counts > 1).astype(mx.float32)
+            denominator = mx.maximum(counts, 1).astype(mx.float32)
+            total = 0
+            for i, d in enumerate(tv):
+                kept = d * unique * lam[i] if stage == "out_lam" else d * unique
+                total = total + (kept + d * shared / denominator)
+            return (base.astype(mx.float32) + total).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("ram", n, stage, index, out_dtype), build)
+
+
+def ram(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, epsilon: float = 1e-5
+) -> mx.array | None:
+    """``fusion.ram`` in one compiled pass over stored-dtype inputs (it is elementwise)."""
+    return _ram(tensors, base, out_dtype, epsilon, None)
+
+
+def ramplus_tl(
+    tensors: Sequence[mx.array],
+    base: mx.array,
+    out_dtype: mx.Dtype,
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+) -> mx.array | None:
+    """``fusion.ramplus_tl``: the shared/unique counts per model in one blocked pass (int32 per
+    block, summed exactly in Python), λᵢ with the plain function's ops, then one compiled pass."""
+    if base is None or not tensors:
+        return None
+    n = len(tensors)
+    flat = _flat([base, *tensors])
+    eps = _f32(epsilon)
+    counts = {stage: [0] * n for stage in ("shared", "unique")}
+    for s in range(0, flat[0].size, BLOCK_ENTRIES):
+        blocks = [f[s : s + BLOCK_ENTRIES] for f in flat]
+        got = {(stage, i): mx.sum(_ram_kernel(n, stage, i)(eps, eps, *blocks))
+               for stage in counts for i in range(n)}  # fmt: skip
+        mx.eval(list(got.values()))
+        for (stage, i), c in got.items():
+            counts[stage][i] += c.item()
+    shared_n = mx.array(counts["shared"]).astype(mx.float32)
+    unique_n = mx.array(counts["unique"]).astype(mx.float32)
+    lam = 1 + r * mx.clip(shared_n / mx.maximum(unique_n, epsilon), 0, alpha)
+    return _ram(tensors, base, out_dtype, epsilon, lam)
+
+
+def _ram(tensors, base, out_dtype, epsilon, lam):
+    if base is None or not tensors:
+        return None
+    kernel = _ram_kernel(len(tensors), "out" if lam is None else "out_lam", out_dtype=out_dtype)
+    y = kernel(_f32(epsilon), _f32(1.0) if lam is None else lam, base, *tensors)
+    mx.eval(y)
+    return y
