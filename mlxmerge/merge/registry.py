@@ -376,6 +376,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "arcee_fusion": MethodSpec(
         fn=m.arcee_fusion,
+        blocked=kernels.arcee_fusion,
         tensor_params={},
         global_params={},
         base="required",

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from mlxmerge.merge import registry
-from mlxmerge.merge.methods import kernels
-from mlxmerge.merge.methods.fusion import ram, ramplus_tl
+from mlxmerge.merge.methods import common, kernels
+from mlxmerge.merge.methods.fusion import arcee_fusion, ram, ramplus_tl
 from mlxmerge.merge.methods.linear import nearswap, passthrough
 from mlxmerge.merge.methods.model_stock import model_stock
 from mlxmerge.merge.methods.spherical import karcher, multislerp, nuslerp
@@ -52,6 +52,7 @@ CASES = {
     "karcher": (karcher, kernels.karcher, {}, 2, "no", False),
     "karcher_3": (karcher, kernels.karcher, {"weight": [1.0, 2.0, 0.5], "max_iter": 3}, 3, "no",
                   False),
+    "arcee_fusion": (arcee_fusion, kernels.arcee_fusion, {}, 1, "yes", False),
     "ram": (ram, kernels.ram, {}, 3, "yes", True),
     "ramplus_tl": (ramplus_tl, kernels.ramplus_tl, {"r": 0.5, "alpha": 0.7}, 3, "yes", True),
 }  # fmt: skip
@@ -89,6 +90,22 @@ def test_karcher_keeps_the_plain_stopping_rule(monkeypatch):
     np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
 
 
+@pytest.mark.parametrize("shape", [(400, 300), (1000,)])
+def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, monkeypatch):
+    # the sample-and-bracket order statistics (tensors over EXACT_PARTITION_BELOW entries)
+    monkeypatch.setattr(common, "EXACT_PARTITION_BELOW", 500)
+    monkeypatch.setattr(common, "SAMPLE_SIZE", 2000)
+    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=shape).astype(np.float32)
+    x = mx.array(base + 0.3 * rng.normal(size=shape).astype(np.float32)).astype(mx.bfloat16)
+    b = mx.array(base).astype(mx.bfloat16)
+    want = np.array(arcee_fusion([x.astype(mx.float32)], b.astype(mx.float32)))
+    got = np.array(kernels.arcee_fusion([x], b, mx.float32))
+    # the same mask, entry for entry: the values are either the base's or the model's
+    np.testing.assert_array_equal(got, want)
+
+
 def test_unsupported_inputs_fall_back_to_the_plain_method():
     xs, base = inputs((8, 8), 2)
     assert kernels.nearswap(xs, base, mx.float32, t=0.1) is None  # two models: plain raises
@@ -105,6 +122,7 @@ RECIPES = {
     "nuslerp": {"base_model": "base", "models": ["model_a", "model_b"], "weight": [1.0, 0.4]},
     "nearswap": {"base_model": "base", "models": ["model_a"], "parameters": {"t": 0.001}},
     "ram": {"base_model": "base", "models": ["model_a", "model_b"]},
+    "arcee_fusion": {"base_model": "base", "models": ["model_a"]},
     "passthrough": {"models": ["model_a"], "weight": None, "scale": [0.5]},
 }
 

@@ -18,8 +18,10 @@ import math
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, per_model
+from mlxmerge.merge.methods.common import BLOCK, fsum, kth_largest, per_model
+from mlxmerge.merge.methods.fusion import _KL_EPS
 from mlxmerge.merge.methods.linear import linear_weights
 from mlxmerge.merge.methods.spherical import check_t, karcher_alphas, slerp_coefficients
 
@@ -714,3 +716,61 @@ def _ram(tensors, base, out_dtype, epsilon, lam):
     y = kernel(_f32(epsilon), _f32(1.0) if lam is None else lam, base, *tensors)
     mx.eval(y)
     return y
+
+
+# --- arcee_fusion -----------------------------------------------------------------------------
+
+
+def _importance_kernel():
+    # |x − base|·KL(row): a subtraction, an abs and a product, so compiled or not, the same bits.
+    def build():
+        return lambda kl, base, x: mx.abs(x.astype(mx.float32) - base.astype(mx.float32)) * kl
+
+    return _compiled(("importance",), build)
+
+
+def _fusion_kernel(out_dtype: mx.Dtype):
+    def build():
+        def kernel(thr, importance, base, x):
+            a = base.astype(mx.float32)
+            mask = (importance >= thr).astype(mx.float32)
+            return (a + (x.astype(mx.float32) - a) * mask).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("fusion", out_dtype), build)
+
+
+def arcee_fusion(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype
+) -> mx.array | None:
+    """``fusion.arcee_fusion`` with one float32 tensor (the importance) and no sort.
+
+    The per-row KL divergences come from row blocks with the plain function's ops; the three
+    quantiles are exact order statistics found by ``common.kth_largest`` (a sample brackets
+    each, the entries in the bracket are ranked) instead of a full sort: the same values.
+    """
+    if base is None or len(tensors) != 1:
+        return None
+    x = tensors[0]
+    shape = tuple(base.shape)
+    cols = shape[-1] if len(shape) >= 1 else 1
+    rows = [m.reshape(-1, cols) for m in (x, base)]
+    kl = []
+    for r0, r1 in _row_spans(rows[0].shape[0], cols):
+        bx, bb = (m[r0:r1].astype(mx.float32) for m in rows)
+        p = mx.softmax(bx, axis=-1) + _KL_EPS
+        q = mx.softmax(bb, axis=-1) + _KL_EPS
+        kl.append(mx.sum(p * mx.log(p / q), axis=-1, keepdims=True))
+        mx.eval(kl[-1])
+    importance = _importance_kernel()(mx.concatenate(kl), rows[1], rows[0])
+    mx.eval(importance)
+    flat = importance.reshape(-1)
+    n = flat.size
+    # the value at ascending index int(q·(n−1)) is the (n − index)-th largest
+    idx = (np.array([0.25, 0.5, 0.75], np.float32) * np.float32(n - 1)).astype(np.int64)
+    q1, med, q3 = (_f32(kth_largest(flat, n - int(i))) for i in idx)
+    thr = med + 1.5 * (q3 - q1)
+    y = _fusion_kernel(out_dtype)(thr, importance, rows[1], rows[0])
+    mx.eval(y)
+    return y.reshape(shape)
