@@ -7,9 +7,21 @@ time). Here the inputs stay in their stored dtype and the arithmetic is one ``mx
 kernel that casts on the fly and writes the output dtype directly: no float32 copy of a whole
 tensor exists, and the whole-tensor statistics SLERP needs are summed block by block.
 
-Same formulas as ``linear.py`` and ``spherical.py``; results agree with them to float32
-rounding (a compiled kernel may fuse a multiply and an add; the statistics are summed in
-1024-entry groups as ``common.fsum`` does, in another order).
+The same holds for the methods whose statistics are whole-tensor reductions followed by
+elementwise work: each statistic is a block-summed pass (``block_sums``) whose compiled kernel
+rebuilds what it needs per entry from the stored inputs (task vectors, unit tensors, the mean,
+the tangent), the scalars between passes use the plain function's ops, and one last kernel
+writes the output. nearswap, passthrough and RAM are one kernel; model_stock, nuslerp,
+multislerp need 1-4 statistics passes; karcher keeps its running mean in float32 (two whole
+float32 tensors at most, during a step); arcee_fusion keeps its importance in float32 and takes
+the quantiles as exact order statistics without a sort. Per-row statistics (model_stock's
+filter_wise, nuslerp without flattening) run over blocks of whole rows.
+
+Same formulas as ``linear.py``, ``spherical.py``, ``model_stock.py`` and ``fusion.py``; results
+agree with them to float32 rounding (a compiled kernel may fuse a multiply and an add; the
+statistics are summed in 1024-entry groups as ``common.fsum`` does, in another order; with
+OpenBLAS loaded the group sums themselves round differently), bit for bit where neither
+applies (``tests/merge/test_method_kernels.py``).
 """
 
 from __future__ import annotations
@@ -407,53 +419,40 @@ def nuslerp(
     return mx.concatenate(out, axis=1 - axis).reshape(shape)
 
 
-# --- multislerp --------------------------------------------------------------------------------
+# --- multislerp, karcher: linear combinations of the inputs --------------------------------------
 
 
-def _ms_units(ne, xs, base):
-    return [_delta(x, base) / ne[i] for i, x in enumerate(xs)]
+def _gram(tensors: Sequence[mx.array], base: mx.array | None) -> np.ndarray:
+    """(N, N) float64 matrix of (xᵢ − base)·(xⱼ − base) (or xᵢ·xⱼ), block-summed in one pass."""
+    n = len(tensors)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    g = np.zeros((n, n))
+    for (i, j), s in zip(pairs, _delta_gram(tensors, base, pairs)):
+        g[i, j] = g[j, i] = s.item()
+    return g
 
 
-def _ms_mean(units, wa):
-    mean = units[0] * wa[0]
-    for i in range(1, len(units)):
-        mean = mean + units[i] * wa[i]
-    return mean
-
-
-def _ms_tangent(units, wa, dots, meanhat):
-    tangent = (units[0] - dots[0] * meanhat) * wa[0]
-    for i in range(1, len(units)):
-        tangent = tangent + (units[i] - dots[i] * meanhat) * wa[i]
-    return tangent
-
-
-def _ms_kernel(stage: str, n: int, with_base: bool, index: int = 0, out_dtype=None):
-    """One of multislerp's passes as one compiled kernel (one output): 'mean2' ‖mean‖² terms,
-    'dot' unitᵢ·mean̂ terms, 'tangent2' ‖tangent‖² terms, 'out' the result in ``out_dtype``."""
-
+def _combination_kernel(n: int, with_base: bool, out_dtype: mx.Dtype):
+    # Σ cⱼ(xⱼ − base) + base (or Σ cⱼxⱼ), cast once: a short chain, so compile fuses it whole.
     def build():
-        def kernel(ne, wa, mh, dots, c, sn, scale, flag, *arrays):
+        def kernel(c, *arrays):
             xs, base = (arrays[:-1], arrays[-1]) if with_base else (arrays, None)
-            units = _ms_units(ne, xs, base)
-            mean = _ms_mean(units, wa)
-            if stage == "mean2":
-                return mean * mean
-            meanhat = mean / mh
-            if stage == "dot":
-                return units[index] * meanhat
-            tangent = _ms_tangent(units, wa, dots, meanhat)
-            if stage == "tangent2":
-                return tangent * tangent
-            res = (meanhat * c + tangent * sn) * scale
-            if n == 2:
-                lerp = wa[0] * _delta(xs[0], base) + wa[1] * _delta(xs[1], base)
-                res = mx.where(flag, lerp, res)
-            return (res if base is None else res + base.astype(mx.float32)).astype(out_dtype)
+            out = c[0] * _delta(xs[0], base)
+            for j in range(1, n):
+                out = out + c[j] * _delta(xs[j], base)
+            return (out if base is None else out + base.astype(mx.float32)).astype(out_dtype)
 
         return kernel
 
-    return _compiled(("multislerp", stage, n, with_base, index, out_dtype), build)
+    return _compiled(("combination", n, with_base, out_dtype), build)
+
+
+def _combine(coefficients, tensors, base, out_dtype) -> mx.array:
+    c = mx.array(np.asarray(coefficients, dtype=np.float32))
+    tail = [] if base is None else [base]
+    y = _combination_kernel(len(tensors), base is not None, out_dtype)(c, *tensors, *tail)
+    mx.eval(y)
+    return y
 
 
 def multislerp(
@@ -465,11 +464,13 @@ def multislerp(
     normalize_weights: bool = True,
     eps: float = 1e-8,
 ) -> mx.array | None:
-    """``spherical.multislerp`` over stored-dtype inputs, no float32 copy of a whole tensor.
+    """``spherical.multislerp`` as one pass of block-summed dots and one compiled combination.
 
-    Four block-summed passes, each recomputing what it needs from the inputs in one compiled
-    kernel: the norms ‖xᵢ − base‖, ‖mean‖, the dots unitᵢ·mean̂, ‖tangent‖; then one compiled
-    kernel writes the result. The scalars between passes use the plain function's ops.
+    Every vector of the method (the units, their mean, the tangent, the result) is a linear
+    combination of the task vectors vᵢ = xᵢ − base (of xᵢ without a base), so each is held as
+    its N coefficients and every norm and dot follows from the Gram matrix G = [vᵢ·vⱼ] in
+    float64. The result is base + Σ βⱼvⱼ in one kernel. Agrees with the plain function to
+    float32 rounding: its norms enter the result through cos/sin of the tangent norm, smooth.
     """
     n = len(tensors)
     if n < 2:
@@ -480,78 +481,22 @@ def multislerp(
         if abs(total) < 1e-12:
             return None  # the plain function raises the message
         w = [wi / total for wi in w]
-    wa = mx.array(w, dtype=mx.float32)
-    tail = [] if base is None else [base]
-    flat = _flat([*tensors, *tail])
-    size = flat[0].size
-    sq = _delta_gram(tensors, base, [(i, i) for i in range(n)])
-    norms = mx.stack([mx.sqrt(s) for s in sq])
+    wa = np.array(w, dtype=np.float64)
+    g = _gram(tensors, base)
+    norms = np.sqrt(np.diag(g))
     ne = norms + eps
-    zero = _f32(0.0)
-    filler = [zero, zero, zero, mx.array(False)]  # mh, dots, c, sn, scale, flag unused so far
-
-    def sums(stage, count, scalars):
-        kernels = [_ms_kernel(stage, n, base is not None, i) for i in range(count)]
-        return block_sums([(k, flat, scalars) for k in kernels], size)
-
-    (mean2,) = sums("mean2", 1, [ne, wa, zero, zero, *filler])
-    mean_norm = mx.sqrt(mean2)
-    if n > 2 and mean_norm.item() < eps:
+    m = wa / ne  # the weighted mean of the unit vectors vᵢ/(‖vᵢ‖ + eps)
+    mean_norm = math.sqrt(max(m @ g @ m, 0.0))
+    if n > 2 and mean_norm < eps:
         return None  # the plain function raises the message
-    mh = mx.maximum(mean_norm, eps)
-    dots = mx.stack(sums("dot", n, [ne, wa, mh, zero, *filler]))
-    (tangent2,) = sums("tangent2", 1, [ne, wa, mh, dots, *filler])
-    tn = mx.sqrt(tangent2) + eps
-    scale = mx.sum(norms * wa)
-    scalars = [ne, wa, mh, dots, mx.cos(tn), mx.sin(tn) / tn, scale, mean_norm < eps]
-    y = _ms_kernel("out", n, base is not None, out_dtype=out_dtype)(*scalars, *flat)
-    mx.eval(y)
-    return y.reshape(tensors[0].shape)
-
-
-# --- karcher -----------------------------------------------------------------------------------
-
-
-def _karcher_kernel(kind: str, stage: str, v: int, active: tuple = (), index: int = 0,
-                    out_dtype=None):  # fmt: skip
-    """One pass of ``karcher`` as one compiled kernel (one output).
-
-    The current mean u is rebuilt per entry from the inputs: kind 'mean' is Σ aᵢ·xᵢ/‖xᵢ‖ / div
-    (before the first step), 'first' the first unit tensor, 'array' a float32 array / div
-    (after a step). Stages: 'u2' u², 'dot' u·unitᵢ, 'tangent2' ‖tangent‖² terms (the models in
-    ``active``), 'step' the next u (float32), 'out' scale·u in ``out_dtype``.
-    """
-
-    def build():
-        def kernel(ns, a, div, ks, cs, nt, cos_nt, sin_nt, scale, *arrays):
-            xs = arrays[1:] if kind == "array" else arrays
-            units = [x.astype(mx.float32) / ns[i] for i, x in enumerate(xs)]
-            if kind == "array":
-                u = arrays[0] / div
-            elif kind == "first":
-                u = units[0]
-            else:
-                u = a[0] * units[0]
-                for i in range(1, v):
-                    u = u + a[i] * units[i]
-                u = u / div
-            if stage == "u2":
-                return u * u
-            if stage == "dot":
-                return u * units[index]
-            if stage == "out":
-                return (scale * u).astype(out_dtype)
-            tangent = None
-            for i in active:
-                term = ks[i] * (units[i] - cs[i] * u)
-                tangent = term if tangent is None else tangent + term
-            if stage == "tangent2":
-                return tangent * tangent
-            return cos_nt * u + sin_nt * (tangent / nt)
-
-        return kernel
-
-    return _compiled(("karcher", kind, stage, v, active, index, out_dtype), build)
+    h = m / max(mean_norm, eps)  # the normalized mean
+    dots = (g @ h) / ne
+    tangent = m - (wa @ dots) * h
+    tn = math.sqrt(max(tangent @ g @ tangent, 0.0)) + eps
+    beta = float(norms @ wa) * (math.cos(tn) * h + math.sin(tn) / tn * tangent)
+    if n == 2 and mean_norm < eps:
+        beta = wa  # the plain function's fallback: the weighted average
+    return _combine(beta, tensors, base, out_dtype).reshape(tensors[0].shape)
 
 
 def karcher(
@@ -563,119 +508,120 @@ def karcher(
     max_iter: int = 10,
     tol: float = 1e-5,
 ) -> mx.array | None:
-    """``spherical.karcher`` over stored-dtype inputs: at most two float32 whole tensors.
+    """``spherical.karcher`` as one pass of block-summed dots and one compiled combination.
 
-    Each fixed-point iteration is block-summed passes over the inputs (the dots u·unitᵢ, the
-    tangent's norm, the new mean's norm) and one compiled step writing the next mean in float32;
-    the unit tensors and the tangent are never stored, each kernel rebuilds them per entry.
-    The scalar logic (clipping, skipped terms, stopping) is the plain function's, in Python.
+    The running mean u, the tangent and every step stay in the span of the unit tensors
+    xᵢ/‖xᵢ‖, so u is held as its coefficients and each iteration's dots and norms come from
+    the Gram matrix of the units in float64: no pass over the tensors per iteration and no
+    float32 tensor at all. The tangent is formed as coefficients first (no cancellation
+    between large terms), so its norm, the stopping test, is as accurate as the plain
+    function's float32 one. The scalar logic (clipping, skipped terms, stopping) is the plain
+    function's.
     """
     n = len(tensors)
     if n < 2:
         return None
     alphas = karcher_alphas(weight, n)
-    flat = _flat(tensors)
-    size = flat[0].size
-    sq = _delta_gram(tensors, None, [(i, i) for i in range(n)])
-    norms = [mx.sqrt(s).item() for s in sq]
+    g = _gram(tensors, None)
+    norms = np.sqrt(np.diag(g))
     valid = [i for i in range(n) if norms[i] > tol and alphas[i] > 0]
     if not valid:
         return mx.zeros(tensors[0].shape, dtype=out_dtype)
-    v = len(valid)
+    nv = norms[valid]
+    gu = g[np.ix_(valid, valid)] / np.outer(nv, nv)  # Gram matrix of the unit tensors
     a_sum = sum(alphas[i] for i in valid)
-    xs = [flat[i] for i in valid]
-    ns = mx.array([norms[i] for i in valid], dtype=mx.float32)
-    a = mx.array([alphas[i] / a_sum for i in valid], dtype=mx.float32)
-    state = {"kind": "mean", "u": None, "div": _f32(1.0)}
-    zeros = mx.zeros((v,), dtype=mx.float32)
-    one = _f32(1.0)
+    a = np.array([alphas[i] / a_sum for i in valid])
 
-    def run(stage, scalars, active=(), count=1, out_dtype=None):
-        blocks = ([state["u"]] if state["kind"] == "array" else []) + xs
-        kernels = [
-            _karcher_kernel(state["kind"], stage, v, active, i, out_dtype) for i in range(count)
-        ]
-        args = [ns, a, state["div"], *scalars]
-        if stage in ("step", "out"):
-            return kernels[0](*args, *blocks)
-        return [s.item() for s in block_sums([(k, blocks, args) for k in kernels], size)]
+    def norm(c):
+        return math.sqrt(max(c @ gu @ c, 0.0))
 
-    idle = [zeros, zeros, one, one, one, one]  # ks, cs, nt, cos_nt, sin_nt, scale
-    nu = math.sqrt(run("u2", idle)[0])
-    if nu < tol:
-        state["kind"] = "first"
-    else:
-        state["div"] = _f32(nu)
+    u = a.copy()
+    nu = norm(u)
+    u = np.eye(len(valid))[0] if nu < tol else u / nu
     for _ in range(max_iter):
-        ks, cs, active = [0.0] * v, [0.0] * v, []
-        for i, d in enumerate(run("dot", idle, count=v)):
+        k = np.zeros(len(valid))
+        kc = 0.0
+        for i, d in enumerate(gu @ u):
             c = min(max(d, -1.0), 1.0)
             theta = math.acos(c)
             if theta < tol:
                 continue
-            ks[i], cs[i] = alphas[valid[i]] / a_sum * theta / math.sin(theta), c
-            active.append(i)
-        if not active:
-            break  # the tangent is zero
-        coeffs = [mx.array(ks, dtype=mx.float32), mx.array(cs, dtype=mx.float32)]
-        nt = math.sqrt(run("tangent2", [*coeffs, one, one, one, one], tuple(active))[0])
+            k[i] = a[i] * theta / math.sin(theta)
+            kc += k[i] * c
+        tangent = k - kc * u  # Σ kᵢ(unitᵢ − cᵢu)
+        nt = norm(tangent)
         if nt < tol:
             break
-        step = [*coeffs, _f32(nt), _f32(math.cos(nt)), _f32(math.sin(nt)), one]
-        u = run("step", step, tuple(active))
-        mx.eval(u)
-        state.update(kind="array", u=u, div=_f32(1.0))
-        nu = math.sqrt(run("u2", idle)[0])
+        u = math.cos(nt) * u + math.sin(nt) * (tangent / nt)
+        nu = norm(u)
         if nu > tol:
-            state["div"] = _f32(nu)
+            u = u / nu
     scale = sum(ai * ni for ai, ni in zip(alphas, norms))
-    y = run("out", [zeros, zeros, one, one, one, _f32(scale)], out_dtype=out_dtype)
-    mx.eval(y)
+    y = _combine(scale * u / nv, [tensors[i] for i in valid], None, out_dtype)
     return y.reshape(tensors[0].shape)
 
 
 # --- ram, ramplus_tl --------------------------------------------------------------------------
 
 
-def _ram_parts(eps, base, xs):
-    """Per entry: the masked task vectors cᵢτᵢ, the masks cᵢ and their count Σc (int32)."""
-    tv = [_delta(x, base) for x in xs]
-    active = [mx.abs(d) > eps for d in tv]
-    counts = active[0].astype(mx.int32)
-    for c in active[1:]:
-        counts = counts + c.astype(mx.int32)
-    return [d * c for d, c in zip(tv, active)], active, counts
+def _active(eps, base, x):
+    return mx.abs(_delta(x, base)) > eps
 
 
-def _ram_kernel(n: int, stage: str, index: int = 0, out_dtype=None):
-    """'out' / 'out_lam': RAM's / RAM+'s result (λᵢ = ``lam[i]``) in ``out_dtype``; 'shared' /
-    'unique': model ``index``'s contributing entries that others share / only it changes."""
+def _count_kernel(n: int):
+    # Σᵢ [|xᵢ − base| > ε] as uint8, its own kernel: fused with the rest the chain is too deep
+    # for compile (it then stores whole-tensor float32 temporaries).
+    def build():
+        def kernel(eps, base, *xs):
+            counts = _active(eps, base, xs[0]).astype(mx.uint8)
+            for x in xs[1:]:
+                counts = counts + _active(eps, base, x).astype(mx.uint8)
+            return counts
+
+        return kernel
+
+    return _compiled(("ramcount", n), build)
+
+
+def _ram_out_kernel(n: int, boosted: bool, out_dtype: mx.Dtype):
+    """base + Σᵢ over contributing models of τᵢ (only it changes the entry: times λᵢ when
+    ``boosted``) or τᵢ/Σc (shared). The plain function's τᵢ·u·λ + τᵢ·s/max(Σc, 1) gives these
+    same values (the other product is a zero), so the sums agree bit for bit."""
 
     def build():
-        def kernel(eps, lam, base, *xs):
-            tv, active, counts = _ram_parts(eps, base, xs)
-            if stage == "shared":
-                return (active[index] & (counts > 1)).astype(mx.int32)
-            if stage == "unique":
-                return (active[index] & (counts == 1)).astype(mx.int32)
-            unique = (counts == 1).astype(mx.float32)
-            shared = (counts > 1).astype(mx.float32)
-            denominator = mx.maximum(counts, 1).astype(mx.float32)
+        def kernel(eps, lam, counts, base, *xs):
+            c = counts.astype(mx.float32)
+            shared = c > 1
             total = 0
-            for i, d in enumerate(tv):
-                kept = d * unique * lam[i] if stage == "out_lam" else d * unique
-                total = total + (kept + d * shared / denominator)
+            for i, x in enumerate(xs):
+                d = _delta(x, base)
+                term = mx.where(shared, d / c, d * lam[i] if boosted else d)
+                total = total + mx.where(mx.abs(d) > eps, term, 0.0)
             return (base.astype(mx.float32) + total).astype(out_dtype)
 
         return kernel
 
-    return _compiled(("ram", n, stage, index, out_dtype), build)
+    return _compiled(("ram", n, boosted, out_dtype), build)
+
+
+def _share_kernel(stage: str, index: int):
+    # model ``index``'s contributing entries that others also change ('shared') or not
+    def build():
+        def kernel(eps, counts, base, x):
+            active = _active(eps, base, x)
+            return (active & ((counts > 1) if stage == "shared" else (counts == 1))).astype(
+                mx.int32
+            )
+
+        return kernel
+
+    return _compiled(("ramshare", stage, index), build)
 
 
 def ram(
     tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, epsilon: float = 1e-5
 ) -> mx.array | None:
-    """``fusion.ram`` in one compiled pass over stored-dtype inputs (it is elementwise)."""
+    """``fusion.ram`` in two compiled passes (the contributor counts as uint8, then the merge)."""
     return _ram(tensors, base, out_dtype, epsilon, None)
 
 
@@ -689,31 +635,35 @@ def ramplus_tl(
     epsilon: float = 1e-5,
 ) -> mx.array | None:
     """``fusion.ramplus_tl``: the shared/unique counts per model in one blocked pass (int32 per
-    block, summed exactly in Python), λᵢ with the plain function's ops, then one compiled pass."""
-    if base is None or not tensors:
+    block, summed exactly in Python), λᵢ with the plain function's ops, then the RAM pass."""
+    if base is None or not tensors or len(tensors) > 255:
         return None
     n = len(tensors)
-    flat = _flat([base, *tensors])
     eps = _f32(epsilon)
-    counts = {stage: [0] * n for stage in ("shared", "unique")}
+    counts = _count_kernel(n)(eps, base, *tensors).reshape(-1)
+    flat = _flat([base, *tensors])
+    tally = {stage: [0] * n for stage in ("shared", "unique")}
     for s in range(0, flat[0].size, BLOCK_ENTRIES):
-        blocks = [f[s : s + BLOCK_ENTRIES] for f in flat]
-        got = {(stage, i): mx.sum(_ram_kernel(n, stage, i)(eps, eps, *blocks))
-               for stage in counts for i in range(n)}  # fmt: skip
+        c, b = counts[s : s + BLOCK_ENTRIES], flat[0][s : s + BLOCK_ENTRIES]
+        got = {(stage, i): mx.sum(_share_kernel(stage, i)(eps, c, b, x[s : s + BLOCK_ENTRIES]))
+               for stage in tally for i, x in enumerate(flat[1:])}  # fmt: skip
         mx.eval(list(got.values()))
-        for (stage, i), c in got.items():
-            counts[stage][i] += c.item()
-    shared_n = mx.array(counts["shared"]).astype(mx.float32)
-    unique_n = mx.array(counts["unique"]).astype(mx.float32)
+        for (stage, i), v in got.items():
+            tally[stage][i] += v.item()
+    shared_n = mx.array(tally["shared"]).astype(mx.float32)
+    unique_n = mx.array(tally["unique"]).astype(mx.float32)
     lam = 1 + r * mx.clip(shared_n / mx.maximum(unique_n, epsilon), 0, alpha)
-    return _ram(tensors, base, out_dtype, epsilon, lam)
+    return _ram(tensors, base, out_dtype, epsilon, lam, counts.reshape(base.shape))
 
 
-def _ram(tensors, base, out_dtype, epsilon, lam):
-    if base is None or not tensors:
+def _ram(tensors, base, out_dtype, epsilon, lam, counts=None):
+    if base is None or not tensors or len(tensors) > 255:  # uint8 counts
         return None
-    kernel = _ram_kernel(len(tensors), "out" if lam is None else "out_lam", out_dtype=out_dtype)
-    y = kernel(_f32(epsilon), _f32(1.0) if lam is None else lam, base, *tensors)
+    eps = _f32(epsilon)
+    if counts is None:
+        counts = _count_kernel(len(tensors))(eps, base, *tensors)
+    kernel = _ram_out_kernel(len(tensors), lam is not None, out_dtype)
+    y = kernel(eps, _f32(1.0) if lam is None else lam, counts, base, *tensors)
     mx.eval(y)
     return y
 
