@@ -212,7 +212,22 @@ def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
         return {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": str(a), "layer_range": [0, half]}]},
             {"sources": [{"model": str(b), "layer_range": [half, layers]}]}]}  # fmt: skip
+    if method in ("model_stock", "ram", "ramplus_tl"):
+        return {"merge_method": method, "base_model": str(base), "models": [m(a), m(b)]}
+    if method == "karcher":
+        return {"merge_method": method, "models": [m(a), m(b)]}
+    if method in ("multislerp", "nuslerp"):
+        return {"merge_method": method, "models": [m(a, weight=1.0), m(b, weight=0.6)]}
+    if method in ("nearswap", "arcee_fusion"):
+        return {"merge_method": method, "base_model": str(a), "models": [m(a), m(b)],
+                **({"parameters": {"t": 0.01}} if method == "nearswap" else {})}  # fmt: skip
+    if method == "passthrough_scale":  # computed, not copied: scale != 1
+        return {"merge_method": "passthrough", "models": [m(b, scale=0.5)]}
     raise ValueError(method)
+
+
+THREE_INPUTS = (*_WITH_BASE, "model_stock", "ram", "ramplus_tl")
+ONE_INPUT = ("passthrough", "passthrough_scale")
 
 
 def main() -> None:
@@ -246,7 +261,7 @@ def main() -> None:
             largest = max(VOCAB, INTER) * HIDDEN * 4
             for method in args.methods.split(","):
                 recipe = {**recipe_for(method, base, a, b, layers), "dtype": "bfloat16"}
-                n_in = 3 if method in _WITH_BASE else (1 if method == "passthrough" else 2)
+                n_in = 3 if method in THREE_INPUTS else (1 if method in ONE_INPUT else 2)
                 ins = [base, a, b][3 - n_in :] if method != "passthrough" else [a]
                 out = scratch / "out"
                 floors, runs = [], []

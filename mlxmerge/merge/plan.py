@@ -408,13 +408,15 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 # the process's resident size before the merge ≈ slope × largest fp32 tensor + constant (MB:
 # threads, NumPy buffers, per-block temporaries). Methods run in row blocks (task arithmetic,
 # TIES, DARE, breadcrumbs, DELLA, SCE on tensors of 4M+ entries) keep their inputs in the
-# stored dtype: low slopes.
+# stored dtype: low slopes. The forms in ``kernels`` (nuslerp ... arcee_fusion below) were
+# fitted from 1.7 GB peaks (262 MB largest fp32 tensor, benchmarks/README.md, 2026-11-30).
 PEAK_FIT = {
-    "linear": (0.6, 70), "passthrough": (0.5, 60), "slerp": (1.0, 70), "nuslerp": (3.0, 135),
-    "nearswap": (3.0, 135), "multislerp": (6.0, 135), "karcher": (8.0, 135),
+    "linear": (0.6, 70), "passthrough": (0.6, 60), "slerp": (1.0, 70), "nuslerp": (1.2, 70),
+    "nearswap": (1.0, 70), "multislerp": (1.2, 70), "karcher": (1.2, 70),
     "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
     "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
-    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (6.5, 70),
+    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (1.6, 70),
+    "ram": (1.7, 70), "ramplus_tl": (1.9, 70), "arcee_fusion": (2.3, 70),
 }  # fmt: skip
 UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks
 # Methods with a row-block form, fitted without it (a setting or a shape it does not take).

@@ -209,6 +209,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "nuslerp": MethodSpec(
         fn=m.nuslerp,
+        blocked=kernels.nuslerp,
         tensor_params={"weight": _INTERP_WEIGHT},
         global_params={
             "nuslerp_flatten": flag("Interpolate each tensor as one flat vector.", True),
@@ -225,6 +226,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "multislerp": MethodSpec(
         fn=m.multislerp,
+        blocked=kernels.multislerp,
         tensor_params={"weight": _INTERP_WEIGHT},
         global_params={
             "normalize_weights": flag("Divide the weights by their sum.", True),
@@ -238,6 +240,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "karcher": MethodSpec(
         fn=m.karcher,
+        blocked=kernels.karcher,
         tensor_params={"weight": number("Weight of this model in the mean (none: equal).", None)},
         global_params={
             "max_iter": whole("Most fixed-point iterations of the mean.", 10, 1),
@@ -344,6 +347,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "model_stock": MethodSpec(
         fn=m.model_stock,
+        blocked=kernels.model_stock,
         tensor_params={},
         global_params={
             "filter_wise": flag("Compute the interpolation ratio per row, not per tensor.", False)
@@ -357,6 +361,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "nearswap": MethodSpec(
         fn=m.nearswap,
+        blocked=kernels.nearswap,
         tensor_params={},
         global_params={
             "t": number(
@@ -372,6 +377,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "arcee_fusion": MethodSpec(
         fn=m.arcee_fusion,
+        blocked=kernels.arcee_fusion,
         tensor_params={},
         global_params={},
         base="required",
@@ -383,6 +389,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "ram": MethodSpec(
         fn=m.ram,
+        blocked=kernels.ram,
         tensor_params={},
         global_params={"epsilon": _RAM_EPSILON},
         base="required",
@@ -392,6 +399,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "ramplus_tl": MethodSpec(
         fn=m.ramplus_tl,
+        blocked=kernels.ramplus_tl,
         tensor_params={},
         global_params={
             "r": number("Strength of the boost of each model's unique entries.", 0.1),
@@ -405,6 +413,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "passthrough": MethodSpec(
         fn=m.passthrough,
+        blocked=kernels.passthrough,
         tensor_params={"scale": number("Factor the copied tensor is multiplied by.", 1.0)},
         global_params={},
         base="none",

@@ -7,20 +7,35 @@ time). Here the inputs stay in their stored dtype and the arithmetic is one ``mx
 kernel that casts on the fly and writes the output dtype directly: no float32 copy of a whole
 tensor exists, and the whole-tensor statistics SLERP needs are summed block by block.
 
-Same formulas as ``linear.py`` and ``spherical.py``; results agree with them to float32
-rounding (a compiled kernel may fuse a multiply and an add; the statistics are summed in
-1024-entry groups as ``common.fsum`` does, in another order).
+The same holds for the methods whose statistics are whole-tensor reductions followed by
+elementwise work: each statistic is a block-summed pass (``block_sums``) whose compiled kernel
+rebuilds what it needs per entry from the stored inputs (task vectors, unit tensors, the mean,
+the tangent), the scalars between passes use the plain function's ops, and one last kernel
+writes the output. nearswap, passthrough and RAM are one kernel; model_stock, nuslerp,
+multislerp need 1-4 statistics passes; karcher keeps its running mean in float32 (two whole
+float32 tensors at most, during a step); arcee_fusion keeps its importance in float32 and takes
+the quantiles as exact order statistics without a sort. Per-row statistics (model_stock's
+filter_wise, nuslerp without flattening) run over blocks of whole rows.
+
+Same formulas as ``linear.py``, ``spherical.py``, ``model_stock.py`` and ``fusion.py``; results
+agree with them to float32 rounding (a compiled kernel may fuse a multiply and an add; the
+statistics are summed in 1024-entry groups as ``common.fsum`` does, in another order; with
+OpenBLAS loaded the group sums themselves round differently), bit for bit where neither
+applies (``tests/merge/test_method_kernels.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, streams
+from mlxmerge.merge.methods.common import BLOCK, fsum, kth_largest, per_model, streams
+from mlxmerge.merge.methods.fusion import _KL_EPS
 from mlxmerge.merge.methods.linear import linear_weights
-from mlxmerge.merge.methods.spherical import check_t, slerp_coefficients
+from mlxmerge.merge.methods.spherical import check_t, karcher_alphas, slerp_coefficients
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
 
@@ -134,3 +149,582 @@ def slerp(
     y = _mix_kernel(out_dtype)(mx.stack([c0, c1]).astype(mx.float32), base, tensors[0])
     mx.eval(y)
     return y
+
+
+# --- shared machinery of the forms below -----------------------------------------------------
+
+
+def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
+    """Whole-tensor sums of several elementwise float32 products, one block at a time.
+
+    ``terms``: ``(kernel, flats, scalars)`` each; ``kernel(*scalars, *blocks)`` returns one
+    float32 block, ``blocks`` being the same ``BLOCK_ENTRIES`` span of every 1-D array in
+    ``flats`` (``n`` entries each). Every sum is accurate to float32 rounding like ``fsum``
+    (1024-entry groups through ``_level1``, then ``fsum`` of the group sums).
+    """
+    parts: list[list[mx.array]] = [[] for _ in terms]
+    for s in range(0, n, BLOCK_ENTRIES):
+        for acc, (kernel, flats, scalars) in zip(parts, terms):
+            acc.append(_level1(kernel(*scalars, *(f[s : s + BLOCK_ENTRIES] for f in flats))))
+        mx.eval([acc[-1] for acc in parts])
+    return [fsum(mx.concatenate(p)) for p in parts]
+
+
+def _f32(value) -> mx.array:
+    return mx.array(value, dtype=mx.float32)
+
+
+def _flat(xs: Sequence[mx.array | None]) -> list[mx.array | None]:
+    return [None if x is None else x.reshape(-1) for x in xs]
+
+
+def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ENTRIES // max(cols, 1))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _delta(x: mx.array, base: mx.array | None) -> mx.array:
+    """x in float32, minus base when there is one (a task vector), inside a kernel."""
+    return x.astype(mx.float32) if base is None else x.astype(mx.float32) - base.astype(mx.float32)
+
+
+def _delta_product_kernel(with_base: bool):
+    # (x - base)·(y - base) per entry (or x·y without a base): the terms of norms and dots.
+    def build():
+        if with_base:
+            return lambda x, y, b: _delta(x, b) * _delta(y, b)
+        return lambda x, y: x.astype(mx.float32) * y.astype(mx.float32)
+
+    return _compiled(("dprod", with_base), build)
+
+
+def _delta_gram(xs: Sequence[mx.array], base: mx.array | None, pairs) -> list[mx.array]:
+    """Block-summed (xᵢ − base)·(xⱼ − base) over whole tensors for each (i, j) in ``pairs``."""
+    flat = _flat([*xs, base])
+    kernel = _delta_product_kernel(base is not None)
+    tail = [flat[-1]] if base is not None else []
+    terms = [(kernel, [flat[i], flat[j], *tail], []) for i, j in pairs]
+    return block_sums(terms, flat[0].size)
+
+
+# --- nearswap, passthrough ---------------------------------------------------------------------
+
+
+def _nearswap_kernel(out_dtype: mx.Dtype):
+    def build():
+        def kernel(t, a, b):
+            a, b = a.astype(mx.float32), b.astype(mx.float32)
+            w = mx.clip(t / mx.maximum(mx.abs(a - b), 1e-6), 0.0, 1.0)
+            return (w * b + (1.0 - w) * a).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("nearswap", out_dtype), build)
+
+
+def nearswap(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, t: float
+) -> mx.array | None:
+    """``linear.nearswap`` in one compiled pass over stored-dtype inputs."""
+    if base is None or len(tensors) != 1:
+        return None  # the plain function raises the message
+    y = _nearswap_kernel(out_dtype)(_f32(t), base, tensors[0])
+    mx.eval(y)
+    return y
+
+
+def _scale_kernel(out_dtype: mx.Dtype):
+    def build():
+        return lambda s, x: (x.astype(mx.float32) * s).astype(out_dtype)
+
+    return _compiled(("scale", out_dtype), build)
+
+
+def passthrough(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    scale: list[float] | float | None = None,
+) -> mx.array | None:
+    """``linear.passthrough``: the one input times ``scale``, cast in the same pass."""
+    if len(tensors) != 1:
+        return None
+    s = per_model(scale, 1, "scale")[0]
+    x = tensors[0]
+    y = x.astype(out_dtype) if s is None or s == 1.0 else _scale_kernel(out_dtype)(_f32(s), x)
+    mx.eval(y)
+    return y
+
+
+# --- model_stock -------------------------------------------------------------------------------
+
+
+def _stock_mix_kernel(n: int, out_dtype: mx.Dtype):
+    # t·mean(xᵢ) + (1 − t)·base, the order of model_stock's float32 ops.
+    def build():
+        def kernel(t, base, *xs):
+            avg = 0
+            for x in xs:
+                avg = avg + x.astype(mx.float32)
+            avg = avg / n
+            return (t * avg + (1 - t) * base.astype(mx.float32)).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("stock", n, out_dtype), build)
+
+
+def _stock_t(sums: dict, n: int) -> mx.array:
+    """model_stock's t from ‖oᵢ‖² (key (i, i)) and oᵢ·oⱼ (key (i, j)): scalars or per row."""
+    norms = [mx.sqrt(sums[i, i]) for i in range(n)]
+    cosines = [
+        mx.clip(sums[i, j] / mx.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = mx.clip(mx.mean(mx.stack(cosines), axis=0), 0.0, 1.0)[..., None]
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(
+    tensors: Sequence[mx.array],
+    base: mx.array,
+    out_dtype: mx.Dtype,
+    *,
+    filter_wise: bool = False,
+) -> mx.array | None:
+    """``model_stock.model_stock`` over stored-dtype inputs.
+
+    Whole tensor: the N(N+1)/2 offset norms and dots are block-summed, then one compiled mix.
+    ``filter_wise``: per row of the last axis, row blocks of ``BLOCK_ENTRIES`` entries, the row
+    sums as the plain function takes them (``mx.sum`` over the row), the mix compiled.
+    """
+    n = len(tensors)
+    if base is None or n < 2:
+        return None  # nothing to merge, or the plain function raises the message
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    mix = _stock_mix_kernel(n, out_dtype)
+    if not filter_wise:
+        sums = dict(zip(pairs, _delta_gram(tensors, base, pairs)))
+        y = mix(_stock_t(sums, n)[0].astype(mx.float32), base, *tensors)
+        mx.eval(y)
+        return y
+    shape = tuple(base.shape)
+    cols = shape[-1] if len(shape) >= 2 else base.size
+    rows2 = [x.reshape(-1, cols) for x in (*tensors, base)]
+    product = _delta_product_kernel(True)
+    out = []
+    for r0, r1 in _row_spans(rows2[0].shape[0], cols):
+        b = rows2[-1][r0:r1]
+        xs = [x[r0:r1] for x in rows2[:-1]]
+        sums = {(i, j): mx.sum(product(xs[i], xs[j], b), axis=-1) for i, j in pairs}
+        out.append(mix(_stock_t(sums, n), b, *xs))
+        mx.eval(out[-1])
+    return mx.concatenate(out).reshape(shape)
+
+
+# --- nuslerp ----------------------------------------------------------------------------------
+
+
+def _unit_product_kernel(with_base: bool):
+    # (v0/m0)·(v1/m1) per entry, vᵢ = xᵢ (− base): the cosine's terms as ``_nuslerp`` forms them.
+    def build():
+        def kernel(m0, m1, x0, x1, *b):
+            base = b[0] if b else None
+            return (_delta(x0, base) / m0) * (_delta(x1, base) / m1)
+
+        return kernel
+
+    return _compiled(("uprod", with_base), build)
+
+
+def _nuslerp_mix_kernel(with_base: bool, out_dtype: mx.Dtype):
+    def build():
+        def kernel(s0, s1, safe, colinear, omt, t, x0, x1, *b):
+            base = b[0] if b else None
+            v0, v1 = _delta(x0, base), _delta(x1, base)
+            res = (s0 * v0 + s1 * v1) / safe
+            res = mx.where(colinear, omt * v0 + t * v1, res)
+            return (res if base is None else base.astype(mx.float32) + res).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("nuslerp", with_base, out_dtype), build)
+
+
+def _nuslerp_coefficients(cos: mx.array, t: float) -> list[mx.array]:
+    """sin((1−t)θ), sin(tθ), the safe sinθ, the colinear flag, 1 − t and t, with the plain
+    function's ops and Python-float rounding (uncompiled: a compiled sin may round otherwise)."""
+    theta = mx.arccos(mx.clip(cos, -1.0, 1.0))
+    sin_theta = mx.sin(theta)
+    colinear = mx.abs(sin_theta) < 1e-8
+    safe = mx.where(colinear, 1.0, sin_theta)
+    return [mx.sin((1.0 - t) * theta), mx.sin(t * theta), safe, colinear, _f32(1.0 - t), _f32(t)]
+
+
+def nuslerp(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> mx.array | None:
+    """``spherical.nuslerp`` over stored-dtype inputs.
+
+    Flattened: the two norms, then the cosine of the unit vectors, block-summed in two passes
+    (the plain function sums the products of the unit vectors, not the raw dot); one compiled
+    mix. Per row (or per column with ``nuslerp_row_wise``) of a matrix: blocks of whole rows
+    (columns), the sums taken with ``mx.sum`` over each vector as the plain function does.
+    The interpolation angle θ and t enter the mix as arrays, so sin((1−t)θ) is computed in the
+    kernel, as in the plain function.
+    """
+    if len(tensors) != 2 or (not nuslerp_flatten and base is not None and base.ndim < 2):
+        return None
+    if not nuslerp_flatten and tensors[0].ndim < 2:
+        return None  # one vector summed by mx.sum: the plain function is cheap and exact there
+    w = per_model(weight, 2, "weight")
+    total = float(w[0] + w[1])
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    tail = [] if base is None else [base]
+    mix = _nuslerp_mix_kernel(base is not None, out_dtype)
+    if nuslerp_flatten:
+        flat = _flat([*tensors, *tail])
+        n0, n1 = _delta_gram(tensors, base, [(0, 0), (1, 1)])
+        m0, m1 = (mx.maximum(mx.sqrt(s), 1e-7) for s in (n0, n1))
+        (cos,) = block_sums(
+            [(_unit_product_kernel(base is not None), flat, [m0, m1])], flat[0].size
+        )
+        y = mix(*_nuslerp_coefficients(cos, t), *tensors, *tail)
+        mx.eval(y)
+        return y
+    shape = tuple(tensors[0].shape)
+    # vectors along the last axis: rows of (-1, last); row_wise: columns of (first, -1).
+    # axis: the one summed over; blocks of whole vectors along the other.
+    axis = 0 if nuslerp_row_wise else 1
+    mats = [
+        x.reshape((shape[0], -1) if nuslerp_row_wise else (-1, shape[-1])) for x in tensors + tail
+    ]
+    length, count = mats[0].shape[axis], mats[0].shape[1 - axis]
+    product = _delta_product_kernel(base is not None)
+    unit_product = _unit_product_kernel(base is not None)
+    out = []
+    for a, b in _row_spans(count, length):
+        blk = [m[:, a:b] if nuslerp_row_wise else m[a:b] for m in mats]
+        extra = blk[2:]
+        n0 = mx.sum(product(blk[0], blk[0], *extra), axis=axis, keepdims=True)
+        n1 = mx.sum(product(blk[1], blk[1], *extra), axis=axis, keepdims=True)
+        m0, m1 = (mx.maximum(mx.sqrt(s), 1e-7) for s in (n0, n1))
+        cos = mx.sum(unit_product(m0, m1, *blk), axis=axis, keepdims=True)
+        out.append(mix(*_nuslerp_coefficients(cos, t), *blk))
+        mx.eval(out[-1])
+    return mx.concatenate(out, axis=1 - axis).reshape(shape)
+
+
+# --- multislerp, karcher: linear combinations of the inputs --------------------------------------
+
+
+def _gram(tensors: Sequence[mx.array], base: mx.array | None) -> np.ndarray:
+    """(N, N) float64 matrix of (xᵢ − base)·(xⱼ − base) (or xᵢ·xⱼ), block-summed in one pass."""
+    n = len(tensors)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    g = np.zeros((n, n))
+    for (i, j), s in zip(pairs, _delta_gram(tensors, base, pairs)):
+        g[i, j] = g[j, i] = s.item()
+    return g
+
+
+def _combination_kernel(n: int, with_base: bool, out_dtype: mx.Dtype):
+    # Σ cⱼ(xⱼ − base) + base (or Σ cⱼxⱼ), cast once: a short chain, so compile fuses it whole.
+    def build():
+        def kernel(c, *arrays):
+            xs, base = (arrays[:-1], arrays[-1]) if with_base else (arrays, None)
+            out = c[0] * _delta(xs[0], base)
+            for j in range(1, n):
+                out = out + c[j] * _delta(xs[j], base)
+            return (out if base is None else out + base.astype(mx.float32)).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("combination", n, with_base, out_dtype), build)
+
+
+def _combine(coefficients, tensors, base, out_dtype) -> mx.array:
+    c = mx.array(np.asarray(coefficients, dtype=np.float32))
+    tail = [] if base is None else [base]
+    y = _combination_kernel(len(tensors), base is not None, out_dtype)(c, *tensors, *tail)
+    mx.eval(y)
+    return y
+
+
+def multislerp(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> mx.array | None:
+    """``spherical.multislerp`` as one pass of block-summed dots and one compiled combination.
+
+    Every vector of the method (the units, their mean, the tangent, the result) is a linear
+    combination of the task vectors vᵢ = xᵢ − base (of xᵢ without a base), so each is held as
+    its N coefficients and every norm and dot follows from the Gram matrix G = [vᵢ·vⱼ] in
+    float64. The result is base + Σ βⱼvⱼ in one kernel. Agrees with the plain function to
+    float32 rounding: its norms enter the result through cos/sin of the tangent norm, smooth.
+    """
+    n = len(tensors)
+    if n < 2:
+        return None
+    w = per_model(weight, n, "weight")
+    if normalize_weights:
+        total = float(sum(w))
+        if abs(total) < 1e-12:
+            return None  # the plain function raises the message
+        w = [wi / total for wi in w]
+    wa = np.array(w, dtype=np.float64)
+    g = _gram(tensors, base)
+    norms = np.sqrt(np.diag(g))
+    ne = norms + eps
+    m = wa / ne  # the weighted mean of the unit vectors vᵢ/(‖vᵢ‖ + eps)
+    mean_norm = math.sqrt(max(m @ g @ m, 0.0))
+    if n > 2 and mean_norm < eps:
+        return None  # the plain function raises the message
+    h = m / max(mean_norm, eps)  # the normalized mean
+    dots = (g @ h) / ne
+    tangent = m - (wa @ dots) * h
+    tn = math.sqrt(max(tangent @ g @ tangent, 0.0)) + eps
+    beta = float(norms @ wa) * (math.cos(tn) * h + math.sin(tn) / tn * tangent)
+    if n == 2 and mean_norm < eps:
+        beta = wa  # the plain function's fallback: the weighted average
+    return _combine(beta, tensors, base, out_dtype).reshape(tensors[0].shape)
+
+
+def karcher(
+    tensors: Sequence[mx.array],
+    base: mx.array | None,
+    out_dtype: mx.Dtype,
+    *,
+    weight: list[float] | None = None,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> mx.array | None:
+    """``spherical.karcher`` as one pass of block-summed dots and one compiled combination.
+
+    The running mean u, the tangent and every step stay in the span of the unit tensors
+    xᵢ/‖xᵢ‖, so u is held as its coefficients and each iteration's dots and norms come from
+    the Gram matrix of the units in float64: no pass over the tensors per iteration and no
+    float32 tensor at all. The tangent is formed as coefficients first (no cancellation
+    between large terms), so its norm, the stopping test, is as accurate as the plain
+    function's float32 one. The scalar logic (clipping, skipped terms, stopping) is the plain
+    function's.
+    """
+    n = len(tensors)
+    if n < 2:
+        return None
+    alphas = karcher_alphas(weight, n)
+    g = _gram(tensors, None)
+    norms = np.sqrt(np.diag(g))
+    valid = [i for i in range(n) if norms[i] > tol and alphas[i] > 0]
+    if not valid:
+        return mx.zeros(tensors[0].shape, dtype=out_dtype)
+    nv = norms[valid]
+    gu = g[np.ix_(valid, valid)] / np.outer(nv, nv)  # Gram matrix of the unit tensors
+    a_sum = sum(alphas[i] for i in valid)
+    a = np.array([alphas[i] / a_sum for i in valid])
+
+    def norm(c):
+        return math.sqrt(max(c @ gu @ c, 0.0))
+
+    u = a.copy()
+    nu = norm(u)
+    u = np.eye(len(valid))[0] if nu < tol else u / nu
+    for _ in range(max_iter):
+        k = np.zeros(len(valid))
+        kc = 0.0
+        for i, d in enumerate(gu @ u):
+            c = min(max(d, -1.0), 1.0)
+            theta = math.acos(c)
+            if theta < tol:
+                continue
+            k[i] = a[i] * theta / math.sin(theta)
+            kc += k[i] * c
+        tangent = k - kc * u  # Σ kᵢ(unitᵢ − cᵢu)
+        nt = norm(tangent)
+        if nt < tol:
+            break
+        u = math.cos(nt) * u + math.sin(nt) * (tangent / nt)
+        nu = norm(u)
+        if nu > tol:
+            u = u / nu
+    scale = sum(ai * ni for ai, ni in zip(alphas, norms))
+    y = _combine(scale * u / nv, [tensors[i] for i in valid], None, out_dtype)
+    return y.reshape(tensors[0].shape)
+
+
+# --- ram, ramplus_tl --------------------------------------------------------------------------
+
+
+def _active(eps, base, x):
+    return mx.abs(_delta(x, base)) > eps
+
+
+def _count_kernel(n: int):
+    # Σᵢ [|xᵢ − base| > ε] as uint8, its own kernel: fused with the rest the chain is too deep
+    # for compile (it then stores whole-tensor float32 temporaries).
+    def build():
+        def kernel(eps, base, *xs):
+            counts = _active(eps, base, xs[0]).astype(mx.uint8)
+            for x in xs[1:]:
+                counts = counts + _active(eps, base, x).astype(mx.uint8)
+            return counts
+
+        return kernel
+
+    return _compiled(("ramcount", n), build)
+
+
+def _ram_out_kernel(n: int, boosted: bool, out_dtype: mx.Dtype):
+    """base + Σᵢ over contributing models of τᵢ (only it changes the entry: times λᵢ when
+    ``boosted``) or τᵢ/Σc (shared). The plain function's τᵢ·u·λ + τᵢ·s/max(Σc, 1) gives these
+    same values (the other product is a zero), so the sums agree bit for bit."""
+
+    def build():
+        def kernel(eps, lam, counts, base, *xs):
+            c = counts.astype(mx.float32)
+            shared = c > 1
+            total = 0
+            for i, x in enumerate(xs):
+                d = _delta(x, base)
+                term = mx.where(shared, d / c, d * lam[i] if boosted else d)
+                total = total + mx.where(mx.abs(d) > eps, term, 0.0)
+            return (base.astype(mx.float32) + total).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("ram", n, boosted, out_dtype), build)
+
+
+def _share_kernel(stage: str, index: int):
+    # model ``index``'s contributing entries that others also change ('shared') or not
+    def build():
+        def kernel(eps, counts, base, x):
+            active = _active(eps, base, x)
+            return (active & ((counts > 1) if stage == "shared" else (counts == 1))).astype(
+                mx.int32
+            )
+
+        return kernel
+
+    return _compiled(("ramshare", stage, index), build)
+
+
+def ram(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, epsilon: float = 1e-5
+) -> mx.array | None:
+    """``fusion.ram`` in two compiled passes (the contributor counts as uint8, then the merge)."""
+    return _ram(tensors, base, out_dtype, epsilon, None)
+
+
+def ramplus_tl(
+    tensors: Sequence[mx.array],
+    base: mx.array,
+    out_dtype: mx.Dtype,
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+) -> mx.array | None:
+    """``fusion.ramplus_tl``: the shared/unique counts per model in one blocked pass (int32 per
+    block, summed exactly in Python), λᵢ with the plain function's ops, then the RAM pass."""
+    if base is None or not tensors or len(tensors) > 255:
+        return None
+    n = len(tensors)
+    eps = _f32(epsilon)
+    counts = _count_kernel(n)(eps, base, *tensors).reshape(-1)
+    flat = _flat([base, *tensors])
+    tally = {stage: [0] * n for stage in ("shared", "unique")}
+    for s in range(0, flat[0].size, BLOCK_ENTRIES):
+        c, b = counts[s : s + BLOCK_ENTRIES], flat[0][s : s + BLOCK_ENTRIES]
+        got = {(stage, i): mx.sum(_share_kernel(stage, i)(eps, c, b, x[s : s + BLOCK_ENTRIES]))
+               for stage in tally for i, x in enumerate(flat[1:])}  # fmt: skip
+        mx.eval(list(got.values()))
+        for (stage, i), v in got.items():
+            tally[stage][i] += v.item()
+    shared_n = mx.array(tally["shared"]).astype(mx.float32)
+    unique_n = mx.array(tally["unique"]).astype(mx.float32)
+    lam = 1 + r * mx.clip(shared_n / mx.maximum(unique_n, epsilon), 0, alpha)
+    return _ram(tensors, base, out_dtype, epsilon, lam, counts.reshape(base.shape))
+
+
+def _ram(tensors, base, out_dtype, epsilon, lam, counts=None):
+    if base is None or not tensors or len(tensors) > 255:  # uint8 counts
+        return None
+    eps = _f32(epsilon)
+    if counts is None:
+        counts = _count_kernel(len(tensors))(eps, base, *tensors)
+    kernel = _ram_out_kernel(len(tensors), lam is not None, out_dtype)
+    y = kernel(eps, _f32(1.0) if lam is None else lam, counts, base, *tensors)
+    mx.eval(y)
+    return y
+
+
+# --- arcee_fusion -----------------------------------------------------------------------------
+
+
+def _importance_kernel():
+    # |x − base|·KL(row): a subtraction, an abs and a product, so compiled or not, the same bits.
+    def build():
+        return lambda kl, base, x: mx.abs(x.astype(mx.float32) - base.astype(mx.float32)) * kl
+
+    return _compiled(("importance",), build)
+
+
+def _fusion_kernel(out_dtype: mx.Dtype):
+    def build():
+        def kernel(thr, importance, base, x):
+            a = base.astype(mx.float32)
+            mask = (importance >= thr).astype(mx.float32)
+            return (a + (x.astype(mx.float32) - a) * mask).astype(out_dtype)
+
+        return kernel
+
+    return _compiled(("fusion", out_dtype), build)
+
+
+def arcee_fusion(
+    tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype
+) -> mx.array | None:
+    """``fusion.arcee_fusion`` with one float32 tensor (the importance) and no sort.
+
+    The per-row KL divergences come from row blocks with the plain function's ops; the three
+    quantiles are exact order statistics found by ``common.kth_largest`` (a sample brackets
+    each, the entries in the bracket are ranked) instead of a full sort: the same values.
+    """
+    if base is None or len(tensors) != 1:
+        return None
+    x = tensors[0]
+    shape = tuple(base.shape)
+    cols = shape[-1] if len(shape) >= 1 else 1
+    rows = [m.reshape(-1, cols) for m in (x, base)]
+    kl = []
+    for r0, r1 in _row_spans(rows[0].shape[0], cols):
+        bx, bb = (m[r0:r1].astype(mx.float32) for m in rows)
+        p = mx.softmax(bx, axis=-1) + _KL_EPS
+        q = mx.softmax(bb, axis=-1) + _KL_EPS
+        kl.append(mx.sum(p * mx.log(p / q), axis=-1, keepdims=True))
+        mx.eval(kl[-1])
+    importance = _importance_kernel()(mx.concatenate(kl), rows[1], rows[0])
+    mx.eval(importance)
+    flat = importance.reshape(-1)
+    n = flat.size
+    # the value at ascending index int(q·(n−1)) is the (n − index)-th largest
+    idx = (np.array([0.25, 0.5, 0.75], np.float32) * np.float32(n - 1)).astype(np.int64)
+    q1, med, q3 = (_f32(kth_largest(flat, n - int(i))) for i in idx)
+    thr = med + 1.5 * (q3 - q1)
+    y = _fusion_kernel(out_dtype)(thr, importance, rows[1], rows[0])
+    mx.eval(y)
+    return y.reshape(shape)

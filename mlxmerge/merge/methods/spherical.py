@@ -175,12 +175,7 @@ def karcher(
     if n == 1:
         return tensors[0]
     shape = check_shapes(tensors, None)
-    w = [1.0] * n if weight is None else per_model(weight, n, "weight")
-    if any(wi is None for wi in w):
-        w = [1.0] * n
-    if any(wi < 0 for wi in w) or sum(w) <= 0:
-        raise RecipeError(f"karcher: weights must be >= 0 with a positive sum, got {w}.")
-    alphas = [wi / sum(w) for wi in w]
+    alphas = karcher_alphas(weight, n)
     x = [v.reshape(-1) for v in tensors]
     norms = [norm(v).item() for v in x]
     valid = [i for i in range(n) if norms[i] > tol and alphas[i] > 0]
@@ -210,3 +205,14 @@ def karcher(
             u = u / nu
     scale = sum(ai * ni for ai, ni in zip(alphas, norms))
     return (scale * u).reshape(shape)
+
+
+def karcher_alphas(weight: list[float] | None, n: int) -> list[float]:
+    """The normalized per-model weights of ``karcher`` (uniform when absent); RecipeError when
+    one is negative or they do not sum to a positive number."""
+    w = [1.0] * n if weight is None else per_model(weight, n, "weight")
+    if any(wi is None for wi in w):
+        w = [1.0] * n
+    if any(wi < 0 for wi in w) or sum(w) <= 0:
+        raise RecipeError(f"karcher: weights must be >= 0 with a positive sum, got {w}.")
+    return [wi / sum(w) for wi in w]
