@@ -243,6 +243,8 @@ def main() -> None:
     )
     ap.add_argument("--mergekit", default=None, metavar="VENV",
                     help="a virtualenv with mergekit: merge the same pair with it and print ratios")  # fmt: skip
+    ap.add_argument("--mergekit-repeat", type=int, default=1,
+                    help="runs of mergekit for each method (it is slow); the fastest is kept")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each (interleaved); the fastest time and the highest peak are kept")  # fmt: skip
     ap.add_argument("--check-cost", action="store_true",
@@ -287,7 +289,7 @@ def main() -> None:
                 if args.mergekit:
                     py = str(Path(args.mergekit) / "bin" / "python")
                     mks = []
-                    for _ in range(args.repeat):
+                    for _ in range(args.mergekit_repeat):
                         mks.append(run_child([py, "-c", MERGEKIT_CHILD, json.dumps(recipe), str(out)]))  # fmt: skip
                         shutil.rmtree(out, ignore_errors=True)
                     mk = min(mks, key=lambda x: x["seconds"])
