@@ -62,6 +62,8 @@ def run_recipe(
     from mlxmerge.merge.multi import is_multi_document, merge_multi
     from mlxmerge.merge.runner import merge, plan_merge, plan_summary
 
+    if as_json and not dry_run:  # the plan is printed only by a dry run
+        raise click.UsageError("--json prints the plan of --dry-run; add --dry-run")
     if is_multi_document(recipe):  # mergekit-multi: named intermediate merges, then the final
         if dry_run:
             raise click.UsageError("--dry-run plans one recipe; this file holds several documents")

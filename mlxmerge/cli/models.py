@@ -8,6 +8,7 @@ import click
 
 from mlxmerge.cli import cli
 from mlxmerge.cli.progress import progress_bar
+from mlxmerge.io import human_bytes
 
 DTYPE = click.Choice(["bfloat16", "float16", "float32"])
 LAYOUT = click.Choice(["mlx", "hf"])
@@ -19,14 +20,6 @@ def allow_nonfinite_option(fn):
         "--allow-nonfinite", is_flag=True,
         help="Warn instead of stopping when a tensor read or written holds NaN or Inf.",
     )(fn)  # fmt: skip
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def human_count(n: int) -> str:

@@ -89,6 +89,15 @@ def parse_size(text: str | int) -> int:
     return int(float(s))
 
 
+def human_bytes(n: int) -> str:
+    """``213630`` → ``"213.63 KB"``: powers of 1000, the inverse of ``parse_size``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
     """Greedy in-order packing; a tensor larger than the shard size gets a shard of its own."""
     shards: list[list[TensorSpec]] = [[]]

@@ -7,6 +7,7 @@ of docs/merging-methods.md.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ class Param:
             return f"{what} >= {self.low:g}"
         if self.high is not None:
             return f"{what} <= {self.high:g}"
-        return "any real number" if self.kind == "number" else what
+        return "any finite number" if self.kind == "number" else what
 
     def default_text(self) -> str:
         if self.default is REQUIRED:
@@ -81,6 +82,8 @@ class Param:
         if self.kind == "choice":
             return value in self.choices
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if not math.isfinite(value):  # inf or nan would only surface as NaN in the output
             return False
         if self.kind == "int" and int(value) != value:
             return False

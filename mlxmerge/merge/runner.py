@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+import yaml
 
 from mlxmerge.errors import OutputError, RecipeError
-from mlxmerge.io import ModelCard, Quantization, parse_size, write_model
+from mlxmerge.io import ModelCard, Quantization, human_bytes, parse_size, write_model
 from mlxmerge.io.chat_template import resolve_template
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard
@@ -142,7 +143,10 @@ def compute_tensor(
 
     def keys(tag):
         return (
-            {"keys": [derive_key(seed, tag, i) for i, _ in p.inputs]} if plan.method.random else {}
+            # by position: a model listed twice gets two independent masks
+            {"keys": [derive_key(seed, tag, j) for j in range(len(p.inputs))]}
+            if plan.method.random
+            else {}
         )
 
     stacked = is_stacked_experts(name, p.shape)
@@ -194,10 +198,6 @@ def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
             log.warning(msg)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
 def disk_free(target: str | Path) -> tuple[Path, int]:
     """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
     folder = Path(target).expanduser().absolute()
@@ -221,7 +221,7 @@ def check_machine(
     have = available_memory()
     if have is not None and need > have:
         msg = (
-            f"the merge needs about {_gb(need)} of memory at its peak but {_gb(have)} is "
+            f"the merge needs about {human_bytes(need)} of memory at its peak but {human_bytes(have)} is "
             "available; it may swap or be killed (close other programs or free memory first)"
         )
         plan.warnings.append(msg)
@@ -230,9 +230,25 @@ def check_machine(
     folder, free = disk_free(output)
     if size > free:
         raise OutputError(
-            f"{output}: the merged model needs {_gb(size)} but the disk holding {folder} has "
-            f"{_gb(free)} free"
+            f"{output}: the merged model needs {human_bytes(size)} but the disk holding {folder} has "
+            f"{human_bytes(free)} free"
         )
+
+
+def replay_yaml(plan: MergePlan, seed: int, dtype: mx.Dtype) -> str:
+    """The recipe as run, for ``mlxmerge_config.yml``: the output dtype written (an
+    ``--out-dtype`` given on the command line included) and, for DARE/DELLA, the seed of their
+    masks in a comment (mergekit recipes have no seed key), so that running the file again
+    gives the same model."""
+    raw = dict(plan.recipe.raw)
+    name = str(dtype).removeprefix("mlx.core.")
+    if (raw.get("out_dtype") or raw.get("dtype") or "bfloat16") != name:
+        raw["out_dtype"] = name
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if plan.method.random:
+        text = (f"# masks drawn with seed {seed}: mlxmerge merge mlxmerge_config.yml OUT "
+                f"--seed {seed}\n") + text  # fmt: skip
+    return text
 
 
 def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCard:
@@ -368,7 +384,8 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
             tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,
             layout=layout, quantize=quant, shard_size=parse_size(shard_size),
             num_layers=plan.num_layers,
-            chat_template=chat_template, extra_files={"mlxmerge_config.yml": recipe_yaml(recipe)},
+            chat_template=chat_template,
+            extra_files={"mlxmerge_config.yml": replay_yaml(plan, seed, dtype)},
             inputs=inputs, force=force, progress=progress, guard=guard, background=overlap,
         )  # fmt: skip
     finally:

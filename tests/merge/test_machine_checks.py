@@ -89,7 +89,7 @@ def test_output_larger_than_the_free_disk_is_refused(family, tmp_path, monkeypat
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(runner.shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(
-        OutputError, match=r"needs \d+\.\d\d GB but the disk holding .* has 0\.00 GB free"
+        OutputError, match=r"needs \d+\.\d\d [KMG]B but the disk holding .* has 1\.00 KB free"
     ):
         runner.merge(two_models(family), tmp_path / "deep" / "out")
     assert not (tmp_path / "deep").exists()
@@ -108,7 +108,7 @@ def test_estimate_above_available_memory_warns_before_compute(
     plan = runner.plan_merge(two_models(family))
     runner.merge(plan, tmp_path / "o")
     warning = next(w for w in plan.warnings if "memory" in w)
-    assert "0.00 GB is available" in warning and "needs about" in warning
+    assert "1.00 KB is available" in warning and "needs about" in warning
     assert order and caplog.records[0].getMessage() == warning  # logged before any tensor
 
 

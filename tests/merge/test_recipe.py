@@ -238,3 +238,14 @@ def test_dtype_names_checked_at_parse_time_with_the_key(tmp_path):
         parse_recipe(p)
     with pytest.raises(RecipeError, match=r"out_dtype: unknown dtype 'fp8'"):
         parse_recipe({**base, "out_dtype": "fp8"})
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_parameter_values_are_refused(family, bad):
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(family["model_a"]), "parameters": {"weight": bad}},
+        {"model": str(family["model_b"]), "parameters": {"weight": 1.0}}]}  # fmt: skip
+    from mlxmerge.merge.plan import plan_merge
+
+    with pytest.raises(RecipeError, match="weight.*finite number"):
+        plan_merge(recipe)

@@ -257,3 +257,46 @@ def test_missing_input_leaves_no_output(family, tmp_path):
         )
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
+
+
+def test_a_model_listed_twice_gets_two_independent_dare_masks(family, tmp_path):
+    base, a = str(family["base"]), str(family["model_a"])
+    recipe = {"merge_method": "dare_linear", "base_model": base, "dtype": "float32",
+              "parameters": {"rescale": False},
+              "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.3}}] * 2}  # fmt: skip
+    out = merge(recipe, tmp_path / "o")
+    name = "model.layers.0.mlp.up_proj.weight"
+    got = np.array(mx.load(str(out / "model.safetensors"))[name])
+    b = np.array(mx.load(str(family["base"] / "model.safetensors"))[name].astype(mx.float32))
+    x = np.array(mx.load(str(family["model_a"] / "model.safetensors"))[name].astype(mx.float32))
+    both = np.isclose(got - b, 2 * (x - b), rtol=1e-5, atol=0) & (x != b)
+    one = np.isclose(got - b, x - b, rtol=1e-5, atol=0) & (x != b)
+    # independent masks: kept by both with p² = 0.09, by one only with 2p(1-p) = 0.42
+    # (one shared mask would give 0.3 and 0)
+    assert abs(both.mean() - 0.09) < 0.03 and abs(one.mean() - 0.42) < 0.05
+
+
+def test_mlxmerge_config_replays_the_command_with_its_seed_and_dtype(family, tmp_path):
+    args = ["dare-linear", "--base", str(family["base"]), str(family["model_a"]),
+            str(family["model_b"]), "--weight", "1", "--density", "0.5", "--seed", "3",
+            "--out-dtype", "float16", "-o", str(tmp_path / "first")]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    config = (tmp_path / "first" / "mlxmerge_config.yml").read_text()
+    assert config.startswith("# masks drawn with seed 3")
+    assert yaml.safe_load(config)["out_dtype"] == "float16"
+    res = CliRunner().invoke(cli, ["merge", str(tmp_path / "first" / "mlxmerge_config.yml"),
+                                   str(tmp_path / "again"), "--seed", "3"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    first, again = tmp_path / "first", tmp_path / "again"
+    for f in sorted(first.glob("*.safetensors")):
+        assert f.read_bytes() == (again / f.name).read_bytes()
+
+
+def test_json_without_dry_run_is_refused(family, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("model_a", "model_b")]}))  # fmt: skip
+    res = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 2 and "--dry-run" in res.output
+    assert not (tmp_path / "o").exists()
