@@ -120,15 +120,18 @@ if not checks:  # the NaN/Inf checks replaced by nothing: what they cost
     F.all_finite = lambda x: True
     F.words_finite = lambda words, mask: True
     F.FiniteGuard.check_bytes = lambda *a, **k: None
+from mlxmerge.merge.runner import plan_merge, plan_summary
+plan = plan_merge(recipe)
+estimate = plan_summary(plan, mx.bfloat16)["estimated_peak_bytes"]
 t = time.perf_counter()
-merge(recipe, out, force=True)
+merge(plan, out, force=True)
 for f in os.listdir(out):
     if f.endswith(".safetensors"):
         fd = os.open(os.path.join(out, f), os.O_RDONLY); os.fsync(fd); os.close(fd)
 import resource
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": _peak(),
-                  "cpu": ru.ru_utime + ru.ru_stime}))
+                  "cpu": ru.ru_utime + ru.ru_stime, "estimate": estimate}))
 """
 )
 
@@ -275,7 +278,7 @@ def main() -> None:
                 r = min(runs, key=lambda x: x["seconds"])
                 r["peak_rss"] = max(x["peak_rss"] for x in runs)
                 row = {"gb": gb, "method": method, "s": r["seconds"], "floor": floor,
-                       "rss": r["peak_rss"], "largest": largest}  # fmt: skip
+                       "rss": r["peak_rss"], "largest": largest, "est": r["estimate"]}  # fmt: skip
                 if args.check_cost:
                     r0 = run_child([sys.executable, "-c", CHILD, json.dumps(recipe), str(out), "0"])
                     shutil.rmtree(out, ignore_errors=True)
@@ -299,7 +302,8 @@ def main() -> None:
                 print(
                     f"{gb:>4.1f} GB {method:<12} {row['s']:7.2f}s  floor {floor:6.2f}s  "
                     f"ratio {row['s'] / floor:5.2f}x  peak RSS {row['rss'] / 1e6:7.0f} MB  "
-                    f"(largest fp32 tensor {largest / 1e6:.0f} MB; target ≤ "
+                    f"(estimate {r['estimate'] / r['peak_rss']:.2f}x; "
+                    f"largest fp32 tensor {largest / 1e6:.0f} MB; target ≤ "
                     f"{(4 * largest + 300e6) / 1e6:.0f} MB)"
                     + (f"  checks {row['check_s']:.2f}s = {100 * row['check_s'] / row['s']:.1f}% "
                        f"(A/B wall {100 * (row['s'] / row['s_nocheck'] - 1):+.0f}%, "
@@ -315,8 +319,8 @@ def main() -> None:
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
-    head = "| size/model | method | time (s) | I/O floor (s) | / floor | peak RSS (MB) | RSS / (4×largest+300MB) |"
-    cols = "|---|---|---|---|---|---|---|"
+    head = "| size/model | method | time (s) | I/O floor (s) | / floor | peak RSS (MB) | RSS / (4×largest+300MB) | estimate / peak |"
+    cols = "|---|---|---|---|---|---|---|---|"
     if args.check_cost:
         head, cols = head + " NaN/Inf checks (s, % of merge) |", cols + "---|"
     if args.mergekit:
@@ -326,7 +330,7 @@ def main() -> None:
     for r in rows:
         line = (f"| {r['gb']:g} GB | {r['method']} | {r['s']:.1f} | {r['floor']:.1f} | "
                 f"{r['s'] / r['floor']:.2f}× | {r['rss'] / 1e6:.0f} | "
-                f"{r['rss'] / (4 * r['largest'] + 300e6):.2f} |")  # fmt: skip
+                f"{r['rss'] / (4 * r['largest'] + 300e6):.2f} | {r['est'] / r['rss']:.2f} |")  # fmt: skip
         if args.check_cost:
             line += f" {r['check_s']:.2f} s, {100 * r['check_s'] / r['s']:.1f}% |"
         if args.mergekit:
