@@ -54,6 +54,8 @@ CASES = {
                   False),
     "arcee_fusion": (arcee_fusion, kernels.arcee_fusion, {}, 1, "yes", False),
     "ram": (ram, kernels.ram, {}, 3, "yes", True),
+    "ram_5": (ram, kernels.ram, {"epsilon": 1e-3}, 5, "yes", True),  # per-block final kernel
+    "model_stock_5": (model_stock, kernels.model_stock, {}, 5, "yes", False),
     "ramplus_tl": (ramplus_tl, kernels.ramplus_tl, {"r": 0.5, "alpha": 0.7}, 3, "yes", True),
 }  # fmt: skip
 
