@@ -92,12 +92,15 @@ def test_karcher_keeps_the_plain_stopping_rule(monkeypatch):
     np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
 
 
+@pytest.mark.parametrize("miss", [False, True])
 @pytest.mark.parametrize("shape", [(400, 300), (1000,)])
-def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, monkeypatch):
+def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, miss, monkeypatch):
     # the sample-and-bracket order statistics (tensors over EXACT_PARTITION_BELOW entries)
     monkeypatch.setattr(common, "EXACT_PARTITION_BELOW", 500)
     monkeypatch.setattr(common, "SAMPLE_SIZE", 2000)
     monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)
+    if miss:  # brackets that hold none of the ranks: the fallback must give the same values
+        monkeypatch.setattr(kernels, "kth_bracket", lambda sample, k, n: (-2.0, -1.0))
     rng = np.random.default_rng(1)
     base = rng.normal(size=shape).astype(np.float32)
     x = mx.array(base + 0.3 * rng.normal(size=shape).astype(np.float32)).astype(mx.bfloat16)

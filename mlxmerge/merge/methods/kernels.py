@@ -32,7 +32,8 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, kth_largest, per_model
+from mlxmerge.merge.methods import common
+from mlxmerge.merge.methods.common import BLOCK, fsum, kth_bracket, kth_largest, per_model
 from mlxmerge.merge.methods.fusion import _KL_EPS
 from mlxmerge.merge.methods.linear import linear_weights
 from mlxmerge.merge.methods.linear import nearswap as plain_nearswap
@@ -704,13 +705,45 @@ def _fusion_kernel(out_dtype: mx.Dtype):
     return _compiled(("fusion", out_dtype), build)
 
 
+def _order_statistics(flat: mx.array, positions: Sequence[int]) -> list[float]:
+    """The values at ascending ``positions`` of an evaluated 1-D float32 array, exactly.
+
+    ``common.kth_largest`` for several ranks at once: one seeded sample brackets each, and one
+    pass over cache-sized chunks counts the entries above each bracket and gathers those inside
+    (three separate calls take three passes of several whole-array temporaries each). A
+    bracket that misses falls back to ``kth_largest``.
+    """
+    n = flat.size
+    ks = [n - p for p in positions]  # the k-th largest
+    if n <= common.EXACT_PARTITION_BELOW:
+        return [kth_largest(flat, k) for k in ks]
+    a = np.asarray(flat)  # a view of the evaluated float32 array
+    sample = np.sort(a[np.random.default_rng(0).integers(0, n, common.SAMPLE_SIZE)])
+    brackets = [kth_bracket(sample, k, n) for k in ks]
+    above, bands = [0] * len(ks), [[] for _ in ks]
+    for s in range(0, n, BLOCK_ENTRIES):
+        chunk = a[s : s + BLOCK_ENTRIES]
+        for j, (lo, hi) in enumerate(brackets):
+            above[j] += int(np.count_nonzero(chunk > hi))
+            bands[j].append(chunk[(chunk >= lo) & (chunk <= hi)])
+    values = []
+    for k, n_above, parts in zip(ks, above, bands):
+        band = np.concatenate(parts)
+        need = k - n_above
+        if 0 < need <= band.size:
+            values.append(float(np.partition(band, band.size - need)[band.size - need]))
+        else:
+            values.append(kth_largest(flat, k))
+    return values
+
+
 def arcee_fusion(
     tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype
 ) -> mx.array | None:
     """``fusion.arcee_fusion`` with one float32 tensor (the importance) and no sort.
 
     The per-row KL divergences come from row blocks with the plain function's ops; the three
-    quantiles are exact order statistics found by ``common.kth_largest`` (a sample brackets
+    quantiles are exact order statistics found as ``common.kth_largest`` does (a sample brackets
     each, the entries in the bracket are ranked) instead of a full sort: the same values.
     """
     if base is None or len(tensors) != 1:
@@ -732,7 +765,7 @@ def arcee_fusion(
     n = flat.size
     # the value at ascending index int(q·(n−1)) is the (n − index)-th largest
     idx = (np.array([0.25, 0.5, 0.75], np.float32) * np.float32(n - 1)).astype(np.int64)
-    q1, med, q3 = (_f32(kth_largest(flat, n - int(i))) for i in idx)
+    q1, med, q3 = (_f32(v) for v in _order_statistics(flat, [int(i) for i in idx]))
     thr = med + 1.5 * (q3 - q1)
     y = _fusion_kernel(out_dtype)(thr, importance, rows[1], rows[0])
     mx.eval(y)
