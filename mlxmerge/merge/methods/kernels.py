@@ -11,17 +11,21 @@ The same holds for the methods whose statistics are whole-tensor reductions foll
 elementwise work: each statistic is a block-summed pass (``block_sums``) whose compiled kernel
 rebuilds what it needs per entry from the stored inputs (task vectors, unit tensors, the mean,
 the tangent), the scalars between passes use the plain function's ops, and one last kernel
-writes the output. nearswap, passthrough and RAM are one kernel; model_stock, nuslerp,
-multislerp need 1-4 statistics passes; karcher keeps its running mean in float32 (two whole
-float32 tensors at most, during a step); arcee_fusion keeps its importance in float32 and takes
-the quantiles as exact order statistics without a sort. Per-row statistics (model_stock's
-filter_wise, nuslerp without flattening) run over blocks of whole rows.
+writes the output. passthrough is one kernel, RAM two (counts, merge), nearswap MLX's own
+ops per block; model_stock and nuslerp need one and two statistics passes; multislerp and
+karcher are linear combinations of their inputs, so one Gram pass gives every norm and dot
+(karcher's iterations run on N coefficients, no pass and no float32 tensor); arcee_fusion keeps
+its importance in float32 and takes the quantiles as exact order statistics without a sort.
+Per-row statistics (model_stock's filter_wise, nuslerp without flattening) run over blocks of
+whole rows. mx.compile fuses only short chains of ops (past ~10 it stores whole-tensor float32
+intermediates), so every final kernel is kept short or run per block.
 
 Same formulas as ``linear.py``, ``spherical.py``, ``model_stock.py`` and ``fusion.py``; results
 agree with them to float32 rounding (a compiled kernel may fuse a multiply and an add; the
 statistics are summed in 1024-entry groups as ``common.fsum`` does, in another order; with
-OpenBLAS loaded the group sums themselves round differently), bit for bit where neither
-applies (``tests/merge/test_method_kernels.py``).
+OpenBLAS loaded the group sums themselves round differently; multislerp and karcher combine
+float64 scalars in another order), bit for bit where none applies
+(``tests/merge/test_method_kernels.py``).
 """
 
 from __future__ import annotations
