@@ -412,7 +412,7 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 # fitted from 1.7 GB peaks (262 MB largest fp32 tensor, benchmarks/README.md, 2026-11-30).
 PEAK_FIT = {
     "linear": (0.6, 70), "passthrough": (0.6, 60), "slerp": (1.0, 70), "nuslerp": (1.2, 70),
-    "nearswap": (1.0, 70), "multislerp": (1.2, 70), "karcher": (1.2, 70),
+    "nearswap": (1.2, 70), "multislerp": (1.2, 70), "karcher": (1.2, 70),
     "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
     "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
     "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (1.6, 70),

@@ -54,6 +54,8 @@ CASES = {
                   False),
     "arcee_fusion": (arcee_fusion, kernels.arcee_fusion, {}, 1, "yes", False),
     "ram": (ram, kernels.ram, {}, 3, "yes", True),
+    "ram_5": (ram, kernels.ram, {"epsilon": 1e-3}, 5, "yes", True),  # per-block final kernel
+    "model_stock_5": (model_stock, kernels.model_stock, {}, 5, "yes", False),
     "ramplus_tl": (ramplus_tl, kernels.ramplus_tl, {"r": 0.5, "alpha": 0.7}, 3, "yes", True),
 }  # fmt: skip
 
@@ -90,12 +92,15 @@ def test_karcher_keeps_the_plain_stopping_rule(monkeypatch):
     np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
 
 
+@pytest.mark.parametrize("miss", [False, True])
 @pytest.mark.parametrize("shape", [(400, 300), (1000,)])
-def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, monkeypatch):
+def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, miss, monkeypatch):
     # the sample-and-bracket order statistics (tensors over EXACT_PARTITION_BELOW entries)
     monkeypatch.setattr(common, "EXACT_PARTITION_BELOW", 500)
     monkeypatch.setattr(common, "SAMPLE_SIZE", 2000)
     monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)
+    if miss:  # brackets that hold none of the ranks: the fallback must give the same values
+        monkeypatch.setattr(kernels, "kth_bracket", lambda sample, k, n: (-2.0, -1.0))
     rng = np.random.default_rng(1)
     base = rng.normal(size=shape).astype(np.float32)
     x = mx.array(base + 0.3 * rng.normal(size=shape).astype(np.float32)).astype(mx.bfloat16)

@@ -11,17 +11,21 @@ The same holds for the methods whose statistics are whole-tensor reductions foll
 elementwise work: each statistic is a block-summed pass (``block_sums``) whose compiled kernel
 rebuilds what it needs per entry from the stored inputs (task vectors, unit tensors, the mean,
 the tangent), the scalars between passes use the plain function's ops, and one last kernel
-writes the output. nearswap, passthrough and RAM are one kernel; model_stock, nuslerp,
-multislerp need 1-4 statistics passes; karcher keeps its running mean in float32 (two whole
-float32 tensors at most, during a step); arcee_fusion keeps its importance in float32 and takes
-the quantiles as exact order statistics without a sort. Per-row statistics (model_stock's
-filter_wise, nuslerp without flattening) run over blocks of whole rows.
+writes the output. passthrough is one kernel, RAM two (counts, merge), nearswap MLX's own
+ops per block; model_stock and nuslerp need one and two statistics passes; multislerp and
+karcher are linear combinations of their inputs, so one Gram pass gives every norm and dot
+(karcher's iterations run on N coefficients, no pass and no float32 tensor); arcee_fusion keeps
+its importance in float32 and takes the quantiles as exact order statistics without a sort.
+Per-row statistics (model_stock's filter_wise, nuslerp without flattening) run over blocks of
+whole rows. mx.compile fuses only short chains of ops (past ~10 it stores whole-tensor float32
+intermediates), so every final kernel is kept short or run per block.
 
 Same formulas as ``linear.py``, ``spherical.py``, ``model_stock.py`` and ``fusion.py``; results
 agree with them to float32 rounding (a compiled kernel may fuse a multiply and an add; the
 statistics are summed in 1024-entry groups as ``common.fsum`` does, in another order; with
-OpenBLAS loaded the group sums themselves round differently), bit for bit where neither
-applies (``tests/merge/test_method_kernels.py``).
+OpenBLAS loaded the group sums themselves round differently; multislerp and karcher combine
+float64 scalars in another order), bit for bit where none applies
+(``tests/merge/test_method_kernels.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,18 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, kth_largest, per_model, streams
+from mlxmerge.merge.methods import common
+from mlxmerge.merge.methods.common import (
+    BLOCK,
+    fsum,
+    kth_bracket,
+    kth_largest,
+    per_model,
+    streams,
+)
 from mlxmerge.merge.methods.fusion import _KL_EPS
 from mlxmerge.merge.methods.linear import linear_weights
+from mlxmerge.merge.methods.linear import nearswap as plain_nearswap
 from mlxmerge.merge.methods.spherical import check_t, karcher_alphas, slerp_coefficients
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
@@ -166,7 +179,7 @@ def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
     for s in range(0, n, BLOCK_ENTRIES):
         for acc, (kernel, flats, scalars) in zip(parts, terms):
             acc.append(_level1(kernel(*scalars, *(f[s : s + BLOCK_ENTRIES] for f in flats))))
-        mx.eval([acc[-1] for acc in parts])
+            mx.eval(acc[-1])  # one float32 block alive at a time, however many terms
     return [fsum(mx.concatenate(p)) for p in parts]
 
 
@@ -181,6 +194,26 @@ def _flat(xs: Sequence[mx.array | None]) -> list[mx.array | None]:
 def _row_spans(rows: int, cols: int) -> list[tuple[int, int]]:
     step = max(1, BLOCK_ENTRIES // max(cols, 1))
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+FUSED_MODELS = 4  # above this many models, the last kernels are too deep for compile to fuse
+
+
+def _final(kernel, scalars: Sequence[mx.array], arrays: Sequence[mx.array], n: int) -> mx.array:
+    """``kernel(*scalars, *arrays)`` evaluated; over more than ``FUSED_MODELS`` models, per
+    ``BLOCK_ENTRIES`` span of the flattened arrays and concatenated. compile cuts a long chain
+    of ops into several kernels whose intermediates would be whole float32 tensors; over
+    blocks they are block-sized."""
+    if n <= FUSED_MODELS:
+        y = kernel(*scalars, *arrays)
+        mx.eval(y)
+        return y
+    flats = _flat(arrays)
+    out = []
+    for s in range(0, flats[0].size, BLOCK_ENTRIES):
+        out.append(kernel(*scalars, *(f[s : s + BLOCK_ENTRIES] for f in flats)))
+        mx.eval(out[-1])
+    return mx.concatenate(out).reshape(arrays[0].shape)
 
 
 def _delta(x: mx.array, base: mx.array | None) -> mx.array:
@@ -210,27 +243,24 @@ def _delta_gram(xs: Sequence[mx.array], base: mx.array | None, pairs) -> list[mx
 # --- nearswap, passthrough ---------------------------------------------------------------------
 
 
-def _nearswap_kernel(out_dtype: mx.Dtype):
-    def build():
-        def kernel(t, a, b):
-            a, b = a.astype(mx.float32), b.astype(mx.float32)
-            w = mx.clip(t / mx.maximum(mx.abs(a - b), 1e-6), 0.0, 1.0)
-            return (w * b + (1.0 - w) * a).astype(out_dtype)
-
-        return kernel
-
-    return _compiled(("nearswap", out_dtype), build)
-
-
 def nearswap(
     tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype, *, t: float
 ) -> mx.array | None:
-    """``linear.nearswap`` in one compiled pass over stored-dtype inputs."""
+    """``linear.nearswap`` itself on float32 copies of 2M-entry blocks, cast per block.
+
+    Not one compiled kernel: compiled CPU kernels run their division unvectorized, and MLX's
+    own elementwise ops on cache-sized blocks are ~1.7× faster here (0.53 s vs 0.90 s on a
+    65M-entry tensor). The same ops as the plain function, so the same bits.
+    """
     if base is None or len(tensors) != 1:
         return None  # the plain function raises the message
-    y = _nearswap_kernel(out_dtype)(_f32(t), base, tensors[0])
-    mx.eval(y)
-    return y
+    fa, fb = _flat([base, tensors[0]])
+    out = []
+    for s in range(0, fa.size, BLOCK_ENTRIES):
+        a, b = (f[s : s + BLOCK_ENTRIES].astype(mx.float32) for f in (fa, fb))
+        out.append(plain_nearswap([b], a, t=t).astype(out_dtype))
+        mx.eval(out[-1])
+    return mx.concatenate(out).reshape(base.shape)
 
 
 def _scale_kernel(out_dtype: mx.Dtype):
@@ -307,9 +337,7 @@ def model_stock(
     mix = _stock_mix_kernel(n, out_dtype)
     if not filter_wise:
         sums = dict(zip(pairs, _delta_gram(tensors, base, pairs)))
-        y = mix(_stock_t(sums, n)[0].astype(mx.float32), base, *tensors)
-        mx.eval(y)
-        return y
+        return _final(mix, [_stock_t(sums, n)[0].astype(mx.float32)], [base, *tensors], n)
     shape = tuple(base.shape)
     cols = shape[-1] if len(shape) >= 2 else base.size
     rows2 = [x.reshape(-1, cols) for x in (*tensors, base)]
@@ -649,11 +677,9 @@ def ramplus_tl(
     tally = {stage: [0] * n for stage in ("shared", "unique")}
     for s in range(0, flat[0].size, BLOCK_ENTRIES):
         c, b = counts[s : s + BLOCK_ENTRIES], flat[0][s : s + BLOCK_ENTRIES]
-        got = {(stage, i): mx.sum(_share_kernel(stage, i)(eps, c, b, x[s : s + BLOCK_ENTRIES]))
-               for stage in tally for i, x in enumerate(flat[1:])}  # fmt: skip
-        mx.eval(list(got.values()))
-        for (stage, i), v in got.items():
-            tally[stage][i] += v.item()
+        for stage, i in [(stage, i) for stage in tally for i in range(n)]:
+            x = flat[1 + i][s : s + BLOCK_ENTRIES]
+            tally[stage][i] += mx.sum(_share_kernel(stage, i)(eps, c, b, x)).item()
     shared_n = mx.array(tally["shared"]).astype(mx.float32)
     unique_n = mx.array(tally["unique"]).astype(mx.float32)
     lam = 1 + r * mx.clip(shared_n / mx.maximum(unique_n, epsilon), 0, alpha)
@@ -667,9 +693,8 @@ def _ram(tensors, base, out_dtype, epsilon, lam, counts=None):
     if counts is None:
         counts = _count_kernel(len(tensors))(eps, base, *tensors)
     kernel = _ram_out_kernel(len(tensors), lam is not None, out_dtype)
-    y = kernel(eps, _f32(1.0) if lam is None else lam, counts, base, *tensors)
-    mx.eval(y)
-    return y
+    scalars = [eps, _f32(1.0) if lam is None else lam]
+    return _final(kernel, scalars, [counts, base, *tensors], len(tensors))
 
 
 # --- arcee_fusion -----------------------------------------------------------------------------
@@ -695,13 +720,45 @@ def _fusion_kernel(out_dtype: mx.Dtype):
     return _compiled(("fusion", out_dtype), build)
 
 
+def _order_statistics(flat: mx.array, positions: Sequence[int]) -> list[float]:
+    """The values at ascending ``positions`` of an evaluated 1-D float32 array, exactly.
+
+    ``common.kth_largest`` for several ranks at once: one seeded sample brackets each, and one
+    pass over cache-sized chunks counts the entries above each bracket and gathers those inside
+    (three separate calls take three passes of several whole-array temporaries each). A
+    bracket that misses falls back to ``kth_largest``.
+    """
+    n = flat.size
+    ks = [n - p for p in positions]  # the k-th largest
+    if n <= common.EXACT_PARTITION_BELOW:
+        return [kth_largest(flat, k) for k in ks]
+    a = np.asarray(flat)  # a view of the evaluated float32 array
+    sample = np.sort(a[np.random.default_rng(0).integers(0, n, common.SAMPLE_SIZE)])
+    brackets = [kth_bracket(sample, k, n) for k in ks]
+    above, bands = [0] * len(ks), [[] for _ in ks]
+    for s in range(0, n, BLOCK_ENTRIES):
+        chunk = a[s : s + BLOCK_ENTRIES]
+        for j, (lo, hi) in enumerate(brackets):
+            above[j] += int(np.count_nonzero(chunk > hi))
+            bands[j].append(chunk[(chunk >= lo) & (chunk <= hi)])
+    values = []
+    for k, n_above, parts in zip(ks, above, bands):
+        band = np.concatenate(parts)
+        need = k - n_above
+        if 0 < need <= band.size:
+            values.append(float(np.partition(band, band.size - need)[band.size - need]))
+        else:
+            values.append(kth_largest(flat, k))
+    return values
+
+
 def arcee_fusion(
     tensors: Sequence[mx.array], base: mx.array, out_dtype: mx.Dtype
 ) -> mx.array | None:
     """``fusion.arcee_fusion`` with one float32 tensor (the importance) and no sort.
 
     The per-row KL divergences come from row blocks with the plain function's ops; the three
-    quantiles are exact order statistics found by ``common.kth_largest`` (a sample brackets
+    quantiles are exact order statistics found as ``common.kth_largest`` does (a sample brackets
     each, the entries in the bracket are ranked) instead of a full sort: the same values.
     """
     if base is None or len(tensors) != 1:
@@ -723,7 +780,7 @@ def arcee_fusion(
     n = flat.size
     # the value at ascending index int(q·(n−1)) is the (n − index)-th largest
     idx = (np.array([0.25, 0.5, 0.75], np.float32) * np.float32(n - 1)).astype(np.int64)
-    q1, med, q3 = (_f32(kth_largest(flat, n - int(i))) for i in idx)
+    q1, med, q3 = (_f32(v) for v in _order_statistics(flat, [int(i) for i in idx]))
     thr = med + 1.5 * (q3 - q1)
     y = _fusion_kernel(out_dtype)(thr, importance, rows[1], rows[0])
     mx.eval(y)
