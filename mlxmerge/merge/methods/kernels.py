@@ -91,17 +91,6 @@ def linear(
     return y
 
 
-def _product_kernel():
-    # One output per compiled kernel: on the CPU a multi-output kernel runs ~10x slower.
-    def build():
-        def kernel(a, b):
-            return a.astype(mx.float32) * b.astype(mx.float32)
-
-        return kernel
-
-    return _compiled(("product",), build)
-
-
 _ONES = {}
 
 
@@ -120,18 +109,9 @@ def norms_and_dot(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.arra
     """(‖a‖, ‖b‖, a·b) in float32 of two same-shape tensors of any float dtype, accurate to
     float32 rounding like ``common.norm``/``common.dot``, with float32 temporaries of one block."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    parts: list[list[mx.array]] = [[], [], []]
-    product = _product_kernel()
-    pair = streams()
-    starts = range(0, fa.size, BLOCK_ENTRIES)
-    for j, s in enumerate(starts):  # consecutive blocks on two streams: both cores
-        x, y = fa[s : s + BLOCK_ENTRIES], fb[s : s + BLOCK_ENTRIES]
-        with mx.stream(pair[j % 2]):
-            for acc, (u, v) in zip(parts, ((x, x), (y, y), (x, y))):
-                acc.append(_level1(product(u, v)))
-        if j % 2 or j == len(starts) - 1:
-            mx.eval([acc[-2:] for acc in parts])
-    aa, bb, ab = (fsum(mx.concatenate(p)) for p in parts)
+    product = _delta_product_kernel(False)
+    terms = [(product, [fa, fa], []), (product, [fb, fb], []), (product, [fa, fb], [])]
+    aa, bb, ab = block_sums(terms, fa.size)
     return mx.sqrt(aa), mx.sqrt(bb), ab
 
 
@@ -176,10 +156,15 @@ def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
     (1024-entry groups through ``_level1``, then ``fsum`` of the group sums).
     """
     parts: list[list[mx.array]] = [[] for _ in terms]
-    for s in range(0, n, BLOCK_ENTRIES):
+    pair = streams()
+    starts = list(range(0, n, BLOCK_ENTRIES))
+    for first in range(0, len(starts), len(pair)):  # two blocks at once, one per stream
         for acc, (kernel, flats, scalars) in zip(parts, terms):
-            acc.append(_level1(kernel(*scalars, *(f[s : s + BLOCK_ENTRIES] for f in flats))))
-            mx.eval(acc[-1])  # one float32 block alive at a time, however many terms
+            for k, s in enumerate(starts[first : first + len(pair)]):
+                with mx.stream(pair[k]):
+                    blocks = (f[s : s + BLOCK_ENTRIES] for f in flats)
+                    acc.append(_level1(kernel(*scalars, *blocks)))
+            mx.eval(acc[first:])  # two float32 blocks alive at a time, however many terms
     return [fsum(mx.concatenate(p)) for p in parts]
 
 
