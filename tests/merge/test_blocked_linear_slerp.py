@@ -34,7 +34,7 @@ def test_linear_kernel_equals_the_plain_method(shape, normalize, out):
 
 
 def test_norms_and_dot_match_float64_across_blocks(monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)  # 15 blocks, the last one partial
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 4096)  # 15 blocks, the last one partial
     a, b = tensors((251, 233), 2, seed=1)
     n0, n1, d = kernels.norms_and_dot(a, b)
     a64, b64 = f32(a).astype(np.float64), f32(b).astype(np.float64)
@@ -56,7 +56,7 @@ def numpy_slerp(a, b, t):
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("same", [False, True])
 def test_slerp_kernel_matches_the_plain_method_and_float64(monkeypatch, t, same):
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 8192)
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 8192)
     a, b = tensors((300, 200), 2, seed=2)
     if same:  # colinear: the plain path's lerp fallback
         b = a
@@ -70,7 +70,7 @@ def test_slerp_kernel_matches_the_plain_method_and_float64(monkeypatch, t, same)
 
 
 def test_blocked_forms_hold_no_float32_copy_of_a_whole_tensor(monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 1 << 16)
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 1 << 16)
     a, b = tensors((2048, 1024), 2, seed=3)  # 4 MB each in bf16; 8 MB in float32
     mx.eval(a, b)
     for run in (

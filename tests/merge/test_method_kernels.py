@@ -63,7 +63,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shape", [(300, 200), (97, 3, 50)])
 def test_blocked_form_equals_the_plain_method(case, shape, monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)  # 15 blocks of the (300, 200) tensors
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 4096)  # 15 blocks of the (300, 200) tensors
     fn, blocked, params, n, has_base, sparse = CASES[case]
     xs, base = inputs(shape, n, sparse=sparse)
     for b in {"yes": [base], "no": [None], "both": [base, None]}[has_base]:
@@ -79,7 +79,7 @@ def test_blocked_form_equals_the_plain_method(case, shape, monkeypatch):
 
 def test_karcher_keeps_the_plain_stopping_rule(monkeypatch):
     # max_iter 1 stops before convergence: the blocked form must stop at the same step.
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 2048)
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 2048)
     rng = np.random.default_rng(4)
     # independent models (right angles) and unequal weights: several iterations to converge
     xs = [mx.array(rng.normal(size=(64, 100)).astype(np.float32)).astype(mx.bfloat16)
@@ -98,9 +98,9 @@ def test_arcee_fusion_quantiles_from_a_sample_are_exact(shape, miss, monkeypatch
     # the sample-and-bracket order statistics (tensors over EXACT_PARTITION_BELOW entries)
     monkeypatch.setattr(common, "EXACT_PARTITION_BELOW", 500)
     monkeypatch.setattr(common, "SAMPLE_SIZE", 2000)
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 4096)
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 4096)
     if miss:  # brackets that hold none of the ranks: the fallback must give the same values
-        monkeypatch.setattr(kernels, "kth_bracket", lambda sample, k, n: (-2.0, -1.0))
+        monkeypatch.setattr(kernels.fusion, "kth_bracket", lambda sample, k, n: (-2.0, -1.0))
     rng = np.random.default_rng(1)
     base = rng.normal(size=shape).astype(np.float32)
     x = mx.array(base + 0.3 * rng.normal(size=shape).astype(np.float32)).astype(mx.bfloat16)
@@ -156,7 +156,7 @@ def test_runner_uses_the_blocked_form_with_the_same_result(family, tmp_path, mon
     calls = []
     counted = lambda *a, **k: calls.append(1) or spec.blocked(*a, **k)
     monkeypatch.setitem(registry.METHODS, method, dataclasses.replace(spec, blocked=counted))
-    monkeypatch.setattr(kernels, "BLOCK_ENTRIES", 2048)
+    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 2048)
     fast = merge(recipe, tmp_path / "blocked")
     assert calls
     want, got = open_checkpoint(plain), open_checkpoint(fast)
