@@ -413,8 +413,8 @@ PEAK_FIT = {
     "linear": (0.6, 70), "passthrough": (0.5, 60), "slerp": (1.0, 70), "nuslerp": (3.0, 135),
     "nearswap": (3.0, 135), "multislerp": (6.0, 135), "karcher": (8.0, 135),
     "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
-    "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
-    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (6.5, 70),
+    "dare_linear": (2.9, 130), "breadcrumbs": (2.9, 130), "breadcrumbs_ties": (2.9, 130),
+    "della": (3.5, 130), "della_linear": (3.5, 130), "sce": (3.1, 130), "model_stock": (6.5, 70),
 }  # fmt: skip
 UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks
 # Methods with a row-block form, fitted without it (a setting or a shape it does not take).
