@@ -223,13 +223,21 @@ class _Keep:
 
     def block(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array, delta) -> mx.array:
         """Block ``j``'s masked (and rescaled) δ from the (rows, cols) stored-dtype inputs."""
-        plain = self.masks is None and self.scale is None and self.inverse_p is None
-        if self.tops and plain and not self.zero:
-            bounds = [t.bound(j) for t in self.tops]
-            if all(bd is not None for bd in bounds):  # no tie to rank here: one fused kernel
-                flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
-                return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
-        return self.apply(j, r0, r1, delta(r0, r1))
+        kept = self.fused(j, r0, r1, x, b)
+        if kept is None:
+            return self.apply(j, r0, r1, delta(r0, r1))
+        # δ⊙m · scale: the same values as where(m, δ, 0) · scale (a dropped entry is 0 either way)
+        return kept if self.scale is None else kept * self.scale
+
+    def fused(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array) -> mx.array | None:
+        """δ⊙m of block ``j`` in one compiled kernel (top-k masks without a tie to rank there)."""
+        if not self.tops or self.masks is not None or self.inverse_p is not None or self.zero:
+            return None
+        bounds = [t.bound(j) for t in self.tops]
+        if any(bd is None for bd in bounds):
+            return None
+        flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
+        return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
 
     def apply(self, j: int, r0: int, r1: int, d: mx.array) -> mx.array:
         if self.zero:
@@ -287,11 +295,16 @@ def _l1_scale(delta, spans, mask_of) -> tuple[mx.array, list[mx.array]]:
         before.append(pb)
         after.append(pa)
         masks.append(m)
+    return _l1_factor(before, after), masks
+
+
+def _l1_factor(before: list[mx.array], after: list[mx.array]) -> mx.array:
+    """‖δ‖₁/‖δ⊙m‖₁ (1 where either is below 1e-7) from the blocks' level-1 sums."""
     l1_before, l1_after = finish_fsum(before), finish_fsum(after)
     ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
     scale = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
     mx.eval(scale)
-    return scale, masks
+    return scale
 
 
 def merge_rows(
@@ -347,8 +360,8 @@ def merge_rows(
 
         return delta, magnitude
 
-    keep = [_keep(i, *delta_of(i), spans, shape, sparsify, dens[i], gam[i], eps[i], rescale,
-                  rescale_mode, keys, trim_scope, trim_thresholds)
+    keep = [_keep(i, *delta_of(i), xs[i], b, spans, shape, sparsify, dens[i], gam[i], eps[i],
+                  rescale, rescale_mode, keys, trim_scope, trim_thresholds)
             for i in range(n_models)]  # fmt: skip
 
     kernel = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize)
@@ -366,9 +379,11 @@ def merge_rows(
     return y
 
 
-def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, rescale,
+def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, epsilon, rescale,
           rescale_mode, keys, trim_scope, trim_thresholds) -> _Keep:  # fmt: skip
-    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale."""
+    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale.
+
+    ``x``, ``b``: the model's and the base's stored-dtype inputs as (rows, cols)."""
     rule = _Keep()
     if sparsify == "none":
         return rule
@@ -420,7 +435,18 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
             return sp.della_probabilities(d, density, epsilon)
 
         rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
-    if rescale and rescale_mode == "l1":
+    if rescale and rescale_mode == "l1" and rule.tops:  # masks cheap to redo: not kept
+        before, after = [], []
+        for j, (r0, r1) in enumerate(spans):
+            masked = rule.fused(j, r0, r1, x, b)
+            d = delta(r0, r1)
+            if masked is None:
+                masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
+            before.append(level1(mx.abs(d)))
+            after.append(level1(mx.abs(masked)))
+            mx.eval(before[-1], after[-1])
+        rule.scale = _l1_factor(before, after)
+    elif rescale and rescale_mode == "l1":
         rule.scale, rule.masks = _l1_scale(delta, spans, rule.mask)
     elif rescale:
         rule.inverse_p = p
