@@ -414,8 +414,8 @@ PEAK_FIT = {
     "linear": (0.6, 70), "passthrough": (0.6, 60), "slerp": (1.0, 70), "nuslerp": (1.2, 70),
     "nearswap": (1.2, 70), "multislerp": (1.2, 70), "karcher": (1.2, 70),
     "task_arithmetic": (2.9, 130), "ties": (2.9, 130), "dare_ties": (2.9, 130),
-    "dare_linear": (2.9, 130), "breadcrumbs": (8.0, 70), "breadcrumbs_ties": (8.0, 70),
-    "della": (6.8, 70), "della_linear": (6.8, 70), "sce": (7.8, 70), "model_stock": (1.6, 70),
+    "dare_linear": (2.9, 130), "breadcrumbs": (2.9, 130), "breadcrumbs_ties": (2.9, 130),
+    "della": (3.5, 130), "della_linear": (3.5, 130), "sce": (3.1, 130), "model_stock": (1.6, 70),
     "ram": (1.7, 70), "ramplus_tl": (1.9, 70), "arcee_fusion": (2.3, 70),
 }  # fmt: skip
 UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks

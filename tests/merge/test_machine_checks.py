@@ -62,7 +62,7 @@ def midsize(family, tmp_path_factory):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the fit was measured on Linux (CPU)")
-@pytest.mark.parametrize("method", ["linear", "ties"])
+@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs_ties", "della", "sce"])
 def test_estimate_is_within_20_percent_of_the_measured_peak(midsize, tmp_path, method):
     models = [{"model": str(midsize[k]), "parameters": {"weight": 0.5, "density": 0.5}}
               for k in ("a", "b")]  # fmt: skip
@@ -70,7 +70,11 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(midsize, tmp_path, m
     if method == "linear":
         for m in models:
             del m["parameters"]["density"]
-    else:
+    if method == "sce":
+        for m in models:
+            del m["parameters"]
+        recipe["parameters"] = {"select_topk": 0.5}
+    if method != "linear":
         recipe["base_model"] = str(midsize["base"])
         recipe["models"] = [{"model": str(midsize["base"])}, *models]
     res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), str(tmp_path / "o")],

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxmerge.merge.methods import row_blocks
+from mlxmerge.merge.methods import block_stats, row_blocks
 from mlxmerge.merge.methods.sparsify import derive_key
 from mlxmerge.merge.methods.task_arithmetic import (
     breadcrumbs,
@@ -116,10 +116,10 @@ def test_runner_blocks_large_tensors_with_the_same_bytes(family, tmp_path, monke
 
 def test_bernoulli_from_its_bits_block_by_block_is_mx_random_bernoulli():
     shape, key = (512, 300), derive_key(5, "t", 0)
-    bits = row_blocks.bernoulli_bits(shape, key)
+    bits = block_stats.bernoulli_bits(shape, key)
     # p·upper at the draw itself (never kept) and one float32 step above it (always kept): a
     # uniform draw compared with p gets half of these wrong
-    edge = np.array(bits.astype(mx.float32) / row_blocks._BERNOULLI_UPPER)
+    edge = np.array(bits.astype(mx.float32) / block_stats._BERNOULLI_UPPER)
     odd = np.arange(edge.size).reshape(shape) % 2 == 1
     on_edge = mx.array(np.where(odd, np.nextafter(edge, np.float32(1)), edge))
     for p in (mx.random.uniform(shape=shape, key=mx.random.key(1)), on_edge, mx.array(0.3)):
@@ -127,7 +127,7 @@ def test_bernoulli_from_its_bits_block_by_block_is_mx_random_bernoulli():
         pb = mx.broadcast_to(p, shape)
         got = mx.concatenate(
             [
-                row_blocks.bernoulli_of_bits(bits[r : r + 100], pb[r : r + 100])
+                block_stats.bernoulli_of_bits(bits[r : r + 100], pb[r : r + 100])
                 for r in range(0, 512, 100)
             ]
         )

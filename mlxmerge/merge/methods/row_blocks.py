@@ -29,22 +29,21 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.merge.methods import sparsify as sp
-from mlxmerge.merge.methods.common import (
-    BLOCK,
-    SAMPLE_SIZE,
-    fsum,
-    kth_bracket,
-    per_model,
-    streams,
+from mlxmerge.merge.methods.block_stats import (
+    TopK,
+    bernoulli_bits,
+    bernoulli_of_bits,
+    block_spans,
+    finish_fsum,
+    level1,
+    top_ks,
+    top_ks_many,
 )
+from mlxmerge.merge.methods.common import per_model, streams
 from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_task_arithmetic
 
 BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
 MIN_ENTRIES = 1 << 22  # below this the whole-tensor path costs little memory anyway
-
-Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
-"""``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
-the flat entries ``idx`` (a gather) when ``span`` is None."""
 
 
 def supported(fn, params: dict, shape: tuple[int, ...]) -> bool:
@@ -75,170 +74,6 @@ def blocked(
     return merge_rows(tensors, base, out_dtype, **params)
 
 
-def block_spans(rows: int, cols: int, entries: int | None = None) -> list[tuple[int, int]]:
-    """Row ranges of about ``entries`` entries each, in order, covering ``rows``.
-
-    Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
-    """
-    unit = BLOCK // math.gcd(cols, BLOCK)
-    step = max(unit, (entries or BLOCK_ENTRIES) // cols // unit * unit)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def level1(a: mx.array) -> mx.array:
-    """``fsum``'s first level (sums of 1024-entry groups, then the tail) for one block."""
-    flat = a.reshape(-1)
-    m = flat.size // BLOCK * BLOCK
-    head = mx.sum(flat[:m].reshape(-1, BLOCK), axis=1)
-    return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
-
-
-def finish_fsum(parts: list[mx.array]) -> mx.array:
-    """``fsum`` of the whole tensor from its blocks' ``level1`` sums (blocks in order)."""
-    return fsum(mx.concatenate(parts))
-
-
-class TopK:
-    """The ``k`` largest entries of a score, block by block (``common.top_k_mask``).
-
-    ``thr`` is the k-th largest score; of the entries equal to it, the first ``k − above`` in
-    row-major order are kept, as the whole-tensor mask keeps them. From each block's count of
-    equal entries the block where that room runs out (``cut``) is known in advance: blocks
-    before it keep score ≥ thr, blocks after it score > thr, and only the cut block ranks its
-    equal entries (a cumsum).
-    """
-
-    def __init__(self, thr: float, n_above: int, equal_per_block: Sequence[int], k: int):
-        self.thr = thr
-        room, seen = k - n_above, 0
-        self.cut, self.left = len(equal_per_block), 0  # no cut: every equal entry is kept
-        for j, e in enumerate(equal_per_block):
-            if seen + e > room:
-                self.cut, self.left = j, room - seen
-                break
-            seen += e
-
-    def bound(self, j: int) -> tuple[float, bool] | None:
-        """(thr, inclusive) when block ``j`` keeps score ≥ thr (True) or > thr (False), else None."""
-        if j == self.cut and self.left > 0:
-            return None
-        return self.thr, j < self.cut
-
-    def mask(self, a: mx.array, j: int) -> mx.array:
-        """Block ``j``'s keep mask from its scores ``a``."""
-        got = self.bound(j)
-        if got is not None:
-            return a >= self.thr if got[1] else a > self.thr
-        equal = (a == self.thr).reshape(-1)
-        tie = equal & (mx.cumsum(equal.astype(mx.int32)) <= self.left)
-        return (a > self.thr) | tie.reshape(a.shape)
-
-
-class _Every(TopK):
-    """k >= n: every entry (``top_k_mask``'s shortcut)."""
-
-    def __init__(self):
-        super().__init__(-math.inf, 0, [], 0)
-        self.cut = 1 << 62  # score ≥ −inf in every block
-
-
-class _NoEntry(TopK):
-    """k <= 0: no entry."""
-
-    def __init__(self):
-        super().__init__(math.inf, 0, [], 0)
-        self.cut = -1  # score > +inf in every block
-
-
-def top_ks(score: Score, spans, ks: Sequence[int], n: int) -> list[TopK]:
-    """A ``TopK`` for each of ``ks``, all from one sample and one pass over the blocks.
-
-    A seeded sample brackets each k-th largest score; the pass counts the entries above each
-    bracket and gathers those inside, and only those are ranked. A bracket that misses (six
-    standard deviations: it should not) falls back to ranking every entry.
-    """
-    return top_ks_many([score], spans, [ks], n)[0]
-
-
-def top_ks_many(scores: Sequence[Score], spans, ks: Sequence[Sequence[int]], n: int):
-    """``top_ks`` of several scores (one per model) in one pass over the blocks: MLX computes
-    every model's block of scores, then NumPy counts and gathers each model's brackets in a
-    thread of its own (NumPy releases the GIL), so two models use both cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    inside = [[k for k in kk if 0 < k < n] for kk in ks]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        found = _top_ks(scores, spans, inside, n, pool)
-    return [
-        [f[k] if k in f else (_Every() if k >= n else _NoEntry()) for k in kk]
-        for f, kk in zip(found, ks)
-    ]
-
-
-def _top_ks(scores, spans, ks, n: int, pool) -> list[dict[int, TopK]]:
-    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    brackets = []
-    for score, kk in zip(scores, ks):
-        sample = np.sort(np.asarray(score(None, mx.array(idx.astype(np.int64))))) if kk else None
-        brackets.append([kth_bracket(sample, k, n) for k in kk])
-    above = [[0] * len(kk) for kk in ks]
-    bands: list[list[list[np.ndarray]]] = [[[] for _ in kk] for kk in ks]
-
-    def scan(m: int, v: np.ndarray) -> None:
-        for j, (lo, hi) in enumerate(brackets[m]):
-            above[m][j] += int(np.count_nonzero(v > hi))
-            bands[m][j].append(v[(v >= lo) & (v <= hi)])
-
-    todo = [m for m in range(len(scores)) if ks[m]]
-    for span in spans:
-        a = [scores[m](span, None).reshape(-1) for m in todo]
-        mx.eval(a)
-        list(pool.map(scan, todo, [np.asarray(x) for x in a]))
-        del a
-
-    def rank(m: int, j: int, k: int, every=None) -> TopK:
-        if every is not None:  # a six-sigma miss: rank every entry
-            flat = np.concatenate(every)
-            thr = float(np.partition(flat, flat.size - k)[flat.size - k])
-            equal = [int(np.count_nonzero(v == thr)) for v in every]
-            return TopK(thr, int(np.count_nonzero(flat > thr)), equal, k)
-        band = np.concatenate(bands[m][j])
-        need = k - above[m][j]
-        thr = float(np.partition(band, band.size - need)[band.size - need])
-        equal = [int(np.count_nonzero(v == thr)) for v in bands[m][j]]  # thr lies in the band
-        return TopK(thr, above[m][j] + int(np.count_nonzero(band > thr)), equal, k)
-
-    jobs = [(m, j, k) for m in todo for j, k in enumerate(ks[m])]
-    misses = {(m, j) for m, j, k in jobs
-              if not 0 < k - above[m][j] <= sum(map(len, bands[m][j]))}  # fmt: skip
-    every = {
-        m: [np.asarray(scores[m](s, None).reshape(-1)) for s in spans]
-        for m in {m for m, _ in misses}
-    }  # fmt: skip  (MLX: this thread)
-    ranked = pool.map(lambda job: rank(*job, every.get(job[0]) if job[:2] in misses else None),
-                      jobs)  # fmt: skip
-    found: list[dict[int, TopK]] = [{} for _ in scores]
-    for (m, _, k), t in zip(jobs, ranked):
-        found[m][k] = t
-    return found
-
-
-# mx.random.bernoulli(p, shape, key) is bits < p · (2³² rounded up to the next float32), with
-# bits = the key's uint32 draw of that shape (mlx/random.cpp), which randint over [0, 2³²) in
-# uint32 returns as drawn. Drawing the bits once and comparing block by block gives the same mask.
-_BERNOULLI_UPPER = mx.array(np.nextafter(np.float32(2**32 - 1), np.float32(np.inf)))
-
-
-def bernoulli_bits(shape: tuple[int, ...], key: mx.array) -> mx.array:
-    """The uint32 draw behind ``mx.random.bernoulli(p, shape, key=key)``."""
-    return mx.random.randint(0, 2**32, shape, dtype=mx.uint32, key=key)
-
-
-def bernoulli_of_bits(bits: mx.array, p: mx.array) -> mx.array:
-    """``mx.random.bernoulli(p, ...)``'s mask from its ``bernoulli_bits`` (any matching slice)."""
-    return bits < p * _BERNOULLI_UPPER
-
-
 class _Keep:
     """How one model's task vector is masked and rescaled, block by block.
 
@@ -260,26 +95,31 @@ class _Keep:
 
     def block(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array, delta) -> mx.array:
         """Block ``j``'s masked (and rescaled) δ from the (rows, cols) stored-dtype inputs."""
-        plain = self.masks is None and self.scale is None and self.inverse_p is None
-        if self.tops and plain and not self.zero:
-            bounds = [t.bound(j) for t in self.tops]
-            if all(bd is not None for bd in bounds):  # no tie to rank here: one fused kernel
-                flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
-                return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
-        m = self.masks[j] if self.masks is not None else self.fixed(j, r0, r1)
-        if m is not None and not self.zero and not callable(self.inverse_p):
-            mode, param = "mask", 0.0
+        kept = self.fused(j, r0, r1, x, b)
+        if kept is None:
+            m = self.masks[j] if self.masks is not None else None
+            if m is None and self.draw is not None:
+                m = self.draw[r0:r1]
+            if m is None or self.zero or callable(self.inverse_p):
+                return self.apply(j, r0, r1, delta(r0, r1))
+            mode, param = "mask", 0.0  # a mask that does not depend on δ: one compiled kernel
             if self.scale is not None:
                 mode, param = "scale", self.scale
             elif self.inverse_p is not None:
                 mode, param = "inverse_p", self.inverse_p
-            param = mx.array(param, dtype=mx.float32)
-            return _mask_kernel(mode)(x[r0:r1], b[r0:r1], param, m)
-        return self.apply(j, r0, r1, delta(r0, r1))
+            return _mask_kernel(mode)(x[r0:r1], b[r0:r1], mx.array(param, dtype=mx.float32), m)
+        # δ⊙m · scale: the same values as where(m, δ, 0) · scale (a dropped entry is 0 either way)
+        return kept if self.scale is None else kept * self.scale
 
-    def fixed(self, j: int, r0: int, r1: int) -> mx.array | None:
-        """Block ``j``'s mask when it does not depend on δ (DARE's draw), else None."""
-        return self.draw[r0:r1] if self.draw is not None else None
+    def fused(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array) -> mx.array | None:
+        """δ⊙m of block ``j`` in one compiled kernel (top-k masks without a tie to rank there)."""
+        if not self.tops or self.masks is not None or self.inverse_p is not None or self.zero:
+            return None
+        bounds = [t.bound(j) for t in self.tops]
+        if any(bd is None for bd in bounds):
+            return None
+        flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
+        return _top_masked(len(bounds))(x[r0:r1], b[r0:r1], mx.array(flat))
 
     def apply(self, j: int, r0: int, r1: int, d: mx.array) -> mx.array:
         if self.zero:
@@ -326,6 +166,11 @@ def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
     return mx.abs(x.astype(mx.float32) - b.astype(mx.float32))
 
 
+@mx.compile
+def _kept(m: mx.array, a: mx.array) -> mx.array:
+    return mx.where(m, a, 0.0)
+
+
 def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
     """``x.reshape(-1)[idx]`` as float32, gathered by NumPy from ``x``'s buffer (an MLX
     ``take`` of scattered entries is ~5x slower on the CPU); same values as MLX's cast."""
@@ -356,11 +201,6 @@ def _mask_kernel(mode: str):
     return _MASK_KERNELS[mode]
 
 
-@mx.compile
-def _kept(m: mx.array, a: mx.array) -> mx.array:
-    return mx.where(m, a, 0.0)
-
-
 def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, list[mx.array]]:
     """``sparsify.rescale_l1``'s factor ‖δ‖₁/‖δ⊙m‖₁ (1 below 1e-7), and the block masks.
 
@@ -379,11 +219,16 @@ def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, li
         before.append(pb)
         after.append(pa)
         masks.append(m)
+    return _l1_factor(before, after), masks
+
+
+def _l1_factor(before: list[mx.array], after: list[mx.array]) -> mx.array:
+    """‖δ‖₁/‖δ⊙m‖₁ (1 where either is below 1e-7) from the blocks' level-1 sums."""
     l1_before, l1_after = finish_fsum(before), finish_fsum(after)
     ok = (l1_before >= sp.L1_EPS) & (l1_after >= sp.L1_EPS)
     scale = mx.where(ok, l1_before / mx.where(ok, l1_after, 1.0), 1.0)
     mx.eval(scale)
-    return scale, masks
+    return scale
 
 
 def merge_rows(
@@ -417,7 +262,7 @@ def merge_rows(
     n_models = len(tensors)
     shape = tuple(base.shape)
     rows, cols = shape[0], math.prod(shape[1:])
-    spans = block_spans(rows, cols, block_entries)
+    spans = block_spans(rows, cols, block_entries or BLOCK_ENTRIES)
     xs = [t.reshape(rows, cols) for t in tensors]
     b = base.reshape(rows, cols)
     w = per_model(weight, n_models, "weight")
@@ -447,8 +292,8 @@ def merge_rows(
         ks = [_magnitude_ks(sparsify, dens[i], gam[i], rows * cols) for i in todo]
         found = top_ks_many([delta_of(i)[1] for i in todo], spans, ks, rows * cols)
         tops = dict(zip(todo, found))
-    keep = [_keep(i, *delta_of(i), spans, shape, sparsify, dens[i], gam[i], eps[i], rescale,
-                  rescale_mode, keys, trim_scope, trim_thresholds, tops.get(i))
+    keep = [_keep(i, *delta_of(i), xs[i], b, spans, shape, sparsify, dens[i], gam[i], eps[i],
+                  rescale, rescale_mode, keys, trim_scope, trim_thresholds, tops.get(i))
             for i in range(n_models)]  # fmt: skip
 
     combine = _combine_kernel(n_models, consensus, "weighted", disjoint_mean, normalize, out_dtype)
@@ -484,9 +329,11 @@ def _magnitude_ks(sparsify: str, density: float, gamma: float, n: int) -> list[i
     return [n - n_bot] + ([n_top] if n_top > 0 else [])
 
 
-def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, rescale,
+def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, epsilon, rescale,
           rescale_mode, keys, trim_scope, trim_thresholds, tops=None) -> _Keep:  # fmt: skip
-    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale."""
+    """Model ``i``'s ``_Keep``: the statistics passes of ``sparsify``'s mask and rescale.
+
+    ``x``, ``b``: the model's and the base's stored-dtype inputs as (rows, cols)."""
     rule = _Keep()
     if sparsify == "none":
         return rule
@@ -529,7 +376,18 @@ def _keep(i, delta, magnitude, spans, shape, sparsify, density, gamma, epsilon, 
             return sp.della_probabilities(d, density, epsilon)
 
         rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
-    if rescale and rescale_mode == "l1":
+    if rescale and rescale_mode == "l1" and rule.tops:  # masks cheap to redo: not kept
+        before, after = [], []
+        for j, (r0, r1) in enumerate(spans):
+            masked = rule.fused(j, r0, r1, x, b)
+            d = delta(r0, r1)
+            if masked is None:
+                masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
+            before.append(level1(mx.abs(d)))
+            after.append(level1(mx.abs(masked)))
+            mx.eval(before[-1], after[-1])
+        rule.scale = _l1_factor(before, after)
+    elif rescale and rescale_mode == "l1":
         rule.scale, rule.masks = _l1_scale(delta, magnitude, spans, rule.mask, rule.draw)
     elif rescale:
         rule.inverse_p = p

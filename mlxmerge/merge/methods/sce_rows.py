@@ -7,9 +7,9 @@ block of rows:
 1. with 0 < select_topk < 1, one pass counts the positions where the variance over models is
    ≠ 0 and gathers the variances inside a bracket, from a sample, around the
    int(count·select_topk)-th largest (widened by the sample's uncertainty on the count); the
-   exact threshold is ranked from them (``row_blocks.TopK``: ties kept in row-major order);
+   exact threshold is ranked from them (``block_stats.TopK``: ties kept in row-major order);
 2. the energies mean(τᵢ²) of the selected task vectors from per-block level-1 partial sums
-   that ``common.fsum`` finishes exactly as it would have (``row_blocks.level1``), and the
+   that ``common.fsum`` finishes exactly as it would have (``block_stats.level1``), and the
    selection kept as one bool per entry;
 3. per block: ``sce``'s own compiled erase-and-mean kernel, cast to the output dtype at once.
 
@@ -27,8 +27,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.merge.methods import row_blocks
+from mlxmerge.merge.methods.block_stats import TopK, block_spans, finish_fsum, level1, top_ks
 from mlxmerge.merge.methods.common import SAMPLE_SIZE, kth_bracket
-from mlxmerge.merge.methods.row_blocks import TopK, block_spans, finish_fsum, level1, top_ks
 from mlxmerge.merge.methods.task_arithmetic import (
     sce_kernel,
     sce_square,
@@ -62,7 +62,7 @@ def blocked(
     if not 0 <= select_topk <= 1:
         return None
     rows, n = shape[0], math.prod(shape)
-    spans = block_spans(rows, n // rows, block_entries)
+    spans = block_spans(rows, n // rows, block_entries or row_blocks.BLOCK_ENTRIES)
     xs = [t.reshape(rows, -1) for t in tensors]
     b = base.reshape(rows, -1)
     variance = sce_variance(len(xs))
