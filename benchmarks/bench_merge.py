@@ -178,7 +178,7 @@ def run_child(cmd: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-_WITH_BASE = ("ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+_WITH_BASE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
               "sce", "ties_rescale")  # fmt: skip
 
 
@@ -193,7 +193,7 @@ def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
             "models": [m(a), m(b)],
             "parameters": {"t": 0.5},
         }
-    if method in ("ties", "dare_ties"):
+    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic"):
         return {"merge_method": method, "base_model": str(base),
                 "models": [m(a, weight=1.0, density=0.5), m(b, weight=1.0, density=0.5)]}  # fmt: skip
     if method in ("breadcrumbs", "breadcrumbs_ties"):
