@@ -117,8 +117,9 @@ def compute_tensor(
 
     ``inputs`` are ``load_inputs``'s result when already loaded (prefetched); else they are
     loaded here. Raises ``NonFiniteError`` on a NaN/Inf input unless ``guard.allow``.
-    With ``out_dtype``, a large tensor whose method runs in row blocks (task arithmetic,
-    TIES, DARE) comes back evaluated in ``out_dtype``, computed block by block.
+    With ``out_dtype``, a tensor whose inputs all have its shape goes through the method's
+    memory-bounded form (``MethodSpec.blocked``: compiled kernels over the stored-dtype inputs,
+    row blocks for large tensors) when it has one, and comes back evaluated in ``out_dtype``.
     """
     p = plan.tensor(name)
     xs, base = inputs if inputs is not None else load_inputs(plan, name, guard)
