@@ -53,4 +53,4 @@ def test_extreme_densities():
     assert not mask(0.0, 10_000, key).any()
     assert mask(1.0 - 2**-25, 10_000, key).all()  # rounds to every 24-bit value
     assert sp.random_mask(0.5, (3, 0), key).shape == (3, 0)
-    assert sp.random_mask(0.5, (7, 3), key).dtype == mx.bool_
+    assert sp.random_mask(0.5, (7, 3), key).dtype == mx.uint8  # 1 = kept

@@ -119,7 +119,7 @@ def bernoulli(
     """DARE: keep each entry independently with probability ``density`` (``random_mask``)."""
     if density >= 1:
         return delta
-    mask = random_mask(density, delta.shape, key)
+    mask = random_mask(density, delta.shape, key) > 0
     return _apply(delta, mask, density, rescale, rescale_mode)
 
 
@@ -140,11 +140,13 @@ def _fmix32(h: mx.array) -> mx.array:
 @mx.compile
 def _keep_kernel(index: mx.array, seeds: mx.array, threshold: mx.array) -> mx.array:
     h = _fmix32(_fmix32(index ^ seeds[0]) ^ seeds[1])
-    return (h >> (32 - KEEP_BITS)) < threshold
+    # uint8, not bool: MLX's CPU select reads a bool array ~10x slower than a uint8 one
+    return ((h >> (32 - KEEP_BITS)) < threshold).astype(mx.uint8)
 
 
 def random_mask(density: float, shape: tuple[int, ...], key: mx.array) -> mx.array:
-    """Boolean mask of ``shape``: each entry kept independently with probability ``density``.
+    """Keep mask of ``shape`` (uint8, 1 = kept): each entry kept independently with
+    probability ``density``.
 
     A counter-based generator (the Random123 idea, Salmon et al. 2011): entry i's 32 random
     bits are MurmurHash3's finalizer applied twice to i and the two words of ``key``, so any
@@ -170,7 +172,7 @@ def mask_entries(density: float, key: mx.array, start: int, stop: int) -> mx.arr
         mx.eval(parts[-1])
         s = e
     if not parts:
-        return mx.zeros((0,), dtype=mx.bool_)
+        return mx.zeros((0,), dtype=mx.uint8)
     return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
