@@ -116,6 +116,8 @@ class _Keep:
         if not self.tops or self.masks is not None or self.inverse_p is not None or self.zero:
             return None
         bounds = [t.bound(j) for t in self.tops]
+        if len(bounds) == 1 and bounds[0] is None:  # the block where TIES's tie room runs out
+            return _cut_block(self.tops[0], x[r0:r1], b[r0:r1])
         if any(bd is None for bd in bounds):
             return None
         flat = [v for thr, inclusive in bounds for v in (thr, float(inclusive))]
@@ -136,6 +138,21 @@ class _Keep:
             p = self.inverse_p(d) if callable(self.inverse_p) else self.inverse_p
             return mx.where(m, d / p, 0.0)
         return mx.where(m, d, 0.0)
+
+
+def _cut_block(top: TopK, x: mx.array, b: mx.array) -> mx.array:
+    """δ⊙m of the block holding the top-k cut: ties at the threshold are kept up to the
+    ``top.left``-th in row-major order. NumPy finds that entry's position p; the entries up to
+    p keep |δ| ≥ thr and the rest |δ| > thr, each part in the compiled kernel (the same mask as
+    ``TopK.mask``'s cumsum, without one)."""
+    a = _abs_delta(x, b)
+    mx.eval(a)
+    p = int(np.flatnonzero(np.asarray(a).reshape(-1) == np.float32(top.thr))[top.left - 1])
+    fx, fb = x.reshape(-1), b.reshape(-1)
+    kernel = _top_masked(1)
+    head = kernel(fx[: p + 1], fb[: p + 1], mx.array([top.thr, 1.0]))
+    tail = kernel(fx[p + 1 :], fb[p + 1 :], mx.array([top.thr, 0.0]))
+    return mx.concatenate([head, tail]).reshape(x.shape)
 
 
 _MASKED: dict[int, object] = {}
