@@ -1,5 +1,10 @@
 """Memory-bounded, compiled forms of the merge methods (``MethodSpec.blocked``).
 
+Modules: ``blocks`` (block-summed statistics, the kernel cache, block sizes), ``elementwise``
+(linear, nearswap, passthrough), ``spherical`` (slerp, nuslerp, multislerp, karcher),
+``model_stock``, ``fusion`` (ram, ramplus_tl, arcee_fusion). The task-arithmetic family's forms
+are ``row_blocks`` and ``sce_rows``.
+
 The plain methods take float32 copies of every input and run one MLX op at a time: on the CPU
 each op is a pass over memory, and each float32 temporary of a large tensor is a fresh
 allocation whose pages the kernel must fault in (glibc maps allocations over 32 MB anew every
