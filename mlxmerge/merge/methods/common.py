@@ -47,6 +47,17 @@ def release(tensors: Sequence, i: int) -> None:
 
 BLOCK = 1024
 
+_COMPILED: dict[tuple, object] = {}
+
+
+def compiled(key: tuple, build):
+    """``mx.compile(build())``, built once per ``key`` (keys name the kernel first); the merge
+    methods' kernels are traced once and reused for every tensor."""
+    if key not in _COMPILED:
+        _COMPILED[key] = mx.compile(build())
+    return _COMPILED[key]
+
+
 _STREAMS: list = []
 
 

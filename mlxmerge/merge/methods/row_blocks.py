@@ -39,7 +39,7 @@ from mlxmerge.merge.methods.block_stats import (
     top_ks,
     top_ks_many,
 )
-from mlxmerge.merge.methods.common import per_model, streams
+from mlxmerge.merge.methods.common import compiled, per_model, streams
 from mlxmerge.merge.methods.task_arithmetic import _combine_kernel, generalized_task_arithmetic
 
 BLOCK_ENTRIES = 1 << 21  # float32 entries per block: 8 MB per temporary
@@ -80,8 +80,8 @@ class _Keep:
     ``mask(j, r0, r1, δ)`` gives block j's keep mask (None: keep all) unless a statistics pass
     cached them in ``masks``; ``scale`` (L1 rescale) multiplies the kept entries; ``inverse_p``
     divides them by their keep probability (a number, or a function of the block's δ: DELLA).
-    ``bounds(j)``: for a plain top-k mask, ((thr, inclusive) kept, (thr, inclusive) dropped or
-    None) when block ``j`` needs no tie ranking, else None (the compiled fast path).
+    ``fused(j, ...)``: a top-k mask's block in compiled kernels; ``block`` also runs a mask that
+    does not depend on δ (``draw``, or ``masks`` cached as uint8) through one compiled kernel.
     """
 
     def __init__(self):
@@ -155,27 +155,22 @@ def _cut_block(top: TopK, x: mx.array, b: mx.array) -> mx.array:
     return mx.concatenate([head, tail]).reshape(x.shape)
 
 
-_MASKED: dict[int, object] = {}
-
-
 def _top_masked(n_bounds: int):
     """Compiled ``(x, b, bounds) -> δ`` kept by 1 or 2 (TopK kept, TopK dropped) bounds.
 
     ``bounds`` = [thr, inclusive, ...] (float32); the same selection as the masks built op by
     op (comparisons and a select are exact), in one pass.
     """
-    if n_bounds not in _MASKED:
 
-        def kernel(x, b, bounds):
-            d = x.astype(mx.float32) - b.astype(mx.float32)
-            a = mx.abs(d)
-            keep = mx.where(bounds[1] > 0, a >= bounds[0], a > bounds[0])
-            if n_bounds == 2:
-                keep = keep & ~mx.where(bounds[3] > 0, a >= bounds[2], a > bounds[2])
-            return mx.where(keep, d, 0.0)
+    def kernel(x, b, bounds):
+        d = x.astype(mx.float32) - b.astype(mx.float32)
+        a = mx.abs(d)
+        keep = mx.where(bounds[1] > 0, a >= bounds[0], a > bounds[0])
+        if n_bounds == 2:
+            keep = keep & ~mx.where(bounds[3] > 0, a >= bounds[2], a > bounds[2])
+        return mx.where(keep, d, 0.0)
 
-        _MASKED[n_bounds] = mx.compile(kernel)
-    return _MASKED[n_bounds]
+    return compiled(("top_masked", n_bounds), lambda: kernel)
 
 
 @mx.compile
@@ -198,25 +193,20 @@ def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
     return np.asarray(flat)[idx].astype(np.float32)
 
 
-_MASK_KERNELS: dict[str, object] = {}
-
-
 def _mask_kernel(mode: str):
     """``(x, b, param, mask) -> δ`` masked and rescaled as ``_Keep.apply`` does, compiled:
     ``mask`` keeps δ, times ``param`` (the L1 scale) or divided by it (the keep probability)."""
-    if mode not in _MASK_KERNELS:
 
-        def kernel(x, b, param, m):
-            d = x.astype(mx.float32) - b.astype(mx.float32)
-            keep = m > 0  # m: uint8 or bool
-            if mode == "scale":
-                return mx.where(keep, d, 0.0) * param
-            if mode == "inverse_p":
-                return mx.where(keep, d / param, 0.0)
-            return mx.where(keep, d, 0.0)
+    def kernel(x, b, param, m):
+        d = x.astype(mx.float32) - b.astype(mx.float32)
+        keep = m > 0  # m: uint8 or bool
+        if mode == "scale":
+            return mx.where(keep, d, 0.0) * param
+        if mode == "inverse_p":
+            return mx.where(keep, d / param, 0.0)
+        return mx.where(keep, d, 0.0)
 
-        _MASK_KERNELS[mode] = mx.compile(kernel)
-    return _MASK_KERNELS[mode]
+    return compiled(("row_mask", mode), lambda: kernel)
 
 
 def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, list[mx.array]]:
@@ -386,7 +376,7 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
         rule.mask = mask
     elif sparsify == "random":
         full = sp.random_mask(density, shape, keys[i]).reshape(rows, -1)
-        rule.draw = full  # one bool per entry: a quarter of a float32 copy
+        rule.draw = full  # one uint8 per entry: a quarter of a float32 copy
         rule.mask = lambda j, r0, r1, d: full[r0:r1] > 0
     else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
         sp.check_della(density, epsilon)
@@ -413,7 +403,7 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
     elif rescale:
         rule.inverse_p = p
     if sparsify == "della_magprune":
-        if rule.masks is None:  # cache the masks (a bool an entry) and drop the draw
+        if rule.masks is None:  # cache the masks (a uint8 an entry) and drop the draw
             rule.masks = [rule.mask(j, r0, r1, delta(r0, r1)).astype(mx.uint8)
                           for j, (r0, r1) in enumerate(spans)]  # fmt: skip
             mx.eval(*rule.masks)

@@ -21,6 +21,7 @@ from mlxmerge.merge.methods import sparsify as sp
 from mlxmerge.merge.methods.common import (
     check_choice,
     check_shapes,
+    compiled,
     fsum,
     per_model,
     release,
@@ -107,15 +108,6 @@ def generalized_task_arithmetic(
     return kernel(base, scalars, mx.array(w, dtype=mx.float32), *deltas)
 
 
-_KERNELS: dict[tuple, object] = {}
-
-
-def _compiled(key: tuple, fn):
-    if key not in _KERNELS:
-        _KERNELS[key] = mx.compile(fn)
-    return _KERNELS[key]
-
-
 def _combine_kernel(
     n: int,
     consensus: str,
@@ -153,7 +145,8 @@ def _combine_kernel(
                 mix, divisor = _sum(weighted), weight_sum
             return finish(base, lambda_, mix, divisor)
 
-        return _compiled(("whole", n, consensus, elect, disjoint_mean, normalize, out_dtype), whole)
+        key = ("gta_whole", n, consensus, elect, disjoint_mean, normalize, out_dtype)
+        return compiled(key, lambda: whole)
 
     def agreeing(weights, deltas):
         weighted = [d * weights[i] for i, d in enumerate(deltas)]
@@ -171,9 +164,9 @@ def _combine_kernel(
     def final_kernel(base, scalars, mix, divisor):
         return finish(base, scalars[0], mix, divisor)
 
-    mix_k = _compiled(("mix", n, disjoint_mean), mix_kernel)
-    div_k = _compiled(("divisor", n, disjoint_mean), divisor_kernel)
-    final_k = _compiled(("final", normalize, out_dtype), final_kernel)
+    mix_k = compiled(("gta_mix", n, disjoint_mean), lambda: mix_kernel)
+    div_k = compiled(("gta_divisor", n, disjoint_mean), lambda: divisor_kernel)
+    final_k = compiled(("gta_final", normalize, out_dtype), lambda: final_kernel)
 
     def combine(base, scalars, weights, *deltas):
         mix = mix_k(weights, *deltas)
@@ -270,24 +263,21 @@ def sce_variance(n: int):
     Equals ``mx.var(mx.stack(τ), axis=0)`` (mean = Σ·(1/n), then the mean square deviation),
     fused into one pass instead of a stacked copy and five (50x faster on the CPU).
     """
-    key = ("sce_variance", n)
-    if key not in _KERNELS:
 
-        def kernel(base, *xs):
-            b = base.astype(mx.float32)
-            tv = [x.astype(mx.float32) - b for x in xs]
-            total = tv[0]
-            for t in tv[1:]:
-                total = total + t
-            mean = total * (1.0 / n)
-            acc = None
-            for t in tv:
-                d = mx.square(t - mean)
-                acc = d if acc is None else acc + d
-            return acc * (1.0 / n)
+    def kernel(base, *xs):
+        b = base.astype(mx.float32)
+        tv = [x.astype(mx.float32) - b for x in xs]
+        total = tv[0]
+        for t in tv[1:]:
+            total = total + t
+        mean = total * (1.0 / n)
+        acc = None
+        for t in tv:
+            d = mx.square(t - mean)
+            acc = d if acc is None else acc + d
+        return acc * (1.0 / n)
 
-        _KERNELS[key] = mx.compile(kernel)
-    return _KERNELS[key]
+    return compiled(("sce_variance", n), lambda: kernel)
 
 
 @mx.compile
@@ -304,22 +294,19 @@ def sce_kernel(n: int):
     sign(τᵢ) = s; out = base + Σ eᵢτᵢ / max(Σ eᵢ, 1e-6), float32. One fused pass instead of
     ~15 (5-10x faster on the CPU), shared by ``sce`` and its row blocks so both round alike.
     """
-    key = ("sce", n)
-    if key not in _KERNELS:
 
-        def kernel(base, weights, keep, *xs):
-            b = base.astype(mx.float32)
-            tv = [mx.where(keep, x.astype(mx.float32) - b, 0.0) for x in xs]
-            total = tv[0]
-            for t in tv[1:]:
-                total = total + t
-            s = mx.where(total >= 0, 1.0, -1.0)  # a zero sum elects +1 (mergekit)
-            mix = divisor = None
-            for i, t in enumerate(tv):
-                e = mx.where(mx.sign(t) == s, weights[i], 0.0)  # zeros never agree
-                mix = t * e if mix is None else mix + t * e
-                divisor = e if divisor is None else divisor + e
-            return b + mix / mx.maximum(divisor, 1e-6)
+    def kernel(base, weights, keep, *xs):
+        b = base.astype(mx.float32)
+        tv = [mx.where(keep, x.astype(mx.float32) - b, 0.0) for x in xs]
+        total = tv[0]
+        for t in tv[1:]:
+            total = total + t
+        s = mx.where(total >= 0, 1.0, -1.0)  # a zero sum elects +1 (mergekit)
+        mix = divisor = None
+        for i, t in enumerate(tv):
+            e = mx.where(mx.sign(t) == s, weights[i], 0.0)  # zeros never agree
+            mix = t * e if mix is None else mix + t * e
+            divisor = e if divisor is None else divisor + e
+        return b + mix / mx.maximum(divisor, 1e-6)
 
-        _KERNELS[key] = mx.compile(kernel)
-    return _KERNELS[key]
+    return compiled(("sce", n), lambda: kernel)

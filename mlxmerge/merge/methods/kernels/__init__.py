@@ -1,6 +1,6 @@
 """Memory-bounded, compiled forms of the merge methods (``MethodSpec.blocked``).
 
-Modules: ``blocks`` (block-summed statistics, the kernel cache, block sizes), ``elementwise``
+Modules: ``blocks`` (block-summed statistics, the block size), ``elementwise``
 (linear, nearswap, passthrough), ``spherical`` (slerp, nuslerp, multislerp, karcher),
 ``model_stock``, ``fusion`` (ram, ramplus_tl, arcee_fusion). The task-arithmetic family's forms
 are ``row_blocks`` and ``sce_rows``.

@@ -1,4 +1,4 @@
-"""Machinery shared by the compiled forms: block-summed statistics, the kernel cache, block sizes."""
+"""Machinery shared by the compiled forms: block-summed statistics and the block size."""
 
 from __future__ import annotations
 
@@ -8,19 +8,12 @@ import mlx.core as mx
 
 from mlxmerge.merge.methods.common import (
     BLOCK,
+    compiled,
     fsum,
     streams,
 )
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
-
-_CACHE: dict[tuple, object] = {}
-
-
-def _compiled(key: tuple, build):
-    if key not in _CACHE:
-        _CACHE[key] = mx.compile(build())
-    return _CACHE[key]
 
 
 _ONES = {}
@@ -116,7 +109,7 @@ def _delta_product_kernel(with_base: bool):
             return lambda x, y, b: _delta(x, b) * _delta(y, b)
         return lambda x, y: x.astype(mx.float32) * y.astype(mx.float32)
 
-    return _compiled(("dprod", with_base), build)
+    return compiled(("dprod", with_base), build)
 
 
 def _delta_gram(xs: Sequence[mx.array], base: mx.array | None, pairs) -> list[mx.array]:

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from mlxmerge.merge.methods.common import (
+    compiled,
     per_model,
 )
 from mlxmerge.merge.methods.kernels import blocks
 from mlxmerge.merge.methods.kernels.blocks import (
-    _compiled,
     _f32,
     _flat,
 )
@@ -29,7 +29,7 @@ def _weighted_sum_kernel(n: int, normalize: bool, out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("wsum", n, normalize, out_dtype), build)
+    return compiled(("wsum", n, normalize, out_dtype), build)
 
 
 def linear(
@@ -76,7 +76,7 @@ def _scale_kernel(out_dtype: mx.Dtype):
     def build():
         return lambda s, x: (x.astype(mx.float32) * s).astype(out_dtype)
 
-    return _compiled(("scale", out_dtype), build)
+    return compiled(("scale", out_dtype), build)
 
 
 def passthrough(

@@ -9,13 +9,13 @@ import numpy as np
 
 from mlxmerge.merge.methods import common
 from mlxmerge.merge.methods.common import (
+    compiled,
     kth_bracket,
     kth_largest,
 )
 from mlxmerge.merge.methods.fusion import _KL_EPS
 from mlxmerge.merge.methods.kernels import blocks
 from mlxmerge.merge.methods.kernels.blocks import (
-    _compiled,
     _delta,
     _f32,
     _final,
@@ -42,7 +42,7 @@ def _count_kernel(n: int):
 
         return kernel
 
-    return _compiled(("ramcount", n), build)
+    return compiled(("ramcount", n), build)
 
 
 def _ram_out_kernel(n: int, boosted: bool, out_dtype: mx.Dtype):
@@ -63,7 +63,7 @@ def _ram_out_kernel(n: int, boosted: bool, out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("ram", n, boosted, out_dtype), build)
+    return compiled(("ram", n, boosted, out_dtype), build)
 
 
 def _share_kernel(stage: str, index: int):
@@ -77,7 +77,7 @@ def _share_kernel(stage: str, index: int):
 
         return kernel
 
-    return _compiled(("ramshare", stage, index), build)
+    return compiled(("ramshare", stage, index), build)
 
 
 def ram(
@@ -135,7 +135,7 @@ def _importance_kernel():
     def build():
         return lambda kl, base, x: mx.abs(x.astype(mx.float32) - base.astype(mx.float32)) * kl
 
-    return _compiled(("importance",), build)
+    return compiled(("importance",), build)
 
 
 def _fusion_kernel(out_dtype: mx.Dtype):
@@ -147,7 +147,7 @@ def _fusion_kernel(out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("fusion", out_dtype), build)
+    return compiled(("fusion", out_dtype), build)
 
 
 def _order_statistics(flat: mx.array, positions: Sequence[int]) -> list[float]:

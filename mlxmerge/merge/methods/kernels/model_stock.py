@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from mlxmerge.merge.methods.common import compiled
 from mlxmerge.merge.methods.kernels.blocks import (
-    _compiled,
     _delta_gram,
     _delta_product_kernel,
     _final,
@@ -29,7 +29,7 @@ def _stock_mix_kernel(n: int, out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("stock", n, out_dtype), build)
+    return compiled(("stock", n, out_dtype), build)
 
 
 def _stock_t(sums: dict, n: int) -> mx.array:

@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.merge.methods.common import (
+    compiled,
     per_model,
 )
 from mlxmerge.merge.methods.kernels.blocks import (
-    _compiled,
     _delta,
     _delta_gram,
     _delta_product_kernel,
@@ -32,7 +32,7 @@ def _mix_kernel(out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("mix", out_dtype), build)
+    return compiled(("mix", out_dtype), build)
 
 
 def slerp(
@@ -66,7 +66,7 @@ def _unit_product_kernel(with_base: bool):
 
         return kernel
 
-    return _compiled(("uprod", with_base), build)
+    return compiled(("uprod", with_base), build)
 
 
 def _nuslerp_mix_kernel(with_base: bool, out_dtype: mx.Dtype):
@@ -80,7 +80,7 @@ def _nuslerp_mix_kernel(with_base: bool, out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("nuslerp", with_base, out_dtype), build)
+    return compiled(("nuslerp", with_base, out_dtype), build)
 
 
 def _nuslerp_coefficients(cos: mx.array, t: float) -> list[mx.array]:
@@ -178,7 +178,7 @@ def _combination_kernel(n: int, with_base: bool, out_dtype: mx.Dtype):
 
         return kernel
 
-    return _compiled(("combination", n, with_base, out_dtype), build)
+    return compiled(("combination", n, with_base, out_dtype), build)
 
 
 def _combine(coefficients, tensors, base, out_dtype) -> mx.array:
