@@ -178,10 +178,6 @@ def run_child(cmd: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-_WITH_BASE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-              "sce", "ties_rescale")  # fmt: skip
-
-
 def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
     m = lambda p, **kw: {"model": str(p), **({"parameters": kw} if kw else {})}
     if method == "linear":
@@ -229,7 +225,10 @@ def recipe_for(method: str, base: Path, a: Path, b: Path, layers: int) -> dict:
     raise ValueError(method)
 
 
-THREE_INPUTS = (*_WITH_BASE, "model_stock", "ram", "ramplus_tl")
+THREE_INPUTS = (  # base + 2 models
+    "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "sce", "ties_rescale", "model_stock", "ram", "ramplus_tl",
+)  # fmt: skip
 ONE_INPUT = ("passthrough", "passthrough_scale")
 
 
