@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, SAMPLE_SIZE, fsum, kth_bracket
+from mlxmerge.merge.methods.common import BLOCK, fsum, kth_bracket, sample_indices
 
 Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
 """``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
@@ -123,25 +123,39 @@ def top_ks_many(scores: Sequence[Score], spans, ks: Sequence[Sequence[int]], n: 
 
 
 def _top_ks(scores, spans, ks, n: int, pool) -> list[dict[int, TopK]]:
-    idx = mx.array(np.random.default_rng(0).integers(0, n, SAMPLE_SIZE).astype(np.int64))
-    brackets = []
-    for score, kk in zip(scores, ks):
-        sample = np.sort(np.asarray(score(None, idx))) if kk else None
-        brackets.append([kth_bracket(sample, k, n) for k in kk])
+    idx = sample_indices(n)
+    brackets = [[kth_bracket(np.asarray(score(None, idx)), k, n) for k in kk] if kk else []
+                for score, kk in zip(scores, ks)]  # fmt: skip
     above = [[0] * len(kk) for kk in ks]
     bands: list[list[list[np.ndarray]]] = [[[] for _ in kk] for kk in ks]
 
-    def scan(m: int, v: np.ndarray) -> None:
-        for j, (lo, hi) in enumerate(brackets[m]):
-            above[m][j] += int(np.count_nonzero(v > hi))
-            bands[m][j].append(v[(v >= lo) & (v <= hi)])
+    def scan(m: int, v: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        return [(int(np.count_nonzero(v > hi)), np.compress((v >= lo) & (v <= hi), v))
+                for lo, hi in brackets[m]]  # fmt: skip
+
+    def collect(futures) -> None:
+        for m, f in futures:
+            for j, (count, band) in enumerate(f.result()):
+                above[m][j] += count
+                bands[m][j].append(band)
 
     todo = [m for m in range(len(scores)) if ks[m]]
-    for span in spans:
+
+    def block(span):
         a = [scores[m](span, None).reshape(-1) for m in todo]
-        mx.eval(a)
-        list(pool.map(scan, todo, [np.asarray(x) for x in a]))
-        del a
+        mx.async_eval(a)
+        return a
+
+    # MLX scores block j+1 while NumPy scans block j (two threads): three workers, two cores
+    pending, current, following = [], [], block(spans[0]) if spans else []
+    for j in range(len(spans)):
+        current, following = following, block(spans[j + 1]) if j + 1 < len(spans) else []
+        pending.append([(m, pool.submit(scan, m, np.asarray(a))) for m, a in zip(todo, current)])
+        if len(pending) > 2:  # bounded: a few blocks' scores alive at once
+            collect(pending.pop(0))
+    for futures in pending:
+        collect(futures)
+    del current, following, pending
 
     def rank(m: int, j: int, k: int, every=None) -> TopK:
         if every is not None:  # a six-sigma miss: rank every entry

@@ -91,7 +91,7 @@ class _Keep:
         self.scale: mx.array | None = None
         self.inverse_p = None
         self.tops: list[TopK] = []  # [kept] or [kept, dropped] for the magnitude masks
-        self.draw: mx.array | None = None  # DARE's whole keep mask, (rows, cols)
+        self.draw: Callable[[int, int], mx.array] | None = None  # DARE: rows r0:r1's mask
 
     def block(self, j: int, r0: int, r1: int, x: mx.array, b: mx.array, delta) -> mx.array:
         """Block ``j``'s masked (and rescaled) δ from the (rows, cols) stored-dtype inputs."""
@@ -99,7 +99,7 @@ class _Keep:
         if kept is None:
             m = self.masks[j] if self.masks is not None else None
             if m is None and self.draw is not None:
-                m = self.draw[r0:r1]
+                m = self.draw(r0, r1)
             if m is None or self.zero or callable(self.inverse_p):
                 return self.apply(j, r0, r1, delta(r0, r1))
             mode, param = "mask", 0.0  # a mask that does not depend on δ: one compiled kernel
@@ -180,10 +180,12 @@ def _abs_delta(x: mx.array, b: mx.array) -> mx.array:
 
 @mx.compile
 def _kept(m: mx.array, a: mx.array) -> mx.array:
-    return mx.where(m > 0, a, 0.0)  # m: uint8 (a bool input makes the select ~10x slower)
+    # a ≥ 0 times a uint8 0/1 mask: where(m, a, 0)'s bits. A select on a uint8 (or bool)
+    # condition compiles to a scalar loop on the CPU, ~10x slower than this product.
+    return a * m.astype(mx.float32)
 
 
-def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
+def gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
     """``x.reshape(-1)[idx]`` as float32, gathered by NumPy from ``x``'s buffer (an MLX
     ``take`` of scattered entries is ~5x slower on the CPU); same values as MLX's cast."""
     flat = x.reshape(-1)
@@ -195,16 +197,18 @@ def _gather_f32(x: mx.array, idx: np.ndarray) -> np.ndarray:
 
 def _mask_kernel(mode: str):
     """``(x, b, param, mask) -> δ`` masked and rescaled as ``_Keep.apply`` does, compiled:
-    ``mask`` keeps δ, times ``param`` (the L1 scale) or divided by it (the keep probability)."""
+    ``mask`` (uint8 0/1) keeps δ, times ``param`` (the L1 scale) or divided by it (the keep
+    probability). A product with the mask rather than a select (10x faster on the CPU, see
+    ``_kept``): the same values, a dropped entry may be −0.0 where the select gives 0.0."""
 
     def kernel(x, b, param, m):
         d = x.astype(mx.float32) - b.astype(mx.float32)
-        keep = m > 0  # m: uint8 or bool
+        keep = m.astype(mx.float32)
         if mode == "scale":
-            return mx.where(keep, d, 0.0) * param
+            return d * (keep * param)
         if mode == "inverse_p":
-            return mx.where(keep, d / param, 0.0)
-        return mx.where(keep, d, 0.0)
+            return (d / param) * keep
+        return d * keep
 
     return compiled(("row_mask", mode), lambda: kernel)
 
@@ -219,7 +223,7 @@ def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, li
     for j, (r0, r1) in enumerate(spans):
         with mx.stream(pool[j % len(pool)]):  # consecutive blocks on both streams
             if draw is not None:
-                a, m = magnitude((r0, r1), None), draw[r0:r1]
+                a, m = magnitude((r0, r1), None), draw(r0, r1)
                 pb, pa = level1(a), level1(_kept(m, a))
             else:
                 d = delta(r0, r1)
@@ -227,7 +231,7 @@ def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, li
                 pb, pa = level1(mx.abs(d)), level1(mx.abs(mx.where(m, d, 0.0)))
         before.append(pb)
         after.append(pa)
-        masks.append(m.astype(mx.uint8))  # uint8: a bool input slows the later select ~10x
+        masks.append(m.astype(mx.uint8))  # uint8: 1 byte an entry, multiplied in later
         if j % len(pool) == len(pool) - 1 or j == len(spans) - 1:
             mx.eval(before[-len(pool) :], after[-len(pool) :], masks[-len(pool) :])
     return _l1_factor(before, after), masks
@@ -290,7 +294,7 @@ def merge_rows(
         def magnitude(span, idx):
             if idx is not None:  # a gather of entries (the thresholds' sample)
                 idx = np.asarray(idx)
-                return mx.array(np.abs(_gather_f32(xs[i], idx) - _gather_f32(b, idx)))
+                return mx.array(np.abs(gather_f32(xs[i], idx) - gather_f32(b, idx)))
             r0, r1 = span
             return _abs_delta(xs[i][r0:r1], b[r0:r1])
 
@@ -375,9 +379,13 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
 
         rule.mask = mask
     elif sparsify == "random":
-        full = sp.random_mask(density, shape, keys[i]).reshape(rows, -1)
-        rule.draw = full  # one uint8 per entry: a quarter of a float32 copy
-        rule.mask = lambda j, r0, r1, d: full[r0:r1] > 0
+        cols = n // rows
+
+        def draw(r0, r1, key=keys[i]):  # counter-based: each block draws its own entries
+            return sp.mask_entries(density, key, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
+
+        rule.draw = draw
+        rule.mask = lambda j, r0, r1, d: draw(r0, r1) > 0
     else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
         sp.check_della(density, epsilon)
         bits = bernoulli_bits(shape, keys[i]).reshape(rows, -1)

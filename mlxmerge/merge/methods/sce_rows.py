@@ -28,7 +28,7 @@ import numpy as np
 
 from mlxmerge.merge.methods import row_blocks
 from mlxmerge.merge.methods.block_stats import TopK, block_spans, finish_fsum, level1, top_ks
-from mlxmerge.merge.methods.common import SAMPLE_SIZE, kth_bracket
+from mlxmerge.merge.methods.common import kth_bracket, sample_indices
 from mlxmerge.merge.methods.task_arithmetic import (
     sce_kernel,
     sce_square,
@@ -69,7 +69,8 @@ def blocked(
 
     def var_of(span, idx):
         if idx is not None:  # a gather of entries (the threshold's sample)
-            return variance(mx.take(b.reshape(-1), idx), *[mx.take(x.reshape(-1), idx) for x in xs])
+            gather = row_blocks.gather_f32  # NumPy: ~5x faster than mx.take here
+            return variance(mx.array(gather(b, idx)), *[mx.array(gather(x, idx)) for x in xs])
         r0, r1 = span
         return variance(b[r0:r1], *[x[r0:r1] for x in xs])
 
@@ -110,8 +111,7 @@ def _selection(var_of, spans, n: int, select_topk: float):
     The count of nonzero variances is known only after the pass, so the bracket spans the k of
     the sample's nonzero fraction ± six standard deviations; a miss falls back to ``top_ks``.
     """
-    idx = np.random.default_rng(0).integers(0, n, SAMPLE_SIZE)
-    sample = np.sort(np.asarray(var_of(None, mx.array(idx.astype(np.int64)))))
+    sample = np.asarray(var_of(None, sample_indices(n)))
     m = sample.size
     f = np.count_nonzero(sample) / m
     spread = 6.0 * math.sqrt(max(f * (1 - f), 1.0 / n) / m) + 2.0 / m

@@ -163,7 +163,7 @@ def _order_statistics(flat: mx.array, positions: Sequence[int]) -> list[float]:
     if n <= common.EXACT_PARTITION_BELOW:
         return [kth_largest(flat, k) for k in ks]
     a = np.asarray(flat)  # a view of the evaluated float32 array
-    sample = np.sort(a[np.random.default_rng(0).integers(0, n, common.SAMPLE_SIZE)])
+    sample = a[common.sample_indices(n)]
     brackets = [kth_bracket(sample, k, n) for k in ks]
     above, bands = [0] * len(ks), [[] for _ in ks]
     for s in range(0, n, blocks.BLOCK_ENTRIES):
