@@ -11,6 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
+from mlxmerge._blas import blas_threads
+from mlxmerge._malloc import reuse_freed_memory
 from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, Quantization, human_bytes, parse_size, write_model
 from mlxmerge.io.chat_template import resolve_template
@@ -380,15 +382,17 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
         )
 
     try:
-        return write_model(
-            output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
-            tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,
-            layout=layout, quantize=quant, shard_size=parse_size(shard_size),
-            num_layers=plan.num_layers,
-            chat_template=chat_template,
-            extra_files={"mlxmerge_config.yml": replay_yaml(plan, seed, dtype)},
-            inputs=inputs, force=force, progress=progress, guard=guard, background=overlap,
-        )  # fmt: skip
+        # BLAS only sums blocks here (idle OpenBLAS workers would spin); buffers are reused
+        with blas_threads(1), reuse_freed_memory():
+            return write_model(
+                output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
+                tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,
+                layout=layout, quantize=quant, shard_size=parse_size(shard_size),
+                num_layers=plan.num_layers,
+                chat_template=chat_template,
+                extra_files={"mlxmerge_config.yml": replay_yaml(plan, seed, dtype)},
+                inputs=inputs, force=force, progress=progress, guard=guard, background=overlap,
+            )  # fmt: skip
     finally:
         if reader is not None:
             reader.close()
