@@ -1,10 +1,11 @@
-"""Per-tensor statistics over row blocks, shared by the row-blocked merges (same bits as whole).
+"""Per-tensor statistics over row blocks, shared by the row-blocked merges.
 
 ``block_spans`` cuts a tensor's rows into blocks aligned with ``common.fsum``'s 1024-entry
 groups; ``level1``/``finish_fsum`` give ``fsum`` of the whole tensor from per-block partial sums
-(the same bits); ``top_ks``/``TopK`` find exact top-k thresholds from a sample and one band pass
-and mask block by block with ``top_k_mask``'s row-major tie-breaking; ``bernoulli_bits`` is the
-draw behind ``mx.random.bernoulli``, for masks whose probabilities come block by block.
+(to float32 rounding: BLAS's group sums depend on how many groups one call gets);
+``top_ks``/``TopK`` find exact top-k thresholds from a sample and one band pass and mask block
+by block with ``top_k_mask``'s row-major tie-breaking; ``bernoulli_bits`` is the draw behind
+``mx.random.bernoulli``, for masks whose probabilities come block by block.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, kth_bracket, sample_indices
+from mlxmerge.merge.methods.common import BLOCK, fsum, group_sums, kth_bracket, sample_indices
 
 Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
 """``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
@@ -33,11 +34,8 @@ def block_spans(rows: int, cols: int, entries: int) -> list[tuple[int, int]]:
 
 
 def level1(a: mx.array) -> mx.array:
-    """``fsum``'s first level (sums of 1024-entry groups, then the tail) for one block."""
-    flat = a.reshape(-1)
-    m = flat.size // BLOCK * BLOCK
-    head = mx.sum(flat[:m].reshape(-1, BLOCK), axis=1)
-    return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
+    """``fsum``'s first level (``group_sums``) of one block."""
+    return group_sums(a.reshape(-1))
 
 
 def finish_fsum(parts: list[mx.array]) -> mx.array:

@@ -69,17 +69,30 @@ def streams() -> list:
     return _STREAMS
 
 
+def group_sums(flat: mx.array) -> mx.array:
+    """Sums of the consecutive 1024-entry groups of a 1-D float32 array, then the tail's sum:
+    one level of ``fsum``. A matrix-vector product with ones: BLAS reduces ~5x faster than
+    ``mx.sum`` on the CPU (same float32 accuracy: each group is summed in float32)."""
+    if BLOCK not in _ONES:
+        _ONES[BLOCK] = mx.ones((BLOCK,), dtype=mx.float32)
+        mx.eval(_ONES[BLOCK])  # shared by both streams' graphs: evaluated once, here
+    m = flat.size // BLOCK * BLOCK
+    head = flat[:m].reshape(-1, BLOCK) @ _ONES[BLOCK]
+    return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
+
+
+_ONES: dict[int, mx.array] = {}
+
+
 def fsum(x: mx.array) -> mx.array:
-    """Sum of all entries in float32, reduced in blocks of 1024 per level.
+    """Sum of all entries in float32, reduced in blocks of 1024 per level (``group_sums``).
 
     A flat ``mx.sum`` over millions of float32 entries loses ~1e-3 relative accuracy on the
     CPU; block-wise partial sums keep the error near 1e-7 (``benchmarks/bench_methods.py``).
     """
     flat = x.reshape(-1)
     while flat.size > BLOCK:
-        m = flat.size // BLOCK * BLOCK
-        head = mx.sum(flat[:m].reshape(-1, BLOCK), axis=1)
-        flat = head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
+        flat = group_sums(flat)
     return mx.sum(flat)
 
 

@@ -1,4 +1,4 @@
-"""Task arithmetic, TIES, DARE, breadcrumbs and DELLA over row blocks: the same bits, less memory.
+"""Task arithmetic, TIES, DARE, breadcrumbs and DELLA over row blocks: the same result, less memory.
 
 ``generalized_task_arithmetic`` keeps one float32 task vector per model alive at once (plus
 masks and |δ|), ≈ 6-8× the tensor in float32 at peak. Here the inputs stay in their stored
@@ -15,7 +15,9 @@ dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES``
 2. the combine pass: per block, δᵢ → mask → rescale → the same compiled sign-election / mean
    kernel, cast to the output dtype at once.
 
-Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``).
+Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``),
+except where an L1 rescale enters: BLAS sums each 1024-entry group in an order that depends on
+how many groups one call gets, so the factor ‖δ‖₁/‖δ⊙m‖₁ can differ in its last bit.
 Unsupported settings (the paper's unweighted election) return None and the caller uses the
 whole-tensor path.
 """

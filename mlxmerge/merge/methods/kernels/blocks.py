@@ -7,27 +7,13 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from mlxmerge.merge.methods.common import (
-    BLOCK,
     compiled,
     fsum,
+    group_sums,
     streams,
 )
 
 BLOCK_ENTRIES = 1 << 21  # entries per statistics block: 8 MB per float32 temporary
-
-
-_ONES = {}
-
-
-def _level1(p: mx.array) -> mx.array:
-    """Sums of 1024-entry groups of a flat block (then the tail's sum), as ``fsum``'s first
-    level but through a matrix-vector product with ones: BLAS's gemv reduces ~2x faster than
-    ``mx.sum`` on the CPU, with the same float32 accuracy (group sums of 1024 entries)."""
-    if BLOCK not in _ONES:
-        _ONES[BLOCK] = mx.ones((BLOCK,), dtype=mx.float32)
-    m = p.size // BLOCK * BLOCK
-    head = p[:m].reshape(-1, BLOCK) @ _ONES[BLOCK]
-    return head if m == p.size else mx.concatenate([head, mx.sum(p[m:])[None]])
 
 
 def norms_and_dot(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -49,7 +35,7 @@ def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
     ``terms``: ``(kernel, flats, scalars)`` each; ``kernel(*scalars, *blocks)`` returns one
     float32 block, ``blocks`` being the same ``BLOCK_ENTRIES`` span of every 1-D array in
     ``flats`` (``n`` entries each). Every sum is accurate to float32 rounding like ``fsum``
-    (1024-entry groups through ``_level1``, then ``fsum`` of the group sums).
+    (1024-entry groups through ``common.group_sums``, then ``fsum`` of the group sums).
     """
     parts: list[list[mx.array]] = [[] for _ in terms]
     pair = streams()
@@ -59,7 +45,7 @@ def block_sums(terms: Sequence[tuple], n: int) -> list[mx.array]:
             for k, s in enumerate(starts[first : first + len(pair)]):
                 with mx.stream(pair[k]):
                     blocks = (f[s : s + BLOCK_ENTRIES] for f in flats)
-                    acc.append(_level1(kernel(*scalars, *blocks)))
+                    acc.append(group_sums(kernel(*scalars, *blocks)))
             mx.eval(acc[first:])  # two float32 blocks alive at a time, however many terms
     return [fsum(mx.concatenate(p)) for p in parts]
 
