@@ -1,8 +1,7 @@
 """Per-tensor statistics over row blocks, shared by the row-blocked merges.
 
-``block_spans`` cuts a tensor's rows into blocks aligned with ``common.fsum``'s 1024-entry
-groups; ``level1``/``finish_fsum`` give ``fsum`` of the whole tensor from per-block partial sums
-(to float32 rounding: BLAS's group sums depend on how many groups one call gets);
+``block_spans`` cuts a tensor's rows into blocks aligned with ``common.fsum``'s groups;
+``level1``/``finish_fsum`` give ``fsum`` of the whole tensor from per-block partial sums;
 ``top_ks``/``TopK`` find exact top-k thresholds from a sample and one band pass and mask block
 by block with ``top_k_mask``'s row-major tie-breaking; ``bernoulli_bits`` is the draw behind
 ``mx.random.bernoulli``, for masks whose probabilities come block by block.
@@ -16,7 +15,14 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.merge.methods.common import BLOCK, fsum, group_sums, kth_bracket, sample_indices
+from mlxmerge.merge.methods.common import (
+    BLOCK,
+    CHUNK,
+    fsum,
+    group_sums,
+    kth_bracket,
+    sample_indices,
+)
 
 Score = Callable[[tuple[int, int] | None, mx.array | None], mx.array]
 """``score(span, idx)``: a float32 score of the rows ``span`` (shape (r1 - r0, cols)), or of
@@ -26,9 +32,13 @@ the flat entries ``idx`` (a gather) when ``span`` is None."""
 def block_spans(rows: int, cols: int, entries: int) -> list[tuple[int, int]]:
     """Row ranges of about ``entries`` entries each, in order, covering ``rows``.
 
-    Blocks hold a multiple of fsum's 1024-entry groups, so partial sums line up exactly.
+    Blocks hold whole ``common.CHUNK``s of entries where a few of them fit in ``entries``, so
+    their ``level1`` sums are the whole tensor's; else whole 1024-entry groups (then the sums
+    agree to float32 rounding).
     """
-    unit = BLOCK // math.gcd(cols, BLOCK)
+    unit = CHUNK // math.gcd(cols, CHUNK)
+    if unit * cols > 4 * entries:
+        unit = BLOCK // math.gcd(cols, BLOCK)
     step = max(unit, entries // cols // unit * unit)
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 

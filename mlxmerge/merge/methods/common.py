@@ -69,19 +69,30 @@ def streams() -> list:
     return _STREAMS
 
 
+GROUP_COLUMNS = 64  # group sums come from chunks of (BLOCK, GROUP_COLUMNS) entries
+CHUNK = BLOCK * GROUP_COLUMNS
+
+
 def group_sums(flat: mx.array) -> mx.array:
-    """Sums of the consecutive 1024-entry groups of a 1-D float32 array, then the tail's sum:
-    one level of ``fsum``. A matrix-vector product with ones: BLAS reduces ~5x faster than
-    ``mx.sum`` on the CPU (same float32 accuracy: each group is summed in float32)."""
-    if BLOCK not in _ONES:
-        _ONES[BLOCK] = mx.ones((BLOCK,), dtype=mx.float32)
-        mx.eval(_ONES[BLOCK])  # shared by both streams' graphs: evaluated once, here
-    m = flat.size // BLOCK * BLOCK
-    head = flat[:m].reshape(-1, BLOCK) @ _ONES[BLOCK]
-    return head if m == flat.size else mx.concatenate([head, mx.sum(flat[m:])[None]])
+    """One level of ``fsum``: sums of 1024-entry groups of a 1-D float32 array.
 
-
-_ONES: dict[int, mx.array] = {}
+    Each ``CHUNK`` of 65,536 consecutive entries, seen as a (1024, 64) matrix, gives its 64
+    column sums (MLX adds the rows in order, vectorized across columns: ~4.5x faster on the
+    CPU than summing contiguous 1024-entry rows, and a column's sum does not depend on how many
+    chunks one call gets, so row blocks aligned to chunks give the whole tensor's sums bit for
+    bit). The entries after the last whole chunk are summed as contiguous 1024-entry groups.
+    """
+    n = flat.size
+    m = n // CHUNK * CHUNK
+    parts = [mx.sum(flat[:m].reshape(-1, BLOCK, GROUP_COLUMNS), axis=1).reshape(-1)] if m else []
+    tail = flat[m:]
+    if tail.size:
+        t = tail.size // BLOCK * BLOCK
+        if t:
+            parts.append(mx.sum(tail[:t].reshape(-1, BLOCK), axis=1))
+        if t < tail.size:
+            parts.append(mx.sum(tail[t:])[None])
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 def fsum(x: mx.array) -> mx.array:

@@ -15,9 +15,9 @@ dtype and every float32 temporary lives for one block of rows (``BLOCK_ENTRIES``
 2. the combine pass: per block, δᵢ → mask → rescale → the same compiled sign-election / mean
    kernel, cast to the output dtype at once.
 
-Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``),
-except where an L1 rescale enters: BLAS sums each 1024-entry group in an order that depends on
-how many groups one call gets, so the factor ‖δ‖₁/‖δ⊙m‖₁ can differ in its last bit.
+Results equal the whole-tensor computation bit for bit (``tests/merge/test_row_blocks.py``;
+to float32 rounding of the L1 sums where a row is too long for blocks of whole
+``common.CHUNK``s).
 Unsupported settings (the paper's unweighted election) return None and the caller uses the
 whole-tensor path.
 """

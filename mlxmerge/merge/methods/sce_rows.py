@@ -9,13 +9,12 @@ block of rows:
    int(count·select_topk)-th largest (widened by the sample's uncertainty on the count); the
    exact threshold is ranked from them (``block_stats.TopK``: ties kept in row-major order);
 2. the energies mean(τᵢ²) of the selected task vectors from per-block level-1 partial sums
-   that ``common.fsum`` finishes as it would have (``block_stats.level1``), and the
+   that ``common.fsum`` finishes exactly as it would have (``block_stats.level1``), and the
    selection kept as one bool per entry;
 3. per block: ``sce``'s own compiled erase-and-mean kernel, cast to the output dtype at once.
 
 Each block runs the same operations (the same compiled kernels) as the whole-tensor function,
-so results are equal bit for bit (``tests/merge/test_sce_rows.py``) but for the energies' last
-bit (BLAS group sums: see ``block_stats``).
+so results are equal bit for bit (``tests/merge/test_sce_rows.py``).
 Paper: FuseChat, arXiv:2408.07990.
 """
 
