@@ -399,14 +399,17 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
         rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
     if rescale and rescale_mode == "l1" and rule.tops:  # masks cheap to redo: not kept
         before, after = [], []
+        pool = streams()
         for j, (r0, r1) in enumerate(spans):
-            masked = rule.fused(j, r0, r1, x, b)
-            d = delta(r0, r1)
-            if masked is None:
-                masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
-            before.append(level1(mx.abs(d)))
-            after.append(level1(mx.abs(masked)))
-            mx.eval(before[-1], after[-1])
+            with mx.stream(pool[j % len(pool)]):  # consecutive blocks on both streams
+                masked = rule.fused(j, r0, r1, x, b)
+                if masked is None:
+                    d = delta(r0, r1)
+                    masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
+                before.append(level1(_abs_delta(x[r0:r1], b[r0:r1])))
+                after.append(level1(mx.abs(masked)))
+            if j % len(pool) == len(pool) - 1 or j == len(spans) - 1:
+                mx.eval(before[-len(pool) :], after[-len(pool) :])
         rule.scale = _l1_factor(before, after)
     elif rescale and rescale_mode == "l1":
         rule.scale, rule.masks = _l1_scale(delta, magnitude, spans, rule.mask, rule.draw)
