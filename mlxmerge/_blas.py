@@ -12,7 +12,8 @@ import ctypes.util
 import os
 import platform
 import sys
-from contextlib import contextmanager
+
+from mlxmerge._held import held_setting
 
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -70,21 +71,24 @@ def load_optimized_blas() -> dict:
     return status
 
 
-@contextmanager
-def blas_threads(n: int):
-    """Run the block with OpenBLAS limited to ``n`` threads (no-op without OpenBLAS).
-
-    OpenBLAS's idle pthread workers wait in a ``sched_yield`` loop; in a merge, where BLAS
-    only sums small blocks beside two MLX streams, that spinning took ~30% of the CPU
-    (``perf``: slerp of two 1.7 GB models, 7.0 s → 5.1 s with one thread)."""
+def _one_thread():
     get = getattr(_lib, "openblas_get_num_threads", None)
     set_ = getattr(_lib, "openblas_set_num_threads", None)
     if get is None or set_ is None:
-        yield
-        return
+        return None
     before = int(get())
-    set_(int(n))
-    try:
-        yield
-    finally:
-        set_(before)
+    set_(1)
+    return before
+
+
+def _set_threads(before) -> None:
+    if before is not None:
+        _lib.openblas_set_num_threads(int(before))
+
+
+blas_one_thread = held_setting(_one_thread, _set_threads)
+blas_one_thread.__doc__ = """Run the block with OpenBLAS at one thread (no-op without OpenBLAS).
+
+OpenBLAS's idle pthread workers wait in a ``sched_yield`` loop; in a merge, where BLAS only
+sums small blocks beside two MLX streams, that spinning took ~30% of the CPU (``perf``: slerp
+of two 1.7 GB models, 7.0 s → 5.1 s with one thread). Held while any thread is in a merge."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
-from contextlib import contextmanager
+
+from mlxmerge._held import held_setting
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -36,18 +37,21 @@ def _mallopt():
         return None
 
 
-@contextmanager
-def reuse_freed_memory():
-    """Run the block with the settings above; glibc's initial values are set back after it
-    (its dynamic mmap threshold stays off: glibc has no call to turn it back on)."""
+def _tune():
     mallopt = _mallopt()
-    if mallopt is None:
-        yield
-        return
-    for param, value in _TUNED.items():
-        mallopt(ctypes.c_int(param), ctypes.c_int(min(value, 2**31 - 1)))
-    try:
-        yield
-    finally:
+    if mallopt is not None:
+        for param, value in _TUNED.items():
+            mallopt(ctypes.c_int(param), ctypes.c_int(min(value, 2**31 - 1)))
+    return mallopt
+
+
+def _initial(mallopt) -> None:
+    if mallopt is not None:
         for param in _TUNED:
             mallopt(ctypes.c_int(param), ctypes.c_int(_DEFAULT))
+
+
+reuse_freed_memory = held_setting(_tune, _initial)
+reuse_freed_memory.__doc__ = """Run the block with the settings above, held while any thread is
+in a merge; glibc's initial values are set back after the last one (its dynamic mmap
+threshold stays off: glibc has no call to turn it back on)."""

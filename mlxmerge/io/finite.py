@@ -125,6 +125,8 @@ class FiniteGuard:
     verb: str = "output"
     warnings: list[str] = field(default_factory=list)
     _pending: list = field(default_factory=list)
+    nonfinite: set = field(default_factory=set)
+    """(model, tensor name) of every input found holding NaN/Inf (and let through)."""
     hint: str = "; pass --allow-nonfinite to write it anyway"
     """Appended to the error; empty where proceeding could mean nothing (an SVD of NaN)."""
 
@@ -158,6 +160,7 @@ class FiniteGuard:
         if finite is None:
             finite = all_finite(x)
         if not finite:
+            self.nonfinite.add((model, name))
             self.report(self.input_message(model, name, *count_nonfinite(x)))
 
     def check_bytes(self, model: str, name: str, file, offset, nbytes, dtype) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
-from mlxmerge._blas import blas_threads
+from mlxmerge._blas import blas_one_thread
 from mlxmerge._malloc import reuse_freed_memory
 from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, Quantization, human_bytes, parse_size, write_model
@@ -154,7 +154,18 @@ def compute_tensor(
 
     stacked = is_stacked_experts(name, p.shape)
     same = all(tuple(x.shape) == p.shape for x in [*xs] + ([base] if p.base else []))
-    if out_dtype is not None and same and not stacked and plan.method.blocked is not None:
+    # the blocked forms mask by products (0·Inf = NaN): inputs let through with NaN/Inf
+    # (--allow-nonfinite) take the plain functions, whose selects drop them
+    finite = guard is None or not any(
+        (plan.models[i], n) in guard.nonfinite for i, n in input_refs(plan, name)
+    )
+    if (
+        out_dtype is not None
+        and same
+        and finite
+        and not stacked
+        and plan.method.blocked is not None
+    ):
         params = {**getattr(fn, "keywords", {}), **kwargs, **keys(name)}
         y = plan.method.blocked(xs, base, out_dtype, **params)
         if y is not None:
@@ -383,7 +394,7 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
 
     try:
         # BLAS only sums blocks here (idle OpenBLAS workers would spin); buffers are reused
-        with blas_threads(1), reuse_freed_memory():
+        with blas_one_thread(), reuse_freed_memory():
             return write_model(
                 output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
                 tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,

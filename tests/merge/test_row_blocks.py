@@ -153,3 +153,34 @@ def test_block_sums_finish_as_the_whole_tensor_sum(shape):
         assert got == want
     assert abs(got - exact) <= 1e-5 * np.abs(np.array(a)).sum()
     assert abs(want - exact) <= 1e-5 * np.abs(np.array(a)).sum()
+
+
+def test_inputs_let_through_with_inf_give_the_plain_result(family, tmp_path, monkeypatch):
+    """--allow-nonfinite: an Inf that DARE drops stays dropped (the blocked form's mask products
+    would make it 0·Inf = NaN, so such a tensor takes the plain path)."""
+    import shutil
+
+    from mlxmerge.merge.methods.sparsify import random_mask
+
+    src = tmp_path / "inf_model"
+    shutil.copytree(family["model_b"], src)
+    (f,) = sorted(src.glob("*.safetensors"))
+    weights = dict(mx.load(str(f)))
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.size >= 4096)
+    drop = np.flatnonzero(np.array(random_mask(0.3, weights[name].shape, derive_key(0, name, 1))) == 0)
+    flat = np.array(weights[name].astype(mx.float32)).reshape(-1)
+    flat[drop[0]] = np.inf
+    weights[name] = mx.array(flat.reshape(weights[name].shape)).astype(weights[name].dtype)
+    mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
+    recipe = {"merge_method": "dare_linear", "base_model": str(family["base"]), "dtype": "bfloat16",
+              "parameters": {"rescale": False},
+              "models": [{"model": str(family["model_a"]), "parameters": {"weight": 1.0, "density": 0.3}},
+                         {"model": str(src), "parameters": {"weight": 1.0, "density": 0.3}}]}  # fmt: skip
+    plain = merge(recipe, tmp_path / "plain", allow_nonfinite=True)
+    monkeypatch.setattr(row_blocks, "MIN_ENTRIES", 4096)
+    monkeypatch.setattr(row_blocks, "BLOCK_ENTRIES", 2048)
+    blocked = merge(recipe, tmp_path / "blocked", allow_nonfinite=True)
+    out = mx.load(str(blocked / f.name))
+    assert not np.isnan(np.array(out[name].astype(mx.float32))).any()
+    for g in sorted(plain.glob("*.safetensors")):
+        assert g.read_bytes() == (blocked / g.name).read_bytes()

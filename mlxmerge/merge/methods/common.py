@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -58,15 +59,17 @@ def compiled(key: tuple, build):
     return _COMPILED[key]
 
 
-_STREAMS: list = []
+_STREAMS = threading.local()
 
 
 def streams() -> list:
-    """Two streams on the default device. On the CPU each stream runs on a thread of its own,
-    so independent blocks evaluated together use two cores (same results as one stream)."""
-    if not _STREAMS:
-        _STREAMS.extend(mx.new_stream(mx.default_device()) for _ in range(2))
-    return _STREAMS
+    """Two streams on the default device, made once per thread (an MLX stream belongs to the
+    thread that made it). On the CPU each stream runs on a thread of its own, so independent
+    blocks evaluated together use two cores (same results as one stream)."""
+    pair = getattr(_STREAMS, "pair", None)
+    if pair is None:
+        pair = _STREAMS.pair = [mx.new_stream(mx.default_device()) for _ in range(2)]
+    return pair
 
 
 GROUP_COLUMNS = 64  # group sums come from chunks of (BLOCK, GROUP_COLUMNS) entries
