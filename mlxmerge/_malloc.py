@@ -24,7 +24,9 @@ _DEFAULT = 128 * 1024  # glibc's initial value of all three
 _TUNED = {
     M_MMAP_THRESHOLD: 32 * 1024**2,  # the largest glibc accepts on 64-bit systems
     M_TRIM_THRESHOLD: 1 << 32,  # keep freed memory for the next tensor's buffers
-    M_TOP_PAD: 256 * 1024**2,  # grow a heap in large steps: fewer, larger extensions
+    # grow a heap in large steps: fewer extensions (as many page faults saved as with 256 MB,
+    # and each thread's arena keeps less: 256 MB raised a small merge's peak by 30%)
+    M_TOP_PAD: 64 * 1024**2,
 }
 
 

@@ -411,7 +411,7 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 # form keeps its inputs in the stored dtype with float32 temporaries of a row block: slopes of
 # 1-3. A plain passthrough (file copies) needs far less than its fit.
 PEAK_FIT = {
-    "linear": (1.3, 0), "passthrough": (0.8, 0), "slerp": (1.1, 70), "nuslerp": (1.1, 70),
+    "linear": (1.3, 0), "passthrough": (0.8, 0), "slerp": (1.1, 100), "nuslerp": (1.1, 70),
     "nearswap": (1.0, 110), "multislerp": (1.1, 70), "karcher": (1.1, 70),
     "task_arithmetic": (2.1, 75), "ties": (2.2, 150), "dare_ties": (2.8, 65),
     "dare_linear": (2.8, 50), "breadcrumbs": (2.2, 125), "breadcrumbs_ties": (2.2, 135),

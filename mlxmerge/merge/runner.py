@@ -407,3 +407,4 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
     finally:
         if reader is not None:
             reader.close()
+        mx.clear_cache()  # the buffers MLX kept for the next tensor: a caller's memory back
