@@ -63,7 +63,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shape", [(300, 200), (97, 3, 50)])
 def test_blocked_form_equals_the_plain_method(case, shape, monkeypatch):
-    monkeypatch.setattr(kernels.blocks, "BLOCK_ENTRIES", 4096)  # 15 blocks of the (300, 200) tensors
+    monkeypatch.setattr(
+        kernels.blocks, "BLOCK_ENTRIES", 4096
+    )  # 15 blocks of the (300, 200) tensors
     fn, blocked, params, n, has_base, sparse = CASES[case]
     xs, base = inputs(shape, n, sparse=sparse)
     for b in {"yes": [base], "no": [None], "both": [base, None]}[has_base]:

@@ -167,7 +167,9 @@ def test_inputs_let_through_with_inf_give_the_plain_result(family, tmp_path, mon
     (f,) = sorted(src.glob("*.safetensors"))
     weights = dict(mx.load(str(f)))
     name = next(k for k, v in weights.items() if v.ndim == 2 and v.size >= 4096)
-    drop = np.flatnonzero(np.array(random_mask(0.3, weights[name].shape, derive_key(0, name, 1))) == 0)
+    drop = np.flatnonzero(
+        np.array(random_mask(0.3, weights[name].shape, derive_key(0, name, 1))) == 0
+    )
     flat = np.array(weights[name].astype(mx.float32)).reshape(-1)
     flat[drop[0]] = np.inf
     weights[name] = mx.array(flat.reshape(weights[name].shape)).astype(weights[name].dtype)
