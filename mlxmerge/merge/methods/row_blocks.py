@@ -319,6 +319,7 @@ def merge_rows(
     weights = mx.array(w, dtype=mx.float32)
     out: list[mx.array] = []
     pool = streams()  # two blocks at a time, one per CPU stream (thread): both cores
+    running: list[mx.array] = []
     for first in range(0, len(spans), len(pool)):
         ys = []
         for j in range(first, min(first + len(pool), len(spans))):
@@ -326,9 +327,12 @@ def merge_rows(
             with mx.stream(pool[j - first]):
                 ds = [keep[i].block(j, r0, r1, xs[i], b, delta_of(i)[0]) for i in range(n_models)]
                 ys.append(combine(b[r0:r1], scalars, weights, *ds))
-        mx.eval(ys)
+        mx.async_eval(ys)  # queued behind the running pair: the cores never wait for Python
         out.extend(ys)
-    ds = ys = None
+        mx.eval(running)  # then at most two pairs of blocks are in flight
+        running = ys
+    mx.eval(running)
+    ds = ys = running = None
     y = mx.concatenate(out).reshape(shape)
     mx.eval(y)
     return y
