@@ -413,9 +413,9 @@ def plan_summary(plan: MergePlan, out_dtype: mx.Dtype) -> dict:
 PEAK_FIT = {
     "linear": (1.3, 0), "passthrough": (0.8, 0), "slerp": (1.1, 100), "nuslerp": (1.1, 70),
     "nearswap": (1.0, 110), "multislerp": (1.1, 70), "karcher": (1.1, 70),
-    "task_arithmetic": (2.1, 75), "ties": (2.2, 150), "dare_ties": (2.8, 65),
-    "dare_linear": (2.8, 50), "breadcrumbs": (2.2, 125), "breadcrumbs_ties": (2.2, 135),
-    "della": (2.7, 75), "della_linear": (2.8, 60), "sce": (2.4, 50), "model_stock": (1.7, 25),
+    "task_arithmetic": (2.1, 105), "ties": (2.2, 180), "dare_ties": (2.8, 95),
+    "dare_linear": (2.8, 80), "breadcrumbs": (2.2, 155), "breadcrumbs_ties": (2.2, 165),
+    "della": (2.7, 105), "della_linear": (2.8, 90), "sce": (2.4, 50), "model_stock": (1.7, 25),
     "ram": (1.9, 0), "ramplus_tl": (1.9, 10), "arcee_fusion": (2.0, 110),
 }  # fmt: skip
 UNBLOCKED_FIT = (6.0, 130)  # TIES/DARE when the tensor is too small (or a setting) for blocks
