@@ -13,8 +13,6 @@ import os
 import platform
 import sys
 
-from mlxmerge._held import held_setting
-
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
@@ -26,7 +24,6 @@ _CANDIDATES = (
 
 #: What happened: path of the BLAS loaded, or why none was.
 status: dict = {"loaded": None, "reason": "not attempted"}
-_lib: ctypes.CDLL | None = None
 
 
 def _candidates() -> list[str]:
@@ -58,37 +55,12 @@ def load_optimized_blas() -> dict:
         if os.path.sep in path and not os.path.exists(path):
             continue
         try:
-            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        global _lib
-        _lib = lib
         status.update(loaded=path, reason="loaded")
         return status
     status["reason"] = (
         "no OpenBLAS found (apt install libopenblas0-pthread); using MLX's reference BLAS"
     )
     return status
-
-
-def _one_thread():
-    get = getattr(_lib, "openblas_get_num_threads", None)
-    set_ = getattr(_lib, "openblas_set_num_threads", None)
-    if get is None or set_ is None:
-        return None
-    before = int(get())
-    set_(1)
-    return before
-
-
-def _set_threads(before) -> None:
-    if before is not None:
-        _lib.openblas_set_num_threads(int(before))
-
-
-blas_one_thread = held_setting(_one_thread, _set_threads)
-blas_one_thread.__doc__ = """Run the block with OpenBLAS at one thread (no-op without OpenBLAS).
-
-OpenBLAS's idle pthread workers wait in a ``sched_yield`` loop; in a merge, where BLAS only
-sums small blocks beside two MLX streams, that spinning took ~30% of the CPU (``perf``: slerp
-of two 1.7 GB models, 7.0 s → 5.1 s with one thread). Held while any thread is in a merge."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
-
-from mlxmerge._held import held_setting
+import threading
+from contextlib import contextmanager
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -39,21 +39,28 @@ def _mallopt():
         return None
 
 
-def _tune():
-    mallopt = _mallopt()
-    if mallopt is not None:
-        for param, value in _TUNED.items():
-            mallopt(ctypes.c_int(param), ctypes.c_int(min(value, 2**31 - 1)))
-    return mallopt
+_lock = threading.Lock()
+_held = {"merges": 0, "mallopt": None}
 
 
-def _initial(mallopt) -> None:
-    if mallopt is not None:
-        for param in _TUNED:
-            mallopt(ctypes.c_int(param), ctypes.c_int(_DEFAULT))
-
-
-reuse_freed_memory = held_setting(_tune, _initial)
-reuse_freed_memory.__doc__ = """Run the block with the settings above, held while any thread is
-in a merge; glibc's initial values are set back after the last one (its dynamic mmap
-threshold stays off: glibc has no call to turn it back on)."""
+@contextmanager
+def reuse_freed_memory():
+    """Run the block with the settings above. Merges overlapping in several threads share
+    them: the first one in sets them, the last one out sets glibc's initial values back (its
+    dynamic mmap threshold stays off: glibc has no call to turn it back on)."""
+    with _lock:
+        if _held["merges"] == 0:
+            _held["mallopt"] = mallopt = _mallopt()
+            for param, value in _TUNED.items():
+                if mallopt is not None:
+                    mallopt(ctypes.c_int(param), ctypes.c_int(min(value, 2**31 - 1)))
+        _held["merges"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _held["merges"] -= 1
+            mallopt = _held["mallopt"]
+            if _held["merges"] == 0 and mallopt is not None:
+                for param in _TUNED:
+                    mallopt(ctypes.c_int(param), ctypes.c_int(_DEFAULT))

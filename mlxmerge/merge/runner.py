@@ -11,7 +11,6 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
-from mlxmerge._blas import blas_one_thread
 from mlxmerge._malloc import reuse_freed_memory
 from mlxmerge.errors import OutputError, RecipeError
 from mlxmerge.io import ModelCard, Quantization, human_bytes, parse_size, write_model
@@ -393,8 +392,7 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
         )
 
     try:
-        # BLAS only sums blocks here (idle OpenBLAS workers would spin); buffers are reused
-        with blas_one_thread(), reuse_freed_memory():
+        with reuse_freed_memory():  # each tensor's buffers reused by the next, not faulted anew
             return write_model(
                 output, [(p.name, p.shape) for p in plan.tensors], compute, config=plan.config,
                 tokenizer_source=tokenizer_dir, card=model_card(plan, quant), dtype=dtype,

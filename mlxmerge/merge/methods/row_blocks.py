@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -215,28 +216,40 @@ def _mask_kernel(mode: str):
     return compiled(("row_mask", mode), lambda: kernel)
 
 
-def _l1_scale(delta, magnitude, spans, mask_of, draw=None) -> tuple[mx.array, list[mx.array]]:
+def _l1_scale(spans, parts) -> tuple[mx.array, list[mx.array]]:
     """``sparsify.rescale_l1``'s factor ‖δ‖₁/‖δ⊙m‖₁ (1 below 1e-7), and the block masks.
 
-    With ``draw`` (a mask that does not depend on δ) |δ| and its kept part come from two
-    compiled kernels; the same values as the op-by-op path."""
+    ``parts(j, r0, r1)`` builds block j's (|δ|, |δ⊙m|, m or None: a mask to keep); consecutive
+    blocks run on both streams."""
     before, after, masks = [], [], []
     pool = streams()
     for j, (r0, r1) in enumerate(spans):
-        with mx.stream(pool[j % len(pool)]):  # consecutive blocks on both streams
-            if draw is not None:
-                a, m = magnitude((r0, r1), None), draw(r0, r1)
-                pb, pa = level1(a), level1(_kept(m, a))
-            else:
-                d = delta(r0, r1)
-                m = mask_of(j, r0, r1, d)
-                pb, pa = level1(mx.abs(d)), level1(mx.abs(mx.where(m, d, 0.0)))
-        before.append(pb)
-        after.append(pa)
-        masks.append(m.astype(mx.uint8))  # uint8: 1 byte an entry, multiplied in later
+        with mx.stream(pool[j % len(pool)]):
+            a, kept, m = parts(j, r0, r1)
+            before.append(level1(a))
+            after.append(level1(kept))
+        if m is not None:
+            masks.append(m.astype(mx.uint8))  # uint8: 1 byte an entry, multiplied in later
         if j % len(pool) == len(pool) - 1 or j == len(spans) - 1:
             mx.eval(before[-len(pool) :], after[-len(pool) :], masks[-len(pool) :])
     return _l1_factor(before, after), masks
+
+
+def _l1_parts(rule: _Keep, delta, magnitude, x, b, j: int, r0: int, r1: int):
+    """Block j's (|δ|, |δ⊙m|, mask to keep or None) for ``_l1_scale``: compiled kernels for a
+    top-k mask (redone in the combine pass) and for a drawn mask (kept), op by op else."""
+    if rule.tops:
+        masked = rule.fused(j, r0, r1, x, b)
+        if masked is None:
+            d = delta(r0, r1)
+            masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
+        return _abs_delta(x[r0:r1], b[r0:r1]), mx.abs(masked), None
+    if rule.draw is not None:
+        a, m = magnitude((r0, r1), None), rule.draw(r0, r1)
+        return a, _kept(m, a), m
+    d = delta(r0, r1)
+    m = rule.mask(j, r0, r1, d)
+    return mx.abs(d), mx.abs(mx.where(m, d, 0.0)), m
 
 
 def _l1_factor(before: list[mx.array], after: list[mx.array]) -> mx.array:
@@ -391,7 +404,6 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
             return sp.mask_entries(density, key, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
 
         rule.draw = draw
-        rule.mask = lambda j, r0, r1, d: draw(r0, r1) > 0
     else:  # della_magprune: per-row rank probabilities (rows are independent), then a draw
         sp.check_della(density, epsilon)
         bits = bernoulli_bits(shape, keys[i]).reshape(rows, -1)
@@ -401,22 +413,9 @@ def _keep(i, delta, magnitude, x, b, spans, shape, sparsify, density, gamma, eps
             return sp.della_probabilities(d, density, epsilon)
 
         rule.mask = lambda j, r0, r1, d: bernoulli_of_bits(bits[r0:r1], p(d))
-    if rescale and rescale_mode == "l1" and rule.tops:  # masks cheap to redo: not kept
-        before, after = [], []
-        pool = streams()
-        for j, (r0, r1) in enumerate(spans):
-            with mx.stream(pool[j % len(pool)]):  # consecutive blocks on both streams
-                masked = rule.fused(j, r0, r1, x, b)
-                if masked is None:
-                    d = delta(r0, r1)
-                    masked = mx.where(rule.mask(j, r0, r1, d), d, 0.0)
-                before.append(level1(_abs_delta(x[r0:r1], b[r0:r1])))
-                after.append(level1(mx.abs(masked)))
-            if j % len(pool) == len(pool) - 1 or j == len(spans) - 1:
-                mx.eval(before[-len(pool) :], after[-len(pool) :])
-        rule.scale = _l1_factor(before, after)
-    elif rescale and rescale_mode == "l1":
-        rule.scale, rule.masks = _l1_scale(delta, magnitude, spans, rule.mask, rule.draw)
+    if rescale and rescale_mode == "l1":
+        rule.scale, masks = _l1_scale(spans, partial(_l1_parts, rule, delta, magnitude, x, b))
+        rule.masks = masks or None  # top-k masks are cheap to redo: not kept
     elif rescale:
         rule.inverse_p = p
     if sparsify == "della_magprune":
