@@ -19,3 +19,14 @@ class OutputError(MlxmergeError):
 
 class NonFiniteError(MlxmergeError):
     """A tensor read or about to be written holds NaN or Inf entries."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that cleanups run."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name

@@ -42,7 +42,7 @@ def export_adapter(
     ckpt = model if hasattr(model, "entries") else open_checkpoint(model)
     arch = architecture(ckpt.model_type)
     writers = check_adapter_export(ckpt)
-    target = check_output(output, [str(ckpt.path)], force=force)
+    target = check_output(output, [ckpt], force=force)
     directions = np.asarray(direction, dtype=np.float32)
     weights, keys = {}, set()
     for wt in writers:
@@ -63,7 +63,7 @@ def export_adapter(
         "lora_parameters": {"rank": 1, "scale": 1.0, "dropout": 0.0, "keys": sorted(keys)},
         "mlxmerge": "abliteration: W' = W - lambda r r^T W as a rank-1 LoRA",
     }
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         for fname, text in (extra_files or {}).items():

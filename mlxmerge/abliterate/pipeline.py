@@ -418,7 +418,7 @@ def orthogonalize_model(
     )  # fmt: skip
     write_model(
         output, plan, compute, config=ckpt.config, tokenizer_source=ckpt.path, card=card,
-        dtype=out_dtype, layout=layout, quantize=quantize, inputs=[str(ckpt.path)], force=force,
+        dtype=out_dtype, layout=layout, quantize=quantize, inputs=[ckpt], force=force,
         chat_template=chat_template, progress=(lambda _n: tick(1)) if tick else None,
         extra_files=extra_files, guard=guard,
     )  # fmt: skip

@@ -9,19 +9,27 @@ import click
 
 import mlxmerge  # noqa: F401  (loads the optimized BLAS before mlx.core)
 from mlxmerge import __version__
-from mlxmerge.errors import MlxmergeError
+from mlxmerge.errors import Interrupted, MlxmergeError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class Group(click.Group):
-    """Turns library errors into one-line ``Error: ...`` messages with exit status 1."""
+    """Turns library errors into one-line ``Error: ...`` messages with exit status 1, and
+    SIGTERM/SIGHUP into the same unwinding as Ctrl-C (exit status 128 + the signal number)."""
 
     def invoke(self, ctx):
+        from mlxmerge.io.output import signals_interrupt
+
         try:
-            return super().invoke(ctx)
+            with signals_interrupt():
+                return super().invoke(ctx)
         except MlxmergeError as e:
             raise click.ClickException(str(e)) from None
+        except Interrupted as e:
+            err = click.ClickException(f"stopped by {e.name}; partial outputs were removed")
+            err.exit_code = 128 + e.signum
+            raise err from None
 
 
 def _version(ctx, _param, value):

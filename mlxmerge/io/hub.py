@@ -29,6 +29,20 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     return reference, None
 
 
+def cached_reference(reference: str) -> Path | None:
+    """The local snapshot of a hub reference already in the cache, without downloading; else None."""
+    if not _REPO_ID.match(reference) or reference.startswith((".", "/", "~")):
+        return None
+    repo_id, revision = split_revision(reference)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                      local_files_only=True))  # fmt: skip
+    except Exception:  # noqa: BLE001 (not cached, or not a repo id at all)
+        return None
+
+
 def resolve_reference(reference: str | os.PathLike) -> Path:
     """Return a local folder or file for ``reference``, downloading hub repos when allowed."""
     path = Path(reference).expanduser()

@@ -18,7 +18,7 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.dtypes import FLOAT_NAMES
 from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, mlx_to_hf
-from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,12 @@ def write_model(
     target = check_output(target, inputs, force=force)
     plan = [(n, d.shape) for n, d in written]
     specs = output_specs(plan, dtype, quantize)
+    tokenizer_bytes = sum(
+        (Path(tokenizer_source) / f).stat().st_size
+        for f in TOKENIZER_FILES
+        if tokenizer_source is not None and (Path(tokenizer_source) / f).is_file()
+    )
+    check_free_space(target, sum(s.nbytes for s in specs) + tokenizer_bytes, "the model")
     metadata = {"format": "mlx" if layout == "mlx" else "pt"}
     names = [n for n, _ in plan]
     # A planned tensor feeding several outputs (the experts of one stacked tensor) is computed
@@ -217,7 +223,7 @@ def write_model(
             del cache[source]
         return x
 
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         with ShardedWriter(
             tmp, specs, shard_size=shard_size, metadata=metadata, guard=guard,
             background=background,

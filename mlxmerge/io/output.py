@@ -1,28 +1,86 @@
-"""Atomic output folders: build beside the target, rename into place when complete."""
+"""Atomic output folders: checked against every input, built beside the target under a lock,
+renamed into place only when complete and only over what was checked.
+
+What a writer gets (``docs/io.md``, "Outputs"):
+
+* ``check_output`` refuses a target equal to, inside or above anything an input reads, after
+  resolving references (``base+adapter``, hub ids, single files) to the paths they read.
+* ``atomic_folder`` builds in a hidden ``.NAME.partial-PID-XXXX`` folder beside the target while
+  holding ``.NAME.lock`` (``flock``); at the end a target that is not empty is replaced only with
+  ``force``. SIGTERM and SIGHUP unwind like Ctrl-C; a full disk is one ``OutputError``; partial
+  folders of the same target left by a killed job are removed at the next run.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
-from mlxmerge.errors import OutputError
+from mlxmerge.errors import Interrupted, OutputError
+
+try:  # POSIX; MLX runs on macOS and Linux
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Slack on top of what a writer counts (tensor bytes, tokenizer files) for headers, config, card.
+SPACE_SLACK = 1024**2
+
+
+def input_paths(reference) -> list[Path]:
+    """The local files and folders a model reference reads, resolved through links.
+
+    ``base+adapter`` gives both parts; a hub id gives its snapshot in the local cache (nothing
+    when it is not cached yet: nothing local is read); an opened checkpoint gives its folder and,
+    when fused, its adapter's."""
+    if hasattr(reference, "path") and hasattr(reference, "entries"):  # an opened Checkpoint
+        adapter = getattr(reference, "adapter", None)
+        paths = [reference.path] + ([adapter.path] if adapter is not None else [])
+        return [Path(p).resolve() for p in paths]
+    ref = str(reference)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return [path.resolve()]
+    if "+" in ref:
+        from mlxmerge.lora.fused import split_reference
+
+        parts = split_reference(ref)
+        if parts is not None:
+            return [p for part in parts for p in input_paths(part)]
+    from mlxmerge.io.hub import cached_reference
+
+    cached = cached_reference(ref)
+    return [cached.resolve()] if cached is not None else []
 
 
 def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -> Path:
-    """Refuse outputs that would clobber data or an input; return the resolved target."""
+    """Refuse outputs that would clobber data or an input; return the folder to write.
+
+    ``inputs`` are model references, paths or opened checkpoints. A target that is a link to a
+    folder is written through: the folder it points to is returned. Raises ``OutputError``."""
     target = Path(target).expanduser()
+    if target.is_symlink():
+        if not target.exists():
+            raise OutputError(f"{target}: a link to {os.readlink(target)}, which does not exist")
+        target = target.resolve()
     resolved = target.resolve()
     for ref in inputs:
-        p = Path(ref).expanduser()
-        if not p.exists():
-            continue
-        p = p.resolve()
-        folder = p if p.is_dir() else p.parent
-        if resolved == folder or resolved.is_relative_to(folder) or folder.is_relative_to(resolved):
-            raise OutputError(f"{target}: output would overwrite or sit inside the input {ref}")
+        for p in input_paths(ref):
+            folder = p if p.is_dir() else p.parent
+            if (
+                resolved == folder
+                or resolved.is_relative_to(folder)
+                or folder.is_relative_to(resolved)
+            ):
+                raise OutputError(f"{target}: output would overwrite or sit inside the input {ref}")
     if target.exists():
         if not target.is_dir():
             raise OutputError(f"{target}: exists and is not a folder")
@@ -30,28 +88,195 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
             raise OutputError(
                 f"{target}: folder exists and is not empty (use --force to replace it)"
             )
+    owner = _lock_owner(target)
+    if owner is not None:
+        raise OutputError(f"{target}: another mlxmerge job ({owner}) is writing this output")
     return target
 
 
-@contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike):
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+def disk_free(target: str | os.PathLike) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
+    folder = Path(target).expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
 
-    On any exception (Ctrl-C included) the temporary folder is removed and ``target`` is
-    left as it was.
-    """
-    target = Path(target).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+
+def check_free_space(target: str | os.PathLike, nbytes: int, what: str = "the output") -> None:
+    """Refuse (``OutputError``) when ``nbytes`` (plus slack) will not fit on ``target``'s disk."""
+    from mlxmerge.io.writer import human_bytes
+
+    folder, free = disk_free(target)
+    if nbytes + SPACE_SLACK > free:
+        raise OutputError(
+            f"{target}: {what} needs {human_bytes(nbytes)} but the disk holding {folder} has "
+            f"{human_bytes(free)} free"
+        )
+
+
+# -- the lock beside the target -------------------------------------------------------------------
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _lock_owner(target: Path) -> str | None:
+    """``"PID n"`` when another process holds the target's lock, else None."""
+    path = _lock_path(target)
+    if fcntl is None or not path.exists():
+        return None
     try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        with contextlib.suppress(OSError):
+            return f"PID {os.pread(fd, 32, 0).decode().strip() or '?'}"
+        return "PID ?"
+    finally:
+        os.close(fd)
+    return None
+
+
+@contextlib.contextmanager
+def output_lock(target: Path):
+    """Hold ``.NAME.lock`` beside ``target`` (an exclusive ``flock``, released by the kernel
+    when the process dies); removed on exit. Raises ``OutputError`` when another job holds it."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = _lock_path(target)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(
+                f"{target}: another mlxmerge job ({_lock_owner(target) or 'PID ?'}) is writing "
+                "this output"
+            ) from None
+        # The holder before us may have removed the file after we opened it: lock the live one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked, so no one else can hold the removed inode
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the partial folders a killed job left beside ``target`` (their PID is gone); call
+    with the lock held. A replaced target a job was killed in the middle of swapping out
+    (``.NAME.old-PID``) is put back when the target is missing, else removed."""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)(-.*)?")
+    for p in sorted(target.parent.iterdir()) if target.parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not target.exists() and not target.is_symlink():
+            os.rename(p, target)
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p)
+    return removed
+
+
+# -- signals ----------------------------------------------------------------------------------------
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP raise ``Interrupted`` (a KeyboardInterrupt) like Ctrl-C does, so every
+    ``finally`` and ``except BaseException`` cleanup runs. Main thread only; handlers a program
+    installed itself are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+# -- the atomic folder ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, *, force: bool = False):
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``.
+
+    Without ``force`` a target that is not an empty folder when the result is ready (another job
+    wrote it meanwhile) is kept and ``OutputError`` raised. On any exception (Ctrl-C, SIGTERM and
+    SIGHUP included) the temporary folder is removed and ``target`` is left as it was; a full disk
+    (ENOSPC, EDQUOT) becomes one ``OutputError``."""
+    target = Path(target).expanduser()
+    if target.is_symlink() and target.exists():
+        target = target.resolve()  # write through the link, never replace it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with signals_interrupt(), output_lock(target):
+        remove_stale(target)
+        prefix = f".{target.name}.partial-{os.getpid()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        try:
+            yield tmp
+            _install(tmp, target, force)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in _FULL:
+                folder, free = disk_free(target)
+                from mlxmerge.io.writer import human_bytes
+
+                raise OutputError(
+                    f"{target}: the disk holding {folder} is full ({human_bytes(free)} free); "
+                    "nothing was written"
+                ) from None
+            raise
+
+
+def _install(tmp: Path, target: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``target``; a non-empty target only with ``force`` (checked here, under
+    the lock, not only at the start: rename(2) itself refuses a non-empty folder)."""
+    if not force or not (target.exists() or target.is_symlink()):
+        try:
+            os.rename(tmp, target)  # atomic; replaces only a missing target or an empty folder
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise OutputError(
+                f"{target}: appeared or filled up while this job ran (another job?); it was kept "
+                "and this job's output dropped (use --force to replace it)"
+            ) from None
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -179,7 +179,7 @@ def extract_lora(
         raise MlxmergeError(
             f"{finetuned} and {base} are identical in every {which}{changed}: nothing to extract"
         )
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         if format == "mlx":
             write_mlx_adapter(tmp, factors, num_layers=bs.num_layers, base_model=str(base),
                               dtype=out_dtype)  # fmt: skip

@@ -187,7 +187,7 @@ def collect(
     m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
     d_in = hidden_size(m)
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         buf = {i: [] for i in layers}
         ids_buf, idx_buf, shards, n_total = [], [], [], 0
 

@@ -88,7 +88,7 @@ def feature_report(
             "top_contexts": contexts,
             "promoted_tokens": [[tok.decode([int(t)]), float(lens[j, t])] for t in top],
         })  # fmt: skip
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         (tmp / "features.json").write_text(json.dumps(report, indent=1))
         (tmp / "index.html").write_text(render_html(report, sae))
     return report

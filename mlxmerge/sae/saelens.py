@@ -89,7 +89,7 @@ def save_sae(
     if _TO_SAELENS[cfg.architecture] == "jumprelu":
         tensors["threshold"] = params["threshold"]
     tensors = {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()}
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         (tmp / CFG_NAME).write_text(json.dumps(cfg_dict(cfg), indent=2))
         mx.save_safetensors(str(tmp / WEIGHTS_NAME), tensors, metadata={"format": "pt"})
         if sparsity is not None:

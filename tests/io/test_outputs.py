@@ -1,0 +1,220 @@
+"""Outputs: never over an input (references resolved first), never over another job's output,
+nothing hidden left behind after SIGTERM/SIGHUP, links written through, a full disk in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from mlxmerge.cli import cli
+from mlxmerge.io.output import atomic_folder, output_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (links followed) by its SHA-256: an input must not change."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def hidden_beside(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def mlx_adapter(folder: Path, base: Path) -> Path:
+    """A rank-2 mlx-lm LoRA adapter on layer 0's q_proj of ``base`` (64 → 64)."""
+    folder.mkdir()
+    a = mx.random.normal((64, 2), key=mx.random.key(1))
+    b = 0.05 * mx.random.normal((2, 64), key=mx.random.key(2))
+    name = "model.layers.0.self_attn.q_proj"
+    mx.save_safetensors(str(folder / "adapters.safetensors"),
+                        {f"{name}.lora_a": a, f"{name}.lora_b": b})  # fmt: skip
+    config = {"fine_tune_type": "lora", "num_layers": 1, "model": str(base),
+              "lora_parameters": {"rank": 2, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def adapter(family, tmp_path):
+    return mlx_adapter(tmp_path / "adapter", family["base"])
+
+
+@pytest.mark.parametrize("where", ["adapter", "inside", "base"])
+def test_convert_never_writes_over_or_into_an_adapter_or_base(family, adapter, where):
+    ref = f"{family['base']}+{adapter}"
+    out = {"adapter": adapter, "inside": adapter / "fused", "base": family["base"]}[where]
+    before, base_before = tree_digest(adapter), tree_digest(family["base"])
+    one_line_error(run("convert", ref, "-o", out, "--force"), "input")
+    assert tree_digest(adapter) == before and tree_digest(family["base"]) == base_before
+    assert not (adapter / "fused").exists()
+
+
+def test_every_merge_verb_resolves_adapter_references(family, adapter):
+    ref = f"{family['base']}+{adapter}"
+    before = tree_digest(adapter)
+    one_line_error(
+        run("linear", ref, family["model_a"], "--weight", "0.5", "-o", adapter / "x"), "input"
+    )
+    one_line_error(run("extract-lora", ref, "--base", family["base"], "--rank", "2", "-o", adapter, "--force"),
+                   "input")  # fmt: skip
+    one_line_error(run("abliterate", ref, "-o", adapter / "x"), "input")
+    one_line_error(run("frankenmerge", "--slice", f"{ref}:0-2", "-o", adapter, "--force"), "input")
+    assert tree_digest(adapter) == before
+
+
+def test_output_through_a_link_lands_in_the_link_target(family, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    r = run("convert", family["base"], "-o", link)
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / "config.json").is_file() and (real / "model.safetensors").is_file()
+    assert hidden_beside(link) == [] and hidden_beside(real) == []
+
+
+def test_a_dangling_link_is_refused(family, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    one_line_error(run("convert", family["base"], "-o", link), "does not exist")
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_target_filled_meanwhile_is_kept(family, tmp_path, monkeypatch):
+    """Another job finishing first: this one stops at the end and keeps the other's model."""
+    import mlxmerge.io.model_folder as mf
+
+    out = tmp_path / "out"
+    real_card = mf.write_card
+
+    def other_job_finishes(target, card, layout):
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other job's model")
+        real_card(target, card, layout)
+
+    monkeypatch.setattr(mf, "write_card", other_job_finishes)
+    one_line_error(run("convert", family["base"], "-o", out), str(out), "another job")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert hidden_beside(out) == []
+
+
+def test_a_second_job_on_a_locked_target_stops_in_one_line(family, tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        line = one_line_error(run("convert", family["base"], "-o", out), "another mlxmerge job")
+        assert f"PID {os.getpid()}" in line
+    assert not out.exists() and hidden_beside(out) == []
+    r = run("convert", family["base"], "-o", out)  # the lock is gone with its holder
+    assert r.exit_code == 0, r.output
+
+
+def test_stale_partial_of_a_dead_job_is_removed_and_a_live_ones_kept(family, tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}-abcd1234"
+    live = tmp_path / f".out.partial-{os.getppid()}-abcd1234"
+    other = tmp_path / f".other.partial-{int(dead.stdout)}-abcd1234"
+    for p in (stale, live, other):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 100)
+    r = run("convert", family["base"], "-o", out)
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_an_interrupted_swap_is_put_back(tmp_path):
+    """Killed between moving the old target aside and renaming the new one in: the next run
+    restores the old target rather than deleting it."""
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    old = tmp_path / f".out.old-{int(dead.stdout)}"
+    old.mkdir()
+    (old / "kept.txt").write_text("previous model")
+    with pytest.raises(RuntimeError), atomic_folder(out):
+        raise RuntimeError("fails before the rename")
+    assert (out / "kept.txt").read_text() == "previous model" and hidden_beside(out) == []
+
+
+SIGNAL_JOB = textwrap.dedent("""
+    import sys, time
+    import mlxmerge.io.model_folder as mf
+    from mlxmerge.cli import cli
+    real = mf.write_card
+    def slow(target, card, layout):
+        real(target, card, layout)
+        print("READY", flush=True)
+        time.sleep(60)
+    mf.write_card = slow
+    cli(["convert", sys.argv[1], "-o", sys.argv[2]], prog_name="mlxmerge")
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signals_leave_nothing_behind(family, tmp_path, sig):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_JOB, str(family["base"]), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdout.readline().strip() == "READY"
+    assert any(n.startswith(".out.partial-") for n in hidden_beside(out))  # mid-write
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    if sig != signal.SIGINT:
+        assert err.strip() == f"Error: stopped by {sig.name}; partial outputs were removed"
+        assert proc.returncode == 128 + sig
+    assert not out.exists() and hidden_beside(out) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounts a tmpfs (root)")
+def test_a_full_disk_is_one_line(family, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=False
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (2 * 1024**2 - 300 * 1024))
+        # The model (~0.9 MB in float32) does not fit: refused before a byte is written.
+        one_line_error(run("convert", family["base"], "-o", disk / "out", "--dtype", "float32"),
+                       "needs", "free")  # fmt: skip
+        # Space taken by another writer after the check: ENOSPC mid-write, one line too.
+        import mlxmerge.io.model_folder as mf
+
+        monkeypatch.setattr(mf, "check_free_space", lambda *a, **k: None)
+        one_line_error(run("convert", family["base"], "-o", disk / "out", "--dtype", "float32"),
+                       "is full")  # fmt: skip
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
