@@ -17,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from mlxmerge.cli import cli
-from mlxmerge.io.output import atomic_folder, output_lock
+import mlxmerge
+from mlxmerge.io.output import atomic_folder
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(mlxmerge.__file__).resolve().parents[1]  # the package under test, for subprocesses
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -126,6 +127,8 @@ def test_a_target_filled_meanwhile_is_kept(family, tmp_path, monkeypatch):
 
 
 def test_a_second_job_on_a_locked_target_stops_in_one_line(family, tmp_path):
+    from mlxmerge.io.output import output_lock
+
     out = tmp_path / "out"
     with output_lock(out):
         line = one_line_error(run("convert", family["base"], "-o", out), "another mlxmerge job")
