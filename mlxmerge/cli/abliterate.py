@@ -34,8 +34,9 @@ class _Bars:
 def _template(value: str | None) -> str | None:
     if value is None:
         return None
-    p = Path(value)
-    return p.read_text(encoding="utf-8") if p.is_file() else value
+    from mlxmerge.io.text import read_text
+
+    return read_text(value, "chat template") if Path(value).is_file() else value
 
 
 def _markers(path: str | None):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mlxmerge.errors import MlxmergeError
+from mlxmerge.io.text import read_text
 
 # Column names tried, in order, when the user names none (AdvBench uses "goal", mlabonne "text").
 DEFAULT_COLUMNS = ("prompt", "text", "instruction", "goal", "question")
@@ -18,7 +19,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     if not path.is_file():
         raise MlxmergeError(f"{path}: prompt file does not exist")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "prompt file")
     if suffix == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):

@@ -43,7 +43,9 @@ def read_markers(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise MlxmergeError(f"{path}: marker file does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    from mlxmerge.io.text import read_text
+
+    lines = [ln.strip() for ln in read_text(path, "marker file").splitlines()]
     markers = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not markers:
         raise MlxmergeError(f"{path}: holds no refusal markers")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io.documents import split_documents
+from mlxmerge.io.text import read_text
 
 PERPLEXITY, CHOICE, GENERATION = "perplexity", "choice", "generation"
 KINDS = (PERPLEXITY, CHOICE, GENERATION)
@@ -84,10 +85,7 @@ def load_task(path: str | Path, kind: str | None = None) -> Task:
         raise TaskError(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "task file", TaskError)
     if not text.strip():
         raise TaskError(f"{path}: the file is empty")
     if kind is None:

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from mlxmerge.errors import RecipeError
+from mlxmerge.io.text import read_text
 
 BUILTIN = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
@@ -25,12 +26,12 @@ def folder_template(folder: Path) -> str | None:
     """The template a tokenizer in ``folder`` uses, as transformers reads it (default one if named)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return read_text(jinja, "chat template")
     for fname in ("tokenizer_config.json", "chat_template.json"):
         path = folder / fname
         if not path.is_file():
             continue
-        value = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        value = json.loads(read_text(path)).get("chat_template")
         if isinstance(value, list):  # [{name, template}, ...]: transformers keeps "default"
             value = {e.get("name"): e.get("template") for e in value}.get("default")
         if value:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from mlxmerge.errors import MlxmergeError
+from mlxmerge.io.text import read_text
 
 __all__ = ["read_documents", "split_documents"]
 
@@ -26,12 +27,13 @@ def split_documents(text: str) -> list[str]:
     return [d.strip() for d in parts if d.strip()]
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a ``.jsonl`` (its ``text`` field, one row each) or any other text file."""
+def read_documents(
+    path: str | Path, error: type[MlxmergeError] = MlxmergeError, what: str = "text file"
+) -> list[str]:
+    """Documents of a ``.jsonl`` (its ``text`` field, one row each) or any other text file
+    (UTF-8, a BOM dropped); ``error`` is raised, in one line, for a file that is not that."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise MlxmergeError(f"{path}: text file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, what, error)
     if path.suffix.lower() != ".jsonl":
         docs = split_documents(text)
     else:
@@ -42,11 +44,11 @@ def read_documents(path: str | Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise MlxmergeError(f"{path}:{n}: not valid JSON") from None
+                raise error(f"{path}:{n}: not valid JSON") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise MlxmergeError(f"{path}:{n}: each line needs a string field 'text'")
+                raise error(f"{path}:{n}: each line needs a string field 'text'")
             if row["text"].strip():
                 docs.append(row["text"])
     if not docs:
-        raise MlxmergeError(f"{path}: no text found (empty file)")
+        raise error(f"{path}: no text found (empty {what})")
     return docs

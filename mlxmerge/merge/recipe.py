@@ -15,6 +15,7 @@ import yaml
 from mlxmerge.errors import MlxmergeError, RecipeError
 from mlxmerge.io.chat_template import BUILTIN as BUILTIN_TEMPLATES
 from mlxmerge.io.dtypes import parse_float_dtype
+from mlxmerge.io.text import read_text, yaml_documents
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,9 @@ def yaml_error(path: Path, e: yaml.YAMLError) -> RecipeError:
 def load_documents(source: str | Path) -> list[dict]:
     """The YAML documents of a recipe file (mergekit-multi files hold several, ``---``-separated)."""
     path = Path(source)
+    text = read_text(path, "recipe", RecipeError)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+        docs = yaml_documents(text, path, RecipeError)
     except yaml.YAMLError as e:
         raise yaml_error(path, e) from None
     if not docs:

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxmerge.io.documents import split_documents
+from mlxmerge.io.documents import read_documents
 from mlxmerge.io.output import atomic_folder, check_output
 from mlxmerge.lm.blocks import decoder_blocks, probes
 from mlxmerge.lm.chat import special_ids
@@ -35,28 +35,8 @@ META_NAME = "meta.json"
 
 
 def read_texts(data: str | os.PathLike) -> list[str]:
-    """Documents from a ``.txt`` (``split_documents``) or ``.jsonl`` (the ``text`` field)."""
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise SAEError(f"{path}: data file not found")
-    texts = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise SAEError(f"{path}:{n}: not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise SAEError(f"{path}:{n}: each line needs a string field 'text'")
-            texts.append(row["text"])
-    else:
-        texts = split_documents(path.read_text())
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise SAEError(f"{path}: no text found (empty data file)")
-    return texts
+    """Documents from a ``.txt`` or ``.jsonl`` file (``io.documents.read_documents``)."""
+    return read_documents(data, SAEError, "data file")
 
 
 def load_model(model_path: str | os.PathLike, verb: str = "sae"):
