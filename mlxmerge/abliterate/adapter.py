@@ -18,7 +18,7 @@ from mlxmerge.abliterate.architectures import _LAYER, architecture, writer_tenso
 from mlxmerge.abliterate.orthogonalize import post_norm_direction, unit
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import open_checkpoint
-from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 
 
 def check_adapter_export(ckpt) -> list:
@@ -63,6 +63,7 @@ def export_adapter(
         "lora_parameters": {"rank": 1, "scale": 1.0, "dropout": 0.0, "keys": sorted(keys)},
         "mlxmerge": "abliteration: W' = W - lambda r r^T W as a rank-1 LoRA",
     }
+    check_free_space(target, sum(w.nbytes for w in weights.values()), "the adapter")
     with atomic_folder(target, force=force) as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

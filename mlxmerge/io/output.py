@@ -250,16 +250,22 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
             yield tmp
             _install(tmp, target, force)
         except BaseException as e:
+            full = _disk_full(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno in _FULL:
-                folder, free = disk_free(target)
-                from mlxmerge.io.writer import human_bytes
-
+            if full:
                 raise OutputError(
-                    f"{target}: the disk holding {folder} is full ({human_bytes(free)} free); "
-                    "nothing was written"
+                    f"{target}: the disk holding {target.parent} is full; nothing was written"
                 ) from None
             raise
+
+
+def _disk_full(e: BaseException, tmp: Path) -> bool:
+    """ENOSPC/EDQUOT, or mlx's errno-less ``[write] Unable to write`` on a disk with no room."""
+    if isinstance(e, OSError):
+        return e.errno in _FULL
+    if isinstance(e, RuntimeError) and "Unable to write" in str(e):
+        return disk_free(tmp)[1] < SPACE_SLACK
+    return False
 
 
 def _install(tmp: Path, target: Path, force: bool) -> None:

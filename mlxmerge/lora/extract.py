@@ -17,7 +17,7 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard
-from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 from mlxmerge.lora.svd import SVD_METHODS, captured, low_rank
 from mlxmerge.lora.write import FORMATS, write_mlx_adapter, write_peft_adapter
 
@@ -179,6 +179,10 @@ def extract_lora(
         raise MlxmergeError(
             f"{finetuned} and {base} are identical in every {which}{changed}: nothing to extract"
         )
+    size = sum(b.nbytes + a.nbytes for b, a in factors.values()) + sum(
+        math.prod(x.shape) * out_dtype.size for x in full.values()
+    )
+    check_free_space(target, size, "the adapter")
     with atomic_folder(target, force=force) as tmp:
         if format == "mlx":
             write_mlx_adapter(tmp, factors, num_layers=bs.num_layers, base_model=str(base),

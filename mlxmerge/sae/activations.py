@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.io.documents import read_documents
-from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 from mlxmerge.lm.blocks import decoder_blocks, probes
 from mlxmerge.lm.chat import special_ids
 from mlxmerge.lm.load import hidden_size
@@ -167,6 +167,9 @@ def collect(
     m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
     d_in = hidden_size(m)
+    # Activations of every layer, token ids and (row, position) index per token.
+    per_token = len(layers) * d_in * np.dtype(dtype).itemsize + 3 * 8
+    check_free_space(target, tokens * per_token, "the activation cache")
     with atomic_folder(target, force=force) as tmp:
         buf = {i: [] for i in layers}
         ids_buf, idx_buf, shards, n_total = [], [], [], 0

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge import __version__
-from mlxmerge.io.output import atomic_folder, check_output
+from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 from mlxmerge.sae.model import SAEConfig, SAEError
 
 SAE_LENS_VERSION = (
@@ -89,6 +89,7 @@ def save_sae(
     if _TO_SAELENS[cfg.architecture] == "jumprelu":
         tensors["threshold"] = params["threshold"]
     tensors = {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()}
+    check_free_space(target, sum(v.nbytes for v in tensors.values()), "the SAE")
     with atomic_folder(target, force=force) as tmp:
         (tmp / CFG_NAME).write_text(json.dumps(cfg_dict(cfg), indent=2))
         mx.save_safetensors(str(tmp / WEIGHTS_NAME), tensors, metadata={"format": "pt"})

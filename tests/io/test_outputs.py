@@ -16,8 +16,8 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from mlxmerge.cli import cli
 import mlxmerge
+from mlxmerge.cli import cli
 from mlxmerge.io.output import atomic_folder
 
 ROOT = Path(mlxmerge.__file__).resolve().parents[1]  # the package under test, for subprocesses
@@ -199,25 +199,48 @@ def test_signals_leave_nothing_behind(family, tmp_path, sig):
     assert not out.exists() and hidden_beside(out) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounts a tmpfs (root)")
-def test_a_full_disk_is_one_line(family, tmp_path, monkeypatch):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs with 512 KB left: less than any output needs with its 1 MB of slack."""
+    if os.geteuid() != 0 or sys.platform != "linux":
+        pytest.skip("mounts a tmpfs (root on Linux)")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=False
-    ).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
-    try:
-        (disk / "filler").write_bytes(b"\0" * (2 * 1024**2 - 300 * 1024))
-        # The model (~0.9 MB in float32) does not fit: refused before a byte is written.
-        one_line_error(run("convert", family["base"], "-o", disk / "out", "--dtype", "float32"),
-                       "needs", "free")  # fmt: skip
-        # Space taken by another writer after the check: ENOSPC mid-write, one line too.
-        import mlxmerge.io.model_folder as mf
+    (disk / "filler").write_bytes(b"\0" * (1536 * 1024))
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
 
-        monkeypatch.setattr(mf, "check_free_space", lambda *a, **k: None)
-        one_line_error(run("convert", family["base"], "-o", disk / "out", "--dtype", "float32"),
-                       "is full")  # fmt: skip
-        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+
+def verb_argv(verb, family, tmp_path, out):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("One short document.\n\nAnother one, a little longer than the first.\n")
+    return {
+        "convert": ["convert", family["base"], "-o", out, "--dtype", "float32"],
+        "extract-lora": ["extract-lora", family["model_a"], "--base", family["base"],
+                         "--rank", "2", "-o", out],
+        "sae collect": ["sae", "collect", family["base"], "--layer", "1", "--data", corpus,
+                        "--tokens", "64", "-o", out],
+    }[verb]  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", ["convert", "extract-lora", "sae collect"])
+def test_no_room_is_refused_before_writing(family, tmp_path, small_disk, verb):
+    line = one_line_error(run(*verb_argv(verb, family, tmp_path, small_disk / "out")), "needs")
+    assert "free" in line and str(small_disk / "out") in line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("verb, module", [("convert", "mlxmerge.io.model_folder"),
+                                          ("extract-lora", "mlxmerge.lora.extract")])  # fmt: skip
+def test_a_disk_filling_up_mid_write_is_one_line(family, tmp_path, small_disk, monkeypatch, verb,
+                                                  module):  # fmt: skip
+    """Room taken by someone else after the check: ENOSPC (or mlx's errno-less write error)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), "check_free_space", lambda *a, **k: None)
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024**2 - 8 * 1024))
+    one_line_error(run(*verb_argv(verb, family, tmp_path, small_disk / "out")), "is full")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
