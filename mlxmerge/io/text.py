@@ -26,9 +26,9 @@ def decode_text(
     try:
         return data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        kind = "UTF-16 text" if data.startswith(_UTF16_BOMS) else "not UTF-8 text"
+        bom = "; it starts with a UTF-16 byte-order mark" if data.startswith(_UTF16_BOMS) else ""
         raise error(
-            f"{source}: {kind} ({e.reason} at byte {e.start + skip}); save it as UTF-8"
+            f"{source}: not UTF-8 text ({e.reason} at byte {e.start + skip}{bom}); save it as UTF-8"
         ) from None
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from mlxmerge import __version__
 from mlxmerge.io.output import atomic_folder, check_free_space, check_output
+from mlxmerge.io.safetensors_file import read_header
+from mlxmerge.io.text import read_text
 from mlxmerge.sae.model import SAEConfig, SAEError
 
 SAE_LENS_VERSION = (
@@ -128,9 +130,11 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
                 f"{folder}: no {path.name}; an SAE folder holds {CFG_NAME} and {WEIGHTS_NAME}"
             )
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw = json.loads(read_text(cfg_path, "SAE config", SAEError))
     except json.JSONDecodeError as e:
         raise SAEError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SAEError(f"{cfg_path}: not a JSON object")
     meta = dict(raw.get("metadata") or {})
     if "sae_lens_version" not in meta and "sae_lens_version" not in raw:
         raw, meta = _legacy_cfg(raw)
@@ -150,6 +154,7 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         hook_layer=hook_layer, metadata=meta,
     )  # fmt: skip
+    read_header(w_path)  # a truncated or malformed file: one line naming it, before mx.load
     weights = mx.load(str(w_path))
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
                 "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}  # fmt: skip
@@ -227,8 +232,8 @@ def _scaling_factor(folder: Path, cfg_path: Path) -> float | None:
     until the final save folds it (W_enc·s, W_dec/s, b_dec/s). None: no scale was estimated."""
     path = folder / ACTIVATION_SCALER_NAME
     try:
-        s = json.loads(path.read_text())["scaling_factor"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        s = json.loads(read_text(path, ACTIVATION_SCALER_NAME, SAEError))["scaling_factor"]
+    except (SAEError, json.JSONDecodeError, KeyError, TypeError):
         raise SAEError(
             f"{cfg_path}: normalize_activations='expected_average_only_in' needs the input scale "
             f"from {ACTIVATION_SCALER_NAME} (a SAELens training checkpoint), which is missing or "

@@ -65,7 +65,9 @@ def test_latin1_recipe_is_one_line(tmp_path):
 def test_utf16_file_is_named_as_such(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes("hello\n".encode("utf-16"))
-    with pytest.raises(Exception, match=r"UTF-16 text .* save it as UTF-8"):
+    with pytest.raises(
+        Exception, match=r"not UTF-8 text .*UTF-16 byte-order mark\); save it as UTF-8"
+    ):
         read_prompts(f)
 
 

@@ -121,7 +121,7 @@ def test_yaml_file_errors_name_the_file(tmp_path):
     p.write_text("merge_method: [unclosed\n")
     with pytest.raises(RecipeError, match="r.yml: not valid YAML"):
         parse_recipe(p)
-    with pytest.raises(RecipeError, match="nope.yml: cannot read"):
+    with pytest.raises(RecipeError, match="nope.yml: recipe not found"):
         parse_recipe(tmp_path / "nope.yml")
     # A tab in the indentation (a common paste accident): the error says where.
     p.write_text("merge_method: linear\nmodels:\n  - model: a\n\t- model: b\n")
