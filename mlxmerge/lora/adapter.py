@@ -9,7 +9,8 @@ Both formats store ``ΔW = scale · B A`` in their own orientation; here every L
   ``scale`` is ``lora_parameters.scale`` in ``adapter_config.json``.
 * PEFT: ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight`` (r, in) and
   ``lora_B.weight`` (out, r); ``ΔW = (lora_alpha / r) · B A`` (``/ √r`` with ``use_rslora``), with
-  per-module ``rank_pattern`` / ``alpha_pattern``; ``modules_to_save`` tensors replace the weight.
+  per-module ``rank_pattern`` / ``alpha_pattern``; ``modules_to_save`` tensors replace the weight, and
+  so does a LoRA layer's saved ``base_layer.weight`` (PEFT's default for embeddings), ΔW added on top.
 """
 
 from __future__ import annotations
@@ -186,7 +187,10 @@ def _open_peft(path: Path, config: dict) -> Adapter:
         if m is None:
             if ".lora_" in rest or "lora_magnitude" in rest:
                 raise CheckpointError(f"{path / PEFT_WEIGHTS}: unsupported LoRA tensor {key}")
-            replaced[rest] = key  # a modules_to_save tensor, stored whole
+            # A modules_to_save tensor, stored whole; or the base weight under a LoRA layer
+            # (``embed_tokens.base_layer.weight``, saved with embedding LoRAs), which PEFT loads
+            # over the base's before adding ΔW.
+            replaced[rest.replace(".base_layer.", ".")] = key
             continue
         module, part = m.groups()
         if part in ("lora_B", "lora_embedding_B"):

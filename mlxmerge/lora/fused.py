@@ -55,10 +55,12 @@ class FusedCheckpoint(Checkpoint):
         if name not in self.fused:
             return super().get(name, dtype)
         a = self.adapter
-        if name in a.replaced:
+        if name in a.replaced:  # modules_to_save, or PEFT's saved base_layer under a LoRA
             x = a.replacement(name).astype(mx.float32)
         else:
-            x = super().get(name, mx.float32) + a.delta(name)  # quantized bases: dequantized first
+            x = super().get(name, mx.float32)  # quantized bases: dequantized first
+        if name in a.weights:
+            x = x + a.delta(name)
         return x.astype(dtype or self._stored_float(name))
 
     def _stored_float(self, name: str) -> mx.Dtype:

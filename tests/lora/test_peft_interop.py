@@ -109,3 +109,31 @@ def test_gpt2_peft_adapter_has_transformers_names_and_loads_in_peft(tmp_path):
     np.testing.assert_allclose(
         hf_logits(load(str(fused), torch_dtype=torch.float32)), ft_logits, atol=1e-4
     )
+
+
+def test_an_embedding_adapter_with_peft_base_layer_fuses_like_peft(lowrank, tmp_path):
+    """PEFT saves ``embed_tokens.base_layer.weight`` beside an embedding LoRA (its default
+    ``save_embedding_layers="auto"``) and loads it over the base's embedding before adding ΔW.
+    The saved copy is scaled here so that using it, not the base's, is what the test sees."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(load(str(lowrank["base"]), torch_dtype=torch.float32), config)
+    folder = tmp_path / "peft"
+    model.save_pretrained(str(folder))
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in weights  # what PEFT wrote by itself
+    weights[key] = weights[key] * 1.25
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    reference = peft.PeftModel.from_pretrained(
+        load(str(lowrank["base"]), torch_dtype=torch.float32), str(folder)
+    ).merge_and_unload()
+    merged = {k: v.numpy() for k, v in reference.state_dict().items()}
+    fused = open_checkpoint(f"{lowrank['base']}+{folder}")
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.2.mlp.up_proj.weight"):  # fmt: skip
+        np.testing.assert_allclose(np.array(fused.get(name)), merged[name], atol=1e-5)
