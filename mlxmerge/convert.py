@@ -8,6 +8,8 @@ from pathlib import Path
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, write_model
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard
+from mlxmerge.io.hub import is_hub_reference
+from mlxmerge.io.model_folder import source_name
 
 
 def convert(
@@ -34,8 +36,8 @@ def convert(
     plan = [(n, ckpt.shape(n)) for n in ckpt.names()]
     card = ModelCard(
         title=f"{Path(str(model)).name} ({dtype}{f', {quantize_bits}-bit' if quant else ''})",
-        body=f"Converted from `{model}` with `mlxmerge convert`.",
-        base_models=[str(model)] if not Path(str(model)).exists() else [],
+        body=f"Converted from `{source_name(model)}` with `mlxmerge convert`.",
+        base_models=[str(model)] if is_hub_reference(model) else [],
     )
     guard = FiniteGuard(allow_nonfinite, "convert")
 

@@ -29,6 +29,8 @@ from mlxmerge.errors import MlxmergeError
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, write_model
 from mlxmerge.io.finite import FiniteGuard
+from mlxmerge.io.hub import is_hub_reference
+from mlxmerge.io.model_folder import source_name
 from mlxmerge.io.output import check_output
 from mlxmerge.lm.chat import (
     chat_tokens,
@@ -305,7 +307,7 @@ def abliterate(
     if adapter:
         from mlxmerge.abliterate.adapter import export_adapter
 
-        extra["README.md"] = f"# Abliteration adapter for {model}\n\n" + card_body + "\n"
+        extra["README.md"] = f"# Abliteration adapter for {source_name(model)}\n\n{card_body}\n"
         export_adapter(ckpt, output, r if layer_dirs is None else layer_dirs,
                        attn_weights=attn_w, mlp_weights=mlp_w, force=force, extra_files=extra)  # fmt: skip
         residual = None
@@ -414,7 +416,8 @@ def orthogonalize_model(
     tick = _tick(progress, "writing", len(plan))
     card = ModelCard(
         f"{Path(str(ckpt.reference)).name} (abliterated)", body=card_body,
-        base_models=[str(ckpt.reference)], tags=["mlxmerge", "abliterated"],
+        base_models=[str(ckpt.reference)] if is_hub_reference(ckpt.reference) else [],
+        tags=["mlxmerge", "abliterated"],
     )  # fmt: skip
     write_model(
         output, plan, compute, config=ckpt.config, tokenizer_source=ckpt.path, card=card,

@@ -98,7 +98,7 @@ def run_recipe(
                 f"{human_bytes(have)} available"
             )
         if output:
-            from mlxmerge.merge.runner import disk_free
+            from mlxmerge.io.output import disk_free
 
             summary["disk_free_bytes"] = disk_free(output)[1]
             if summary["output_bytes"] > summary["disk_free_bytes"]:

@@ -29,6 +29,16 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     return reference, None
 
 
+def is_hub_reference(reference: str | os.PathLike) -> bool:
+    """True for ``org/name[@rev]`` that is not a local path."""
+    ref = str(reference)
+    return (
+        bool(_REPO_ID.match(ref))
+        and not ref.startswith((".", "/", "~"))
+        and not Path(ref).expanduser().exists()
+    )
+
+
 def cached_reference(reference: str) -> Path | None:
     """The local snapshot of a hub reference already in the cache, without downloading; else None."""
     if not _REPO_ID.match(reference) or reference.startswith((".", "/", "~")):

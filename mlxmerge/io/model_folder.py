@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -136,6 +137,38 @@ def set_chat_template(folder: Path, template: str) -> None:
             tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     (folder / "chat_template.json").unlink(missing_ok=True)
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def source_name(reference) -> str:
+    """How a model card names a source: a hub id as given, a local folder by its name (never
+    its absolute path: a card is meant for upload), ``base+adapter`` part by part."""
+    from mlxmerge.io.hub import is_hub_reference
+
+    ref = str(reference)
+    if is_hub_reference(ref):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.exists() and "+" in ref:
+        from mlxmerge.lora.fused import split_reference
+
+        with contextlib.suppress(MlxmergeError):
+            parts = split_reference(ref)
+            if parts is not None:
+                return "+".join(source_name(p) for p in parts)
+    path = path.resolve()
+    return (path.parent if path.is_file() else path).name or ref
+
+
+def card_names(value, references) -> object:
+    """``value`` (a recipe mapping, list or string) with every string that is one of
+    ``references`` replaced by its ``source_name``."""
+    if isinstance(value, dict):
+        return {k: card_names(v, references) for k, v in value.items()}
+    if isinstance(value, list):
+        return [card_names(v, references) for v in value]
+    if isinstance(value, str) and value in references:
+        return source_name(value)
+    return value
 
 
 def write_card(target: Path, card: ModelCard, layout: str) -> None:

@@ -25,6 +25,8 @@ from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, ModelCard, open_checkpoint, parse_size, write_model
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import FLOAT_NAMES, parse_float_dtype
+from mlxmerge.io.hub import is_hub_reference
+from mlxmerge.io.model_folder import source_name
 from mlxmerge.io.output import check_output
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.merge.methods.sparsify import derive_key
@@ -319,15 +321,15 @@ def _tensor_fn(plan: MoEPlan, gates: np.ndarray, seed: int) -> Callable:
 
 def _card(plan: MoEPlan) -> ModelCard:
     cfg = plan.config
-    experts = "\n".join(f"* {e.source_model}" for e in cfg.experts)
-    shared = "".join(f"\n* {e.source_model} (shared)" for e in cfg.shared_experts)
+    experts = "\n".join(f"* {source_name(e.source_model)}" for e in cfg.experts)
+    shared = "".join(f"\n* {source_name(e.source_model)} (shared)" for e in cfg.shared_experts)
     body = (
         "A mixture of experts built with [mlxmerge](https://github.com/mlxmerge/mlxmerge) "
         f"(mergekit-moe's config).\n\nArchitecture: {plan.arch.name}; base model: "
-        f"{cfg.base_model}; gate mode: `{cfg.gate_mode}`; {cfg.experts_per_token} experts per "
+        f"{source_name(cfg.base_model)}; gate mode: `{cfg.gate_mode}`; {cfg.experts_per_token} experts per "
         f"token.\n\n## Experts\n\n{experts}{shared}\n"
     )
-    hub = [m for m in cfg.models if not Path(m).exists()]
+    hub = [m for m in cfg.models if is_hub_reference(m)]
     return ModelCard(f"{plan.arch.name} mixture of experts", body, hub, ["mlxmerge", "moe"])
 
 

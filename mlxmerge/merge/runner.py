@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +17,9 @@ from mlxmerge.io import ModelCard, Quantization, human_bytes, parse_size, write_
 from mlxmerge.io.chat_template import resolve_template
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard
-from mlxmerge.io.model_folder import output_size
-from mlxmerge.io.output import check_output
+from mlxmerge.io.hub import is_hub_reference
+from mlxmerge.io.model_folder import card_names, output_size, source_name
+from mlxmerge.io.output import check_output, disk_free
 from mlxmerge.io.writer import RawTensor
 from mlxmerge.lora.fused import split_reference
 from mlxmerge.merge.methods.common import ConsumableInputs
@@ -211,14 +212,6 @@ def _task_vector_check(plan: MergePlan, name: str, checked: set[str]) -> None:
             log.warning(msg)
 
 
-def disk_free(target: str | Path) -> tuple[Path, int]:
-    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
-    folder = Path(target).expanduser().absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return folder, shutil.disk_usage(folder).free
-
-
 def check_machine(
     plan: MergePlan,
     out_dtype: mx.Dtype,
@@ -266,12 +259,16 @@ def replay_yaml(plan: MergePlan, seed: int, dtype: mx.Dtype) -> str:
 
 def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCard:
     spec = plan.method
-    names = "\n".join(f"* {m}" for m in plan.models)
-    base = f"\n\nBase model: {plan.recipe.base_model}" if plan.recipe.base_model else ""
+    # Sources by hub id or folder name: a card is for upload, not for this machine's paths.
+    names = "\n".join(f"* {source_name(m)}" for m in plan.models)
+    base = (
+        f"\n\nBase model: {source_name(plan.recipe.base_model)}" if plan.recipe.base_model else ""
+    )
+    shown = dataclasses.replace(plan.recipe, raw=card_names(plan.recipe.raw, set(plan.models)))
     body = (
         "This model was merged with mlxmerge.\n\n"
         f"## Merge method\n\n`{plan.recipe.merge_method}`: {spec.summary} ({spec.paper}){base}\n\n"
-        f"## Models merged\n\n{names}\n\n## Recipe\n\n```yaml\n{recipe_yaml(plan.recipe)}```"
+        f"## Models merged\n\n{names}\n\n## Recipe\n\n```yaml\n{recipe_yaml(shown)}```"
     )
     if quantize:
         body += (
@@ -279,7 +276,7 @@ def model_card(plan: MergePlan, quantize: Quantization | None = None) -> ModelCa
             f"group size {quantize.group_size}) as each merged tensor was computed."
         )
     bases = [(split_reference(m) or (m,))[0] for m in plan.models]  # model+lora: the model
-    hub_ids = [m for m in dict.fromkeys(bases) if not Path(m).exists()]
+    hub_ids = [m for m in dict.fromkeys(bases) if is_hub_reference(m)]
     return ModelCard(f"{plan.recipe.merge_method} merge", body, hub_ids, ["mlxmerge", "merge"])
 
 
