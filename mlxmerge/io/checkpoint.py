@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,15 +302,45 @@ def _weight_files(folder: Path) -> list[Path]:
             if not f.resolve().is_relative_to(root):
                 raise CheckpointError(f"{index}: shard {fname} is a link leading outside {folder}")
             files.append(f)
+        _check_shard_set(folder, files, index)
         return files
     files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors weights found")
+    _check_shard_set(folder, files, None)
     root = _allowed_root(folder)
     for f in files:
         if not f.resolve().is_relative_to(root):
             raise CheckpointError(f"{f}: is a link leading outside {folder}")
     return files
+
+
+# transformers' and mlx-lm's shard names: ``model-00002-of-00004.safetensors``.
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<k>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _check_shard_set(folder: Path, files: list[Path], index: Path | None) -> None:
+    """A ``-of-N`` name promises N shards: refuse a set with some missing (a partial download
+    would otherwise open as a model without the missing shards' tensors)."""
+    have = {f.name for f in files}
+    missing: dict[str, int] = {}  # missing shard name → how many shards its name promises
+    for name in sorted(have):
+        m = _SHARD_NAME.match(name)
+        if m is None:
+            continue
+        width, n = len(m["k"]), int(m["n"])
+        for k in range(1, n + 1):
+            sibling = f"{m['stem']}-{k:0{width}d}-of-{m['n']}.safetensors"
+            if sibling not in have:
+                missing[sibling] = n
+    if missing:
+        names = list(missing)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        where = f"{index}: does not list" if index else f"{folder}: missing"
+        raise CheckpointError(
+            f"{where} {shown} (the shard names promise {max(missing.values())} shards); "
+            "the download is incomplete"
+        )
 
 
 def _check_index_matches(folder: Path, entries: dict[str, TensorEntry]) -> None:

@@ -91,6 +91,55 @@ def _check_layer_kinds(tensors: list[PlannedTensor], donor: Checkpoint, donor_re
             )
 
 
+def _listed(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} tensor(s) ({', '.join(names[:limit])}{more})"
+
+
+def _check_same_tensors(recipe: Recipe, ckpts: list[Checkpoint], by_ref: dict[str, int]) -> None:
+    """Every source of a slice must hold the tensors its first source holds, and no others.
+
+    The first source lists what is merged: without this, a tensor only another model holds
+    is dropped, and one the first model lacks vanishes from the output. ``lm_head.weight`` is
+    left to the tied-embedding rule (a tied model's head is its embedding)."""
+    structure = {i: layer_structure(c.names()) for i, c in enumerate(ckpts)}
+
+    def outside(i: int, pre: bool) -> set[str]:
+        return {n for n in ckpts[i].names() if layer_index(n) is None
+                and is_input_embedding(n) == pre and n != "lm_head.weight"}  # fmt: skip
+
+    for k, sl in enumerate(recipe.slices):
+        lead = sl.sources[0]
+        li = by_ref[lead.model]
+        for s in sl.sources[1:]:
+            si = by_ref[s.model]
+            lacks: list[str] = []
+            extra: list[str] = []
+            if k == 0:
+                lacks += sorted(outside(li, True) - outside(si, True), key=natural_key)
+                extra += sorted(outside(si, True) - outside(li, True), key=natural_key)
+            for offset in range(lead.layer_range[1] - lead.layer_range[0]):
+                a = lead.layer_range[0] + offset
+                b = s.layer_range[0] + offset
+                want = structure[li].get(a, frozenset())
+                got = structure[si].get(b, frozenset())
+                lacks += [n.replace(".N.", f".{b}.") for n in sorted(want - got, key=natural_key)]
+                extra += [n.replace(".N.", f".{b}.") for n in sorted(got - want, key=natural_key)]
+            if k == len(recipe.slices) - 1:
+                lacks += sorted(outside(li, False) - outside(si, False), key=natural_key)
+                extra += sorted(outside(si, False) - outside(li, False), key=natural_key)
+            problems = []
+            if lacks:
+                problems.append(f"lacks {_listed(lacks)} that {lead.model} holds")
+            if extra:
+                problems.append(f"holds {_listed(extra)} that {lead.model} lacks")
+            if problems:
+                raise RecipeError(
+                    f"slices[{k}]: {s.model} {'; and '.join(problems)}; every model of a merge "
+                    "must hold the same tensors (same architecture and options)"
+                )
+
+
 def _has_layers(ckpt: Checkpoint) -> bool:
     return any(layer_index(n) is not None for n in ckpt.names())
 
@@ -176,6 +225,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                 f"{method} merges {want} model(s) besides the base, got {len(merged)} in slices[{i}]"
             )
 
+    _check_same_tensors(recipe, ckpts, by_ref)
     vocab = None
     if recipe.tokenizer is not None:
         from mlxmerge.merge.vocab import build_vocabulary

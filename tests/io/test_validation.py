@@ -243,9 +243,9 @@ def test_index_not_json(tmp_path):
 def test_index_lists_a_tensor_its_shard_does_not_hold(tmp_path):
     folder = sharded_dir(tmp_path)
     write_index(
-        folder, {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+        folder, {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}
     )
-    # shard 1 is no longer listed, so "a" is nowhere the index says
+    # the shards swapped places in the index, so "a" is not where the index says
     message = "lists a in model-00002-of-00002.safetensors, but that shard does not hold it"
     expect_error(folder, message, "model.safetensors.index.json")
 
@@ -339,3 +339,22 @@ def test_random_corruptions_fail_cleanly(tmp_path):
         for n in ckpt.names():  # validated headers must be safe to load
             np.array(ckpt.get(n))
     assert 0 < opened < 300
+
+
+# -- a shard set with holes ------------------------------------------------------------------
+
+
+def test_shard_missing_without_index(tmp_path):
+    """-of-00002 names promise two shards: one alone is an incomplete download, not a model."""
+    folder = sharded_dir(tmp_path)
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    expect_error(folder, "missing model-00002-of-00002.safetensors .*promise 2 shards", "sharded")
+
+
+def test_index_omitting_a_shard_on_disk(tmp_path):
+    folder = sharded_dir(tmp_path)
+    write_index(folder, {"a": "model-00001-of-00002.safetensors"})  # b's shard left out
+    expect_error(
+        folder, "does not list model-00002-of-00002.safetensors", "model.safetensors.index.json"
+    )
