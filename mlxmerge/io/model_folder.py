@@ -200,7 +200,7 @@ def write_model(
         return _write_gguf_model(
             target, plan, compute, config=config, tokenizer_source=tokenizer_source, card=card,
             gguf_type=gguf_type, num_layers=num_layers, chat_template=chat_template,
-            inputs=inputs, force=force, progress=progress, guard=guard,
+            extra_files=extra_files, inputs=inputs, force=force, progress=progress, guard=guard,
         )  # fmt: skip
     # Each written tensor: (output name, how to compute it from planned names).
     if layout == "hf":
@@ -283,9 +283,14 @@ def write_model(
 
 def _write_gguf_model(
     target, plan, compute, *, config, tokenizer_source, card, gguf_type, num_layers,
-    chat_template, inputs, force, progress, guard,
+    chat_template, extra_files, inputs, force, progress, guard,
 ) -> Path:  # fmt: skip
-    from mlxmerge.io.gguf_write import DEFAULT_GGUF_TYPE, parse_gguf_type, plan_gguf, write_gguf_folder
+    from mlxmerge.io.gguf_write import (
+        DEFAULT_GGUF_TYPE,
+        parse_gguf_type,
+        plan_gguf,
+        write_gguf_folder,
+    )
 
     gguf_type = parse_gguf_type(gguf_type or DEFAULT_GGUF_TYPE)
     target = Path(target).expanduser()
@@ -309,6 +314,8 @@ def _write_gguf_model(
             chat_template=chat_template, gguf_type=gguf_type, name=target.name,
             progress=progress, check=check,
         )  # fmt: skip
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
         write_card(tmp, card, "gguf")
     log.info("wrote %s", target / path.name)
     return target
