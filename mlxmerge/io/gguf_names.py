@@ -285,9 +285,9 @@ def config_from_metadata(
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
     if model_type == "qwen3_moe":
         config.setdefault("norm_topk_prob", True)  # llama.cpp's qwen3moe always renormalizes
-    if model_type == "gemma2":
-        # llama.cpp scales queries by 1/sqrt(head_dim) for gemma2 (query_pre_attn_scalar).
-        config.setdefault("query_pre_attn_scalar", config.get("head_dim"))
+    if model_type in ("gemma2", "gemma3_text") and config.get("head_dim"):
+        # llama.cpp scales queries by 1/sqrt(head_dim) (mlx-lm's default scalar is 144 or 256).
+        config.setdefault("query_pre_attn_scalar", config["head_dim"])
     return config
 
 
