@@ -109,8 +109,8 @@ def write_gguf(
     token_types += [4] * (vocab - len(token_types))
     if scores is not None:
         scores += [-100.0] * (vocab - len(scores))
-    cfg = dict(hidden=hidden, ff=ff, vocab=vocab, heads=heads, kv_heads=kv_heads, layers=layers,
-               experts=experts, tied=tied or model_type.startswith("gemma"))  # fmt: skip
+    cfg = {"hidden": hidden, "ff": ff, "vocab": vocab, "heads": heads, "kv_heads": kv_heads, "layers": layers,
+               "experts": experts, "tied": tied or model_type.startswith("gemma")}  # fmt: skip
     if head_dim:
         cfg["head_dim"] = head_dim
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)

@@ -19,7 +19,7 @@ from mlxmerge.io import open_checkpoint
 from mlxmerge.io import gguf_names
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gguf_tiny import T, write_gguf  # noqa: E402
+from gguf_tiny import T, write_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -54,12 +54,12 @@ def ours_as_hf(ckpt, hf_name: str) -> np.ndarray:
 
 
 CASES = {
-    "llama": dict(model_type="llama", qtype=T.Q4_1,
-                  types={"attn_v.weight": T.F16, "attn_k.weight": T.BF16, "ffn_down.weight": T.Q8_0}),
-    "qwen2": dict(model_type="qwen2", qtype=T.Q4_0, types={"ffn_up.weight": T.Q5_1}),
-    "gemma3_text": dict(model_type="gemma3_text", qtype=T.Q8_0, head_dim=32),
-    "qwen3_moe": dict(model_type="qwen3_moe", qtype=T.Q5_0, types={"attn_q.weight": T.F16}),
-    "phi3": dict(model_type="phi3", qtype=T.Q4_1),
+    "llama": {"model_type": "llama", "qtype": T.Q4_1,
+                  "types": {"attn_v.weight": T.F16, "attn_k.weight": T.BF16, "ffn_down.weight": T.Q8_0}},
+    "qwen2": {"model_type": "qwen2", "qtype": T.Q4_0, "types": {"ffn_up.weight": T.Q5_1}},
+    "gemma3_text": {"model_type": "gemma3_text", "qtype": T.Q8_0, "head_dim": 32},
+    "qwen3_moe": {"model_type": "qwen3_moe", "qtype": T.Q5_0, "types": {"attn_q.weight": T.F16}},
+    "phi3": {"model_type": "phi3", "qtype": T.Q4_1},
 }  # fmt: skip
 
 
