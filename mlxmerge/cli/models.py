@@ -47,7 +47,9 @@ def human_count(n: int) -> str:
 @click.option("--check", is_flag=True,
               help="Also scan every tensor for NaN/Inf (reads the weights; exit 1 if any).")  # fmt: skip
 def inspect(model: str, as_json: bool, check: bool):
-    """Describe MODEL (folder, .safetensors file or hub id) from its headers and config."""
+    """Describe MODEL (folder, .safetensors or .gguf file, or hub id) from its headers and config.
+
+    A GGUF file's per-tensor types (Q4_K, F16, ...) are listed under "gguf" in --json."""
     from mlxmerge.inspect import inspect_model
 
     info = inspect_model(model, check=check)
@@ -80,6 +82,7 @@ def inspect(model: str, as_json: bool, check: bool):
             "quantization",
             f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none",
         ),
+        *_gguf_rows(info),
         ("tied embeddings", "yes" if info["tied_embeddings"] else "no"),
         ("shards", info["shards"]),
         ("size on disk", human_bytes(info["size_on_disk"])),
@@ -87,6 +90,13 @@ def inspect(model: str, as_json: bool, check: bool):
     for k, v in rows:
         click.echo(f"{k:>16}: {v}")
     _print_check(info, check)
+
+
+def _gguf_rows(info: dict) -> list[tuple[str, str]]:
+    if "gguf" not in info:
+        return []
+    types = sorted(info["gguf"]["types"].items(), key=lambda kv: -kv[1])
+    return [("GGUF types", ", ".join(f"{k} ×{v}" for k, v in types) + " (read dequantized)")]
 
 
 def _print_check(info: dict, check: bool) -> None:
