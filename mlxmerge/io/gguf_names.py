@@ -216,6 +216,8 @@ CONFIG_KEYS: tuple[tuple[str, str, gguf.GGUFValueType], ...] = (
     ("attention.head_count", "num_attention_heads", _U32),
     ("attention.head_count_kv", "num_key_value_heads", _U32),
     ("attention.key_length", "head_dim", _U32),
+    # llama.cpp defaults the value head size to hidden / heads, not to key_length (gguf_write).
+    ("attention.value_length", "head_dim", _U32),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", _F32),
     ("rope.freq_base", "rope_theta", _F32),
     ("attention.sliding_window", "sliding_window", _U32),
