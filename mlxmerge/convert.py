@@ -24,8 +24,12 @@ def convert(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
+    gguf_type: str | None = None,
 ) -> Path:
     """Rewrite ``model`` into ``output``: dequantized inputs, optional MLX quantization.
+
+    ``layout="gguf"`` writes one GGUF file of ``gguf_type`` (f32, f16, bf16, q8_0, q4_0, q4_1,
+    q5_0, q5_1; default q8_0) that llama.cpp runs.
 
     Raises ``NonFiniteError`` naming the tensor when an input or output tensor holds NaN or
     Inf (an output can overflow when casting to float16), unless ``allow_nonfinite``.
@@ -52,5 +56,5 @@ def convert(
         output, plan, compute, config=ckpt.config,
         tokenizer_source=ckpt.path, card=card, dtype=out_dtype, layout=layout, quantize=quant,
         shard_size=parse_size(shard_size), inputs=[model], force=force, progress=progress,
-        guard=guard,
+        guard=guard, gguf_type=gguf_type,
     )  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import Checkpoint, open_checkpoint
 from mlxmerge.io.checkpoint import natural_key
@@ -38,7 +40,7 @@ def inspect_model(model: str, check: bool = False) -> dict:
                  "quantized_tensors": len(quantized)}  # fmt: skip
     hidden_field, hidden = ckpt.config_field("hidden_size")
     return {
-        "path": str(ckpt.path),
+        "path": str(ckpt.files[0] if hasattr(ckpt, "gguf_type") else ckpt.path),
         "architecture": (ckpt.config_value("architectures") or [None])[0],
         "model_type": ckpt.model_type,
         "layers": ckpt.num_layers,
@@ -53,8 +55,16 @@ def inspect_model(model: str, check: bool = False) -> dict:
         "shards": len(ckpt.files),
         "size_on_disk": ckpt.size_on_disk,
         "format": ckpt.metadata.get("format"),
+        **({"gguf": _gguf_types(ckpt)} if hasattr(ckpt, "gguf_type") else {}),
         **({"nonfinite": scan_nonfinite(ckpt)} if check else {}),
     }
+
+
+def _gguf_types(ckpt) -> dict:
+    """A GGUF checkpoint's ggml types: counts and each tensor's (its quantization, per tensor)."""
+    tensors = {n: ckpt.gguf_type(n) for n in ckpt.names()}
+    return {"architecture": ckpt.metadata.get("gguf_architecture"),
+            "types": dict(Counter(tensors.values())), "tensors": tensors}  # fmt: skip
 
 
 def scan_nonfinite(ckpt: Checkpoint, progress=None) -> list[dict]:
@@ -63,7 +73,21 @@ def scan_nonfinite(ckpt: Checkpoint, progress=None) -> list[dict]:
     Reads the files through a memory map, a chunk at a time: memory stays flat whatever the
     model size. Quantized weights are checked through their float scales and biases.
     """
+    if hasattr(ckpt, "gguf_type"):  # GGUF blocks hold their scales: check the decoded values
+        return _scan_decoded(ckpt, progress)
     return _scan_entries(ckpt.entries, progress)
+
+
+def _scan_decoded(ckpt, progress=None) -> list[dict]:
+    found = []
+    for name in ckpt.names():
+        x = ckpt.numpy(name)  # one tensor at a time
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        if nan or inf:
+            found.append({"tensor": name, "nan": nan, "inf": inf})
+        if progress:
+            progress(name)
+    return found
 
 
 def _scan_entries(entries: dict[str, TensorEntry], progress=None) -> list[dict]:

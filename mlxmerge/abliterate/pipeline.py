@@ -137,6 +137,7 @@ def abliterate(
     dtype: str = "bfloat16",
     layout: str = "mlx",
     quantize: Quantization | None = None,
+    gguf_type: str | None = None,
     adapter: bool = False,
     evaluate: bool = True,
     force: bool = False,
@@ -317,7 +318,7 @@ def abliterate(
             mlp_weights=mlp_w, embedding_strength=strength if embeddings else 0.0,
             norm_preserving=norm_preserving, dtype=dtype, layout=layout, quantize=quantize,
             chat_template=template, force=force, card_body=card_body, extra_files=extra,
-            progress=progress, allow_nonfinite=allow_nonfinite,
+            progress=progress, allow_nonfinite=allow_nonfinite, gguf_type=gguf_type,
         )  # fmt: skip
     timings["write_s"] = time.perf_counter() - t
     if residual is not None:
@@ -345,7 +346,7 @@ def orthogonalize_model(
     embedding_strength: float = 0.0, norm_preserving: bool = False, dtype: str = "bfloat16",
     layout: str = "mlx", quantize: Quantization | None = None, chat_template: str | None = None,
     force: bool = False, card_body: str = "", extra_files: dict[str, str] | None = None,
-    progress: Progress | None = None, allow_nonfinite: bool = False,
+    progress: Progress | None = None, allow_nonfinite: bool = False, gguf_type: str | None = None,
 ) -> float | None:  # fmt: skip
     """Write ``model`` with ``direction`` removed from its residual writers, tensor by tensor.
 
@@ -423,7 +424,7 @@ def orthogonalize_model(
         output, plan, compute, config=ckpt.config, tokenizer_source=ckpt.path, card=card,
         dtype=out_dtype, layout=layout, quantize=quantize, inputs=[ckpt], force=force,
         chat_template=chat_template, progress=(lambda _n: tick(1)) if tick else None,
-        extra_files=extra_files, guard=guard,
+        extra_files=extra_files, guard=guard, gguf_type=gguf_type,
     )  # fmt: skip
     if not quant_residual:
         return None

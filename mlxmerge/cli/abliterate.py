@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
-from mlxmerge.cli.models import allow_nonfinite_option
+from mlxmerge.cli.models import FORMAT_HELP, LAYOUT, allow_nonfinite_option, gguf_type_option
 from mlxmerge.cli.progress import progress_bar
 
 
@@ -114,9 +114,8 @@ def _with(options):
     default="bfloat16",
     show_default=True,
 )
-@click.option(
-    "--format", "layout", type=click.Choice(["mlx", "hf"]), default="mlx", show_default=True
-)
+@click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True, help=FORMAT_HELP)
+@gguf_type_option
 @click.option(
     "--quantize",
     "bits",
@@ -134,8 +133,8 @@ def _with(options):
 @allow_nonfinite_option
 def abliterate(model, output, harmful, harmless, column, system, template, max_tokens, batch_size,
                markers, as_json, layers, direction_layer, strength, trials, pick, seed, projected,
-               norm_preserving, embeddings, dtype, layout, bits, group_size, adapter, no_eval, force,
-               allow_nonfinite):  # fmt: skip
+               norm_preserving, embeddings, dtype, layout, gguf_type, bits, group_size, adapter,
+               no_eval, force, allow_nonfinite):  # fmt: skip
     """Remove the refusal direction from MODEL and write the edited model to OUTPUT."""
     from mlxmerge.abliterate.pipeline import abliterate as run
     from mlxmerge.io import Quantization
@@ -149,7 +148,7 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
             max_tokens=max_tokens, markers=_markers(markers), projected=projected,
             norm_preserving=norm_preserving, embeddings=embeddings, dtype=dtype, layout=layout,
             quantize=Quantization(int(bits), group_size) if bits else None, adapter=adapter,
-            evaluate=not no_eval, allow_nonfinite=allow_nonfinite,
+            evaluate=not no_eval, allow_nonfinite=allow_nonfinite, gguf_type=gguf_type,
             force=force, progress=bars,
         )  # fmt: skip
     finally:

@@ -10,7 +10,7 @@ import click
 
 from mlxmerge.cli import cli
 from mlxmerge.cli.merge import quantize_kwargs, quantize_options
-from mlxmerge.cli.models import DTYPE, LAYOUT
+from mlxmerge.cli.models import DTYPE, LAYOUT, gguf_type_option
 from mlxmerge.cli.progress import labelled_steps, progress_bar
 from mlxmerge.errors import MlxmergeError
 
@@ -221,6 +221,7 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 @scoring_options
 @click.option("--out-dtype", type=DTYPE, default="bfloat16", show_default=True)
 @click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True)
+@gguf_type_option
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quantize_options

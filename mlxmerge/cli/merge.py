@@ -7,7 +7,14 @@ import json
 import click
 
 from mlxmerge.cli import cli
-from mlxmerge.cli.models import DTYPE, LAYOUT, allow_nonfinite_option, human_bytes
+from mlxmerge.cli.models import (
+    DTYPE,
+    FORMAT_HELP,
+    LAYOUT,
+    allow_nonfinite_option,
+    gguf_type_option,
+    human_bytes,
+)
 from mlxmerge.cli.progress import progress_bar
 from mlxmerge.errors import RecipeError
 from mlxmerge.merge.registry import METHODS
@@ -24,7 +31,8 @@ def output_options(fn=None, *, seed: bool = True):
         click.option("--allow-crimes", is_flag=True, help="Merge different architectures where shapes allow."),
         click.option("--out-dtype", type=DTYPE, default=None, help="Output dtype [recipe's out_dtype/dtype, else bfloat16]."),
         click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True,
-                     help="mlx: what mlx_lm.load reads; hf: what transformers reads."),
+                     help=FORMAT_HELP),
+        gguf_type_option,
         click.option("--shard-size", default="5GB", show_default=True),
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
     ]  # fmt: skip
@@ -56,7 +64,7 @@ def quantize_kwargs(quantize_bits, group_size) -> dict:
 
 def run_recipe(
     recipe, output, dry_run, as_json, allow_crimes, out_dtype, layout, shard_size, force, seed=0,
-    quantize_bits=None, group_size=None, allow_nonfinite=False,
+    quantize_bits=None, group_size=None, allow_nonfinite=False, gguf_type=None,
 ):  # fmt: skip
     from mlxmerge.io.dtypes import parse_float_dtype
     from mlxmerge.merge.multi import is_multi_document, merge_multi
@@ -71,7 +79,7 @@ def run_recipe(
             raise click.UsageError("give the output folder with -o/--output")
         out = merge_multi(recipe, output, allow_crimes=allow_crimes, seed=seed, layout=layout,
                           out_dtype=out_dtype, shard_size=shard_size, force=force,
-                          allow_nonfinite=allow_nonfinite,
+                          allow_nonfinite=allow_nonfinite, gguf_type=gguf_type,
                           **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
         click.echo(f"wrote {out}")
         return
@@ -119,7 +127,7 @@ def run_recipe(
         out = merge(plan, output, seed=seed, layout=layout,
                     out_dtype=out_dtype, shard_size=shard_size, force=force,
                     progress=lambda _n: bar.update(), allow_nonfinite=allow_nonfinite,
-                    **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
+                    gguf_type=gguf_type, **quantize_kwargs(quantize_bits, group_size))  # fmt: skip
     click.echo(f"wrote {out}")
 
 
@@ -129,6 +137,16 @@ def _check_layout(plan, layout: str) -> None:
         from mlxmerge.io.layout import mlx_to_hf
 
         mlx_to_hf([(p.name, p.shape) for p in plan.tensors], plan.config.get("model_type"))
+    if layout == "gguf":  # an architecture or tensor llama.cpp has no name for
+        import mlx.core as mx
+
+        from mlxmerge.io.gguf_write import plan_gguf
+        from mlxmerge.io.model_folder import patch_config
+
+        tensors = [(p.name, p.shape) for p in plan.tensors]
+        names = [n for n, _ in tensors]
+        config = patch_config(plan.config, names, mx.float32, "hf", None, plan.num_layers)
+        plan_gguf(tensors, config, "f32")
 
 
 def print_plan(s: dict) -> None:

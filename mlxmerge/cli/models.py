@@ -11,7 +11,19 @@ from mlxmerge.cli.progress import progress_bar
 from mlxmerge.io import human_bytes
 
 DTYPE = click.Choice(["bfloat16", "float16", "float32"])
-LAYOUT = click.Choice(["mlx", "hf"])
+LAYOUT = click.Choice(["mlx", "hf", "gguf"])
+FORMAT_HELP = (
+    "mlx: what mlx_lm.load reads; hf: what transformers reads; gguf: one file llama.cpp runs."
+)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # io.gguf_write
+
+
+def gguf_type_option(fn):
+    """``--gguf-type``: the tensor type of a ``--format gguf`` output (io.gguf_write.GGUF_TYPES)."""
+    return click.option(
+        "--gguf-type", type=click.Choice(GGUF_TYPES, case_sensitive=False), default=None,
+        help="With --format gguf: the weights' type (norms stay f32).  [default: q8_0]",
+    )(fn)  # fmt: skip
 
 
 def allow_nonfinite_option(fn):
@@ -35,7 +47,9 @@ def human_count(n: int) -> str:
 @click.option("--check", is_flag=True,
               help="Also scan every tensor for NaN/Inf (reads the weights; exit 1 if any).")  # fmt: skip
 def inspect(model: str, as_json: bool, check: bool):
-    """Describe MODEL (folder, .safetensors file or hub id) from its headers and config."""
+    """Describe MODEL (folder, .safetensors or .gguf file, or hub id) from its headers and config.
+
+    A GGUF file's per-tensor types (Q4_K, F16, ...) are listed under "gguf" in --json."""
     from mlxmerge.inspect import inspect_model
 
     info = inspect_model(model, check=check)
@@ -68,6 +82,7 @@ def inspect(model: str, as_json: bool, check: bool):
             "quantization",
             f"{q['bits']}-bit, group size {q['group_size']} ({q['mode']})" if q else "none",
         ),
+        *_gguf_rows(info),
         ("tied embeddings", "yes" if info["tied_embeddings"] else "no"),
         ("shards", info["shards"]),
         ("size on disk", human_bytes(info["size_on_disk"])),
@@ -75,6 +90,13 @@ def inspect(model: str, as_json: bool, check: bool):
     for k, v in rows:
         click.echo(f"{k:>16}: {v}")
     _print_check(info, check)
+
+
+def _gguf_rows(info: dict) -> list[tuple[str, str]]:
+    if "gguf" not in info:
+        return []
+    types = sorted(info["gguf"]["types"].items(), key=lambda kv: -kv[1])
+    return [("GGUF types", ", ".join(f"{k} ×{v}" for k, v in types) + " (read dequantized)")]
 
 
 def _print_check(info: dict, check: bool) -> None:
@@ -103,7 +125,8 @@ def _with_field(value, field: str | None, standard: str) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder.")
 @click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True)
 @click.option("--format", "layout", type=LAYOUT, default="mlx", show_default=True,
-              help="mlx: what mlx_lm.load reads; hf: what transformers reads.")  # fmt: skip
+              help=FORMAT_HELP)  # fmt: skip
+@gguf_type_option
 @click.option("--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]),
               default=None, help="Quantize weights for MLX (bits).")  # fmt: skip
 @click.option("--group-size", type=int, default=64, show_default=True)
@@ -113,8 +136,9 @@ def _with_field(value, field: str | None, standard: str) -> str:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @allow_nonfinite_option
 def convert(
-    model, output, dtype, layout, quantize_bits, group_size, shard_size, force, allow_nonfinite
-):
+    model, output, dtype, layout, gguf_type, quantize_bits, group_size, shard_size, force,
+    allow_nonfinite,
+):  # fmt: skip
     """Rewrite MODEL with another dtype, layout or quantization (dequantizes MLX inputs)."""
     from mlxmerge.convert import convert as run
     from mlxmerge.io import open_checkpoint
@@ -124,5 +148,6 @@ def convert(
         out = run(model, output, dtype=dtype, layout=layout,
                   quantize_bits=int(quantize_bits) if quantize_bits else None,
                   group_size=group_size, shard_size=shard_size, force=force,
-                  progress=lambda _name: bar.update(), allow_nonfinite=allow_nonfinite)  # fmt: skip
+                  progress=lambda _name: bar.update(), allow_nonfinite=allow_nonfinite,
+                  gguf_type=gguf_type)  # fmt: skip
     click.echo(f"wrote {out}")

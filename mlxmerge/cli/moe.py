@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mlxmerge.cli import cli
-from mlxmerge.cli.models import LAYOUT, human_bytes
+from mlxmerge.cli.models import FORMAT_HELP, LAYOUT, gguf_type_option, human_bytes
 from mlxmerge.cli.progress import progress_bar
 
 
@@ -22,8 +22,9 @@ from mlxmerge.cli.progress import progress_bar
     type=LAYOUT,
     default="mlx",
     show_default=True,
-    help="mlx: what mlx_lm.load reads; hf: what transformers reads.",
+    help=FORMAT_HELP,
 )
+@gguf_type_option
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for random gates and noise_scale."
 )
@@ -42,7 +43,7 @@ from mlxmerge.cli.progress import progress_bar
     is_flag=True,
     help="Allow every expert to be the same model (mergekit's flag).",
 )
-def moe_cmd(config, out, output, dry_run, layout, seed, batch_size, shard_size, force,
+def moe_cmd(config, out, output, dry_run, layout, gguf_type, seed, batch_size, shard_size, force,
             allow_all_same):  # fmt: skip
     """Build a mixture of experts from a mergekit-moe CONFIG into OUT (or -o OUT)."""
     from mlxmerge.io.model_folder import output_size
@@ -66,5 +67,6 @@ def moe_cmd(config, out, output, dry_run, layout, seed, batch_size, shard_size, 
         raise click.UsageError("give the output folder with -o/--output")
     with progress_bar(len(plan.tensors), "moe", "tensor") as bar:
         path = moe(plan, target, layout=layout, seed=seed, batch_size=batch_size,
-                   shard_size=shard_size, force=force, progress=lambda _n: bar.update())  # fmt: skip
+                   shard_size=shard_size, force=force, progress=lambda _n: bar.update(),
+                   gguf_type=gguf_type)  # fmt: skip
     click.echo(f"wrote {path}")

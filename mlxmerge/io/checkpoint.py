@@ -215,7 +215,8 @@ def _what_else(folder: Path) -> str:
 
 
 def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
-    """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use.
+    """Open a folder, a single ``.safetensors`` or ``.gguf`` file or a hub repo id; validate
+    before use (GGUF: ``io.gguf_read``, dequantized tensor by tensor, split files included).
 
     ``base+path/to/adapter`` (mergekit's model+lora) opens ``base`` with a LoRA adapter fused
     into its tensors as they are read (``mlxmerge.lora.fused``)."""
@@ -227,6 +228,11 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
             return fused
     path = resolve_reference(reference)
     ref = str(reference)
+    gguf = _gguf_files(path)
+    if gguf is not None:
+        from mlxmerge.io.gguf_read import open_gguf
+
+        return open_gguf(ref, gguf)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: not a .safetensors file")
@@ -265,6 +271,18 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     ckpt.hidden |= set(ckpt.names()) - set(view)  # buffers mlx-lm drops (GPT-2 attn.bias)
     ckpt._names = None
     return ckpt
+
+
+def _gguf_files(path: Path) -> list[Path] | None:
+    """The GGUF file(s) ``path`` names: a .gguf file, or a folder holding one GGUF model and no
+    safetensors model (a repo shipping both opens as safetensors)."""
+    if path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return None
+    if path.is_file() and path.suffix != ".gguf":
+        return None
+    from mlxmerge.io.gguf_read import gguf_files
+
+    return gguf_files(path)
 
 
 def _read_json(path: Path):

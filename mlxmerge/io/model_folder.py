@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )  # fmt: skip
 
-LAYOUTS = ("mlx", "hf")
+LAYOUTS = ("mlx", "hf", "gguf")
 
 
 @dataclass
@@ -174,7 +174,7 @@ def card_names(value, references) -> object:
 def write_card(target: Path, card: ModelCard, layout: str) -> None:
     front = {
         "base_model": card.base_models or None,
-        "library_name": "mlx" if layout == "mlx" else "transformers",
+        "library_name": {"mlx": "mlx", "gguf": "gguf"}.get(layout, "transformers"),
         "tags": card.tags,
     }
     front = {k: v for k, v in front.items() if v}
@@ -202,6 +202,7 @@ def write_model(
     progress: Callable[[str], None] | None = None,
     guard: FiniteGuard | None = None,
     background: bool = True,
+    gguf_type: str | None = None,
 ) -> Path:
     """Compute each planned tensor with ``compute(name)`` and write the model atomically.
 
@@ -215,13 +216,25 @@ def write_model(
     ``guard`` checks every output tensor (and the inputs ``compute`` registered with
     ``guard.watch``, and the bytes of raw copies) for NaN/Inf; None checks nothing.
     ``background`` writes each tensor in a writer thread while the next one is computed.
+
+    ``layout="gguf"`` writes one ``.gguf`` file of ``gguf_type`` (``io.gguf_write``; default
+    ``q8_0``) and the model card instead of safetensors, config and tokenizer files.
     """
     if layout not in LAYOUTS:
-        raise MlxmergeError(f"unknown layout {layout!r}; use mlx or hf")
+        raise MlxmergeError(f"unknown layout {layout!r}; use mlx, hf or gguf")
     if quantize and layout != "mlx":
         raise MlxmergeError(
-            "quantized output needs --format mlx (transformers cannot read MLX quantization)"
+            "--quantize is MLX quantization and needs --format mlx; "
+            "for a quantized GGUF use --format gguf --gguf-type q8_0 (or q4_0, ...)"
         )
+    if gguf_type is not None and layout != "gguf":
+        raise MlxmergeError("--gguf-type applies to --format gguf")
+    if layout == "gguf":
+        return _write_gguf_model(
+            target, plan, compute, config=config, tokenizer_source=tokenizer_source, card=card,
+            gguf_type=gguf_type, num_layers=num_layers, chat_template=chat_template,
+            extra_files=extra_files, inputs=inputs, force=force, progress=progress, guard=guard,
+        )  # fmt: skip
     # Each written tensor: (output name, how to compute it from planned names).
     if layout == "hf":
         written = mlx_to_hf(plan, config.get("model_type"))  # refuses unknown stacked experts
@@ -304,6 +317,46 @@ def write_model(
             (tmp / fname).write_text(text)
         write_card(tmp, card, layout)
     log.info("wrote %s (%d tensors, %d shards)", target, len(specs), len(writer.files))
+    return target
+
+
+def _write_gguf_model(
+    target, plan, compute, *, config, tokenizer_source, card, gguf_type, num_layers,
+    chat_template, extra_files, inputs, force, progress, guard,
+) -> Path:  # fmt: skip
+    from mlxmerge.io.gguf_write import (
+        DEFAULT_GGUF_TYPE,
+        parse_gguf_type,
+        plan_gguf,
+        write_gguf_folder,
+    )
+
+    gguf_type = parse_gguf_type(gguf_type or DEFAULT_GGUF_TYPE)
+    target = Path(target).expanduser()
+    names = [n for n, _ in plan]
+    config = patch_config(config, names, mx.float32, "hf", None, num_layers)
+    plan_gguf(plan, config, gguf_type)  # every refusal before the output folder is touched
+    target = check_output(target, inputs, force=force)
+
+    def value(name: str) -> mx.array:
+        x = compute(name)
+        return _load_raw(x, name, guard) if isinstance(x, RawTensor) else x
+
+    def check(name: str, x: mx.array) -> None:
+        if guard is not None:
+            guard.settle()
+            guard.check_output(name, x)
+
+    with atomic_folder(target) as tmp:
+        path = write_gguf_folder(
+            tmp, plan, value, config=config, tokenizer_source=tokenizer_source,
+            chat_template=chat_template, gguf_type=gguf_type, name=target.name,
+            progress=progress, check=check,
+        )  # fmt: skip
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        write_card(tmp, card, "gguf")
+    log.info("wrote %s", target / path.name)
     return target
 
 

@@ -30,7 +30,11 @@ def load(
 
     ckpt = reference if isinstance(reference, Checkpoint) else open_checkpoint(reference)
     check_supported(ckpt.model_type, verb)
-    if adapter_path:
+    from mlxmerge.io.gguf_read import GGUFCheckpoint, load_mlx_lm_gguf
+
+    if adapter_path and isinstance(ckpt, GGUFCheckpoint):
+        model, tokenizer = load_mlx_lm_gguf(ckpt, adapter_path)
+    elif adapter_path:
         model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path))
     else:
         model, tokenizer = load_mlx_lm(ckpt)

@@ -138,6 +138,10 @@ def load_mlx_lm(ckpt: Checkpoint):
     import mlx_lm
     from mlx.utils import tree_flatten
 
+    from mlxmerge.io.gguf_read import GGUFCheckpoint, load_mlx_lm_gguf
+
+    if isinstance(ckpt, GGUFCheckpoint):  # no safetensors to load: built from its tensors
+        return load_mlx_lm_gguf(ckpt)
     if not isinstance(ckpt, FusedCheckpoint):
         return mlx_lm.load(str(ckpt.path))
     adapter = ckpt.adapter

@@ -344,6 +344,7 @@ def moe(
     batch_size: int = 32,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    gguf_type: str | None = None,
 ) -> Path:
     """Build a mixture of experts from a mergekit-moe config and write it to ``output``.
 
@@ -362,5 +363,5 @@ def moe(
         output, plan.tensors, _tensor_fn(plan, gates, seed), config=out_config,
         tokenizer_source=plan.base.path, card=_card(plan), dtype=plan.dtype, layout=layout,
         shard_size=parse_size(shard_size), extra_files={"mlxmerge_moe_config.yml": raw_yaml},
-        inputs=cfg.models, force=force, progress=progress,
+        inputs=cfg.models, force=force, progress=progress, gguf_type=gguf_type,
     )  # fmt: skip

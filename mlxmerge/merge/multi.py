@@ -102,8 +102,10 @@ def merge_multi(path: str | Path, output: str | Path, **merge_kwargs) -> Path:
     try:
         paths: dict[str, str] = {}
         # Intermediates stay float: only the final model is quantized.
-        final_only = ("force", "progress", "quantize_bits", "group_size")
+        final_only = ("force", "progress", "quantize_bits", "group_size", "gguf_type")
         inner = {k: v for k, v in merge_kwargs.items() if k not in final_only}
+        if inner.get("layout") == "gguf":  # intermediates are read back: keep them exact
+            inner["layout"] = "mlx"
         for i in order:
             doc = _substitute(copy.deepcopy(docs[i]), paths)
             name = str(docs[i]["name"])

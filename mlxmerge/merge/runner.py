@@ -295,12 +295,15 @@ def merge(
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
     overlap: bool = True,
+    gguf_type: str | None = None,
 ) -> Path:
     """Run a mergekit recipe (or an already checked plan) and write the merged model.
 
     A recipe file with several YAML documents is a mergekit-multi recipe (``merge.multi``).
     ``quantize_bits`` (2-8) writes the merge straight to MLX affine quantization (``mx.quantize``
     with ``group_size``), each tensor quantized as it is streamed out; needs ``layout="mlx"``.
+    ``layout="gguf"`` writes one GGUF file of ``gguf_type`` (``io.gguf_write``), quantized from
+    the float32 merge.
 
     Every input tensor is checked for NaN/Inf as it is loaded and every output tensor before it
     is written; either raises ``NonFiniteError`` naming model and tensor (and the method, for an
@@ -317,7 +320,7 @@ def merge(
                            out_dtype=out_dtype, shard_size=shard_size, force=force,
                            quantize_bits=quantize_bits, group_size=group_size,
                            progress=progress, allow_nonfinite=allow_nonfinite,
-                           overlap=overlap)  # fmt: skip
+                           overlap=overlap, gguf_type=gguf_type)  # fmt: skip
     plan = (
         recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_crimes=allow_crimes)
     )
@@ -336,6 +339,8 @@ def merge(
     inputs = [part for m in plan.models for part in (split_reference(m) or (m,))]
     check_output(output, inputs, force=force)  # before any long pre-pass
     dtype = parse_float_dtype(out_dtype or recipe.out_dtype or recipe.dtype or "bfloat16")
+    if layout == "gguf":  # --gguf-type sets the stored precision: quantize from the fp32 merge
+        dtype = mx.float32
     check_machine(plan, dtype, output, overlap=overlap, quantize=quant)
     prepare(plan)
     donor = plan.checkpoints[plan.models.index(recipe.base_model or plan.models[0])].path
@@ -345,11 +350,12 @@ def merge(
             plan.vocab.save(Path(built))
             donor = Path(built)
         return _write(plan, output, seed, donor, chat_template, dtype, layout, shard_size,
-                      force, progress, quant, inputs, allow_nonfinite, overlap)  # fmt: skip
+                      force, progress, quant, inputs, allow_nonfinite, overlap,
+                      gguf_type)  # fmt: skip
 
 
 def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shard_size, force,
-           progress, quant, inputs, allow_nonfinite, overlap) -> Path:  # fmt: skip
+           progress, quant, inputs, allow_nonfinite, overlap, gguf_type=None) -> Path:  # fmt: skip
     recipe = plan.recipe
     checked: set[str] = set()
     guard = FiniteGuard(allow_nonfinite, f"{recipe.merge_method} merge", plan.warnings)
@@ -398,6 +404,7 @@ def _write(plan, output, seed, tokenizer_dir, chat_template, dtype, layout, shar
                 chat_template=chat_template,
                 extra_files={"mlxmerge_config.yml": replay_yaml(plan, seed, dtype)},
                 inputs=inputs, force=force, progress=progress, guard=guard, background=overlap,
+                gguf_type=gguf_type,
             )  # fmt: skip
     finally:
         if reader is not None:

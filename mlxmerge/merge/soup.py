@@ -120,6 +120,7 @@ def soup(
     batch_size: int = 16, max_length: int = 512, max_tokens: int = 32, extract: str | None = None,
     chat: bool = False, out_dtype: str | None = None, layout: str = "mlx", force: bool = False,
     quantize_bits: int | None = None, group_size: int = 64, in_memory: bool | None = None,
+    gguf_type: str | None = None,
     on_step: Callable[[dict], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:  # fmt: skip
@@ -247,6 +248,7 @@ def soup(
                 force=force,
                 quantize_bits=quantize_bits,
                 group_size=group_size,
+                gguf_type=gguf_type,
             )
         )
     return result

@@ -1,0 +1,492 @@
+"""Read GGUF files (llama.cpp, Ollama) as checkpoints: header validated first, tensors on demand.
+
+The header and tensor table are parsed here (a few ms; ``gguf.GGUFReader`` takes seconds on a
+large vocabulary) and checked before any tensor is read: magic and version, every tensor's
+type, shape and byte range inside the file, no overlaps. Tensor data is then read through a
+memory map, one tensor at a time, and dequantized with ``gguf.quants.dequantize`` (llama.cpp's
+own numpy port of its dequantization), so memory stays flat in model size.
+
+Names, the Q/K row permutation, Gemma's norm shift and config.json come from ``gguf_names``;
+the tokenizer from ``gguf_tokenizer``. The config and tokenizer files go to a small folder
+(``ckpt.path``, cached under ``~/.cache/mlxmerge/gguf``) so every verb that copies a tokenizer
+or reads config.json from ``ckpt.path`` works unchanged.
+
+Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+from mlxmerge.errors import CheckpointError
+from mlxmerge.io import gguf_names as names
+from mlxmerge.io.checkpoint import Checkpoint
+from mlxmerge.io.safetensors_file import TensorEntry
+from mlxmerge.io.writer import RawTensor
+
+GGUF_MAGIC = b"GGUF"
+SPLIT = re.compile(r"^(?P<base>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+# Bumped when what the sidecar folder holds changes, so old caches are rebuilt.
+SIDECAR_VERSION = "1"
+# Stored types that stay as they are (no dequantization) and their MLX dtype.
+FLOAT_TYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+_SCALARS = {  # GGUF value type → struct format
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+    12: "<d",
+}  # fmt: skip
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    """Little-endian reads from a memory-mapped header; running off the end raises _Truncated."""
+
+    def __init__(self, buf, pos: int = 0):
+        self.buf, self.pos = buf, pos
+
+    def scalar(self, fmt: str):
+        try:
+            (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise _Truncated from None
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise _Truncated
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            item, n = self.scalar("<I"), self.scalar("<Q")
+            if item in _SCALARS:  # numeric arrays in one read
+                size = struct.calcsize(_SCALARS[item])
+                if self.pos + n * size > len(self.buf):
+                    raise _Truncated
+                arr = np.frombuffer(self.buf, _SCALARS[item], n, self.pos)
+                self.pos += n * size
+                return arr.tolist()
+            return [self.value(item) for _ in range(n)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor as stored: GGUF name, ggml type, numpy-order shape, absolute byte range."""
+
+    name: str
+    type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (rows last-but-one), the reverse of GGUF's dims
+    file: Path
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    fields: dict[str, object]
+    tensors: list[GGUFTensor]
+
+
+def read_gguf_header(path: Path) -> GGUFFile:
+    """Parse and validate ``path``'s metadata and tensor table; no tensor data is read.
+
+    Raises CheckpointError (one line, naming the file) for a file that is not GGUF, a version
+    other than 2/3, a truncated header, an unknown or undecodable tensor type, or a tensor whose
+    bytes lie outside the file or overlap another's.
+    """
+    path = Path(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 24:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a GGUF header")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return _parse(path, buf, size)
+    except _Truncated:
+        raise CheckpointError(
+            f"{path}: the GGUF header runs past the end of the {size}-byte file (truncated)"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: malformed GGUF header ({e})") from None
+    finally:
+        buf.close()
+
+
+def _parse(path: Path, buf, size: int) -> GGUFFile:
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic number)")
+    c = _Cursor(buf, 4)
+    version = c.scalar("<I")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+    if n_tensors > size or n_kv > size:  # each entry takes bytes: a garbage count
+        raise _Truncated
+    fields: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = c.string()
+        fields[key] = c.value(c.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        n_dims = c.scalar("<I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        dims = [c.scalar("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
+    align = int(fields.get("general.alignment", 32))
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align} is not a power of two")
+    data_start = c.pos + (-c.pos) % align
+    tensors, seen = [], set()
+    for name, dims, raw_type, offset in infos:
+        if name in seen:
+            raise CheckpointError(f"{path}: tensor {name} appears twice")
+        seen.add(name)
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise CheckpointError(
+                f"{path}: tensor {name} has unknown ggml type {raw_type}; this gguf package "
+                f"({gguf.__name__}) does not know it"
+            ) from None
+        if qtype.name not in FLOAT_TYPES and qtype not in gguf.quants._type_traits:
+            raise CheckpointError(
+                f"{path}: tensor {name} is stored as {qtype.name}, which gguf cannot dequantize"
+            )
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        shape = tuple(int(d) for d in reversed(dims))
+        if shape and shape[-1] % block:
+            raise CheckpointError(
+                f"{path}: tensor {name} rows of {shape[-1]} do not split into {qtype.name} "
+                f"blocks of {block}"
+            )
+        nbytes = math.prod(shape) // block * type_size
+        begin = data_start + offset
+        if offset % align or begin + nbytes > size:
+            raise CheckpointError(
+                f"{path}: tensor {name} lies outside the file (bytes {begin}-{begin + nbytes} "
+                f"of {size}); the file is truncated or corrupt"
+            )
+        tensors.append(GGUFTensor(name, qtype, shape, path, begin, nbytes))
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0} and {n1} overlap in the file")
+    return GGUFFile(path, fields, tensors)
+
+
+# -- which files make one model ------------------------------------------------------------
+
+
+def gguf_files(path: Path) -> list[Path] | None:
+    """The GGUF file(s) of one model at ``path`` (a .gguf file, one part of a split model, or a
+    folder holding one model's .gguf files); None when ``path`` is no GGUF reference."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            return None
+        m = SPLIT.match(path.name)
+        return _split_parts(path.parent, m["base"], int(m["n"])) if m else [path]
+    if not path.is_dir():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if not found:
+        return None
+    models = {}
+    for f in found:
+        m = SPLIT.match(f.name)
+        models.setdefault(m["base"] if m else f.stem, []).append(f)
+    if len(models) > 1:
+        listed = ", ".join(sorted(p.name for p in found))
+        raise CheckpointError(
+            f"{path}: holds several GGUF models ({listed}); give the one you mean as a file"
+        )
+    (parts,) = models.values()
+    m = SPLIT.match(parts[0].name)
+    return _split_parts(path, m["base"], int(m["n"])) if m else parts
+
+
+def _split_parts(folder: Path, base: str, n: int) -> list[Path]:
+    parts = [folder / f"{base}-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder / base}: split GGUF model of {n} parts lacks {', '.join(missing)}"
+        )
+    return parts
+
+
+# -- the checkpoint -------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """How one MLX-named tensor is read from the file."""
+
+    tensor: GGUFTensor
+    permute: int | None = None  # 0: Q rows (num_attention_heads), 1: K rows (num_key_value_heads)
+    shift: bool = False  # Gemma norm: stored 1 + w
+    leading_one: bool = False  # MLX shape (1, n), stored (n,)
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF model seen under MLX-layout names, dequantized tensor by tensor as read.
+
+    ``entries`` holds one TensorEntry per MLX name whose ``dtype`` is the ggml type name
+    (``Q4_K``, ``F16``) and whose byte range is the stored one. ``dtype(name)`` is the stored
+    float type for F32/F16/BF16 tensors and float32 for every quantized one.
+    """
+
+    sources: dict[str, Source] = field(default_factory=dict)
+
+    def is_quantized(self, name: str) -> bool:
+        return False  # not MLX-quantized: get() hands back dequantized values
+
+    def gguf_type(self, name: str) -> str:
+        """The ggml type the tensor is stored as (``Q4_1``, ``F32``)."""
+        return self._source(name).tensor.type.name
+
+    def dtype(self, name: str) -> mx.Dtype:
+        s = self._source(name)
+        if s.shift:  # 1 + w - 1 is computed in float32
+            return mx.float32
+        return FLOAT_TYPES.get(s.tensor.type.name, mx.float32)
+
+    def stored_dtype(self, name: str) -> str:
+        return self.gguf_type(name)
+
+    def raw(self, name: str) -> RawTensor | None:
+        s = self._source(name)
+        if s.tensor.type.name not in FLOAT_TYPES or s.permute is not None or s.shift:
+            return None
+        t = s.tensor
+        return RawTensor(t.file, t.offset, t.nbytes, self.dtype(name), self.shape(name),
+                         lambda: self.get(name))  # fmt: skip
+
+    def get(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
+        """The tensor (dequantized to float32 when stored quantized), optionally cast.
+
+        Reads only this tensor's bytes, through a memory map; MLX receives a copy, so nothing
+        keeps the file mapped once the call returns."""
+        s = self._source(name)
+        if s.tensor.type.name == "BF16":  # numpy has no bfloat16: MLX reads the bits
+            bits = np.array(_map(s.tensor).view(np.uint16))
+            x = mx.array(bits).view(mx.bfloat16).reshape(self.shape(name))
+        else:
+            x = mx.array(self.numpy(name))
+        if s.permute is not None:
+            x = names.unpermute(x, *self._heads(s.permute))
+        return x if dtype is None else x.astype(dtype)
+
+    def numpy(self, name: str) -> np.ndarray:
+        """The tensor as numpy, dequantized with ``gguf.quants.dequantize`` (no permutation
+        undone; BF16 comes back as float32). This is what transformers' GGUF loader reads."""
+        s = self._source(name)
+        t = s.tensor
+        data = _map(t)
+        if t.type.name in ("F32", "F16"):
+            x = data.view(np.float32 if t.type.name == "F32" else np.float16).reshape(t.shape)
+            x = np.array(x)
+        else:
+            x = gguf.quants.dequantize(data.reshape(_byte_shape(t)), t.type)
+        if s.shift:
+            x = x.astype(np.float32) - 1
+        return x.reshape(self.shape(name))
+
+    def _heads(self, which: int) -> tuple[int, int]:
+        heads = int(self.config["num_attention_heads"])
+        kv = int(self.config.get("num_key_value_heads") or heads)
+        return (heads, heads) if which == 0 else (heads, kv)
+
+    def _source(self, name: str) -> Source:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise CheckpointError(f"{self.reference}: no tensor named {name}") from None
+
+
+def _map(t: GGUFTensor) -> np.ndarray:
+    return np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+
+
+def _byte_shape(t: GGUFTensor) -> tuple[int, ...]:
+    return gguf.quants.quant_shape_to_byte_shape(t.shape or (1,), t.type)
+
+
+def open_gguf(reference: str, files: list[Path]) -> GGUFCheckpoint:
+    """Open the GGUF model in ``files`` (one, or a split model's parts in order)."""
+    parsed = [read_gguf_header(f) for f in files]
+    fields = parsed[0].fields
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{files[0]}: no general.architecture in the GGUF metadata")
+    tensors = [t for p in parsed for t in p.tensors]
+    by_name = {t.name: t for t in tensors}
+    if len(by_name) != len(tensors):
+        raise CheckpointError(f"{files[0]}: the split parts repeat a tensor")
+    embd = by_name.get("token_embd.weight")
+    config = names.config_from_metadata(arch, fields, set(by_name), embd.shape[0] if embd else None)
+    model_type = config["model_type"]
+    n_blocks = int(config.get("num_hidden_layers") or 0)
+    to_mlx = names.gguf_to_mlx_map(model_type, n_blocks)
+    sources: dict[str, Source] = {}
+    for t in tensors:
+        if t.name in names.SKIPPED:
+            continue
+        mlx = to_mlx.get(t.name)
+        if mlx is None:
+            raise CheckpointError(
+                f"{t.file}: tensor {t.name} has no known {model_type} counterpart "
+                f"(architecture {arch}, {n_blocks} blocks); is the file complete and supported?"
+            )
+        sources[mlx] = Source(
+            t, names.permute_heads(model_type, mlx), names.norm_shifted(model_type, mlx),
+            names.leading_one(mlx),
+        )  # fmt: skip
+    if not sources:
+        raise CheckpointError(f"{files[0]}: holds no tensors")
+    config["torch_dtype"] = _float_name(tensors)
+    entries = {}
+    for mlx, s in sources.items():
+        t = s.tensor
+        shape = (1, *t.shape) if s.leading_one else t.shape
+        entries[mlx] = TensorEntry(mlx, t.type.name, shape, t.file, t.offset, t.offset + t.nbytes)
+    folder = sidecar_folder(files, fields, config)
+    meta = {"format": "gguf", "gguf_architecture": arch}
+    ckpt = GGUFCheckpoint(
+        str(reference), folder, config, entries, files, None, meta, sources=sources
+    )
+    _check_heads(ckpt)
+    return ckpt
+
+
+def _check_heads(ckpt: GGUFCheckpoint) -> None:
+    for name, s in ckpt.sources.items():
+        if s.permute is None:
+            continue
+        if "num_attention_heads" not in ckpt.config:
+            raise CheckpointError(
+                f"{s.tensor.file}: no attention.head_count in the metadata; cannot undo "
+                f"llama.cpp's row permutation of {s.tensor.name}"
+            )
+        heads = ckpt._heads(s.permute)[s.permute]
+        if ckpt.shape(name)[0] % (2 * heads):
+            raise CheckpointError(
+                f"{s.tensor.file}: {s.tensor.name} has {ckpt.shape(name)[0]} rows, not a "
+                f"multiple of 2 × {heads} heads"
+            )
+
+
+def _float_name(tensors: list[GGUFTensor]) -> str:
+    kinds = {t.type.name for t in tensors}
+    if "BF16" in kinds:
+        return "bfloat16"
+    return "float32" if kinds <= {"F32"} else "float16"
+
+
+# -- the folder holding config.json and the tokenizer ---------------------------------------
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("MLXMERGE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "mlxmerge"
+
+
+def sidecar_folder(files: list[Path], fields: dict, config: dict) -> Path:
+    """A folder with config.json and the tokenizer files of the GGUF model in ``files``.
+
+    Cached per (file, size, mtime) under ``$MLXMERGE_CACHE`` or ``~/.cache/mlxmerge``, written
+    atomically; a temporary folder when the cache is not writable."""
+    from mlxmerge.io.gguf_tokenizer import write_tokenizer
+
+    st = files[0].stat()
+    key = f"{files[0].resolve()}|{st.st_size}|{st.st_mtime_ns}|{SIDECAR_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = _cache_root() / "gguf" / f"{files[0].stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    except OSError:
+        tmp = target = Path(tempfile.mkdtemp(prefix="mlxmerge-gguf-"))
+    try:
+        write_tokenizer(fields, tmp, config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tmp != target:
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process built it first
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if tmp != target:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# -- forward passes ---------------------------------------------------------------------------
+
+
+def load_mlx_lm_gguf(ckpt: GGUFCheckpoint, adapter_path: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` for a GGUF checkpoint: the mlx-lm model class built from the
+    config, its weights taken from the checkpoint tensor by tensor (no converted copy on disk).
+
+    Weights are float32 on the CPU (MLX's CPU kernels compute in float32 anyway), float16 on a
+    GPU; F16/BF16 tensors keep their stored type. ``adapter_path`` applies an mlx-lm LoRA adapter.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import _get_classes, load_tokenizer
+
+    config = dict(ckpt.config)
+    model_class, args_class = _get_classes(config=config)
+    model = model_class(args_class.from_dict(config))
+    wide = mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.float16
+    weights = {}
+    for name in ckpt.names():
+        stored = ckpt.dtype(name)
+        x = ckpt.get(name, stored if stored != mx.float32 else wide)
+        mx.eval(x)  # one tensor at a time: the dequantization temporaries do not pile up
+        weights[name] = x
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if adapter_path:
+        model = load_adapters(model, str(adapter_path))
+    model.eval()
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(ckpt.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return model, tokenizer
