@@ -9,6 +9,7 @@ import logging
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.evaluate import quiet_length_warning
 from mlxmerge.cli.progress import is_quiet, progress_bar
 from mlxmerge.io.writer import parse_size
@@ -72,6 +73,7 @@ def sae():
     "--dtype", default="float32", type=click.Choice(["float32", "float16"]), show_default=True
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def collect(model, layer, data, tokens, out, context_size, dtype, force):
     """Cache residual-stream activations of MODEL at one or more layers."""
     from mlxmerge.sae import collect as run
@@ -112,6 +114,7 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 @click.option("--l1-coefficient", default=5.0, show_default=True, help="relu only: L1 weight.")
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
           auxk_alpha, dead_tokens, l1_coefficient, log_every, force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
@@ -139,6 +142,7 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
               help="Tokens per row [the SAE's own, from its cfg.json; else 128].")  # fmt: skip
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@compute_dtype_option
 def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
     """FVU, explained variance, L0, dead latents and loss recovered with the SAE spliced in."""
     from mlxmerge.sae import evaluate_sae
@@ -166,6 +170,7 @@ def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
 )
 @click.option("--tokens", default="20K", callback=_size, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def features(sae_path, model, data, out, features, n_features, tokens, force):
     """Write a browsable HTML + JSON report of latents: contexts, density, logit lens."""
     from mlxmerge.sae import feature_report
@@ -188,6 +193,7 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.option("--max-tokens", default=40, show_default=True)
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@compute_dtype_option
 def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat):
     """Generate with a feature added, clamped or ablated, next to the plain output."""
     from mlxmerge.sae import steer as run
