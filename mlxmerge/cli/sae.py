@@ -148,9 +148,9 @@ def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
     from mlxmerge.sae import evaluate_sae
 
     quiet_length_warning()
-    result = evaluate_sae(
-        sae_path, model, data, tokens=tokens, context_size=context_size, layer=layer
-    )
+    with progress_bar(tokens, "sae eval", "tok") as bar:
+        result = evaluate_sae(sae_path, model, data, tokens=tokens, context_size=context_size,
+                              layer=layer, progress=bar.update)  # fmt: skip
     warnings = [] if as_json else result.pop("warnings")  # JSON keeps them as a field
     _print(result, as_json)
     for w in warnings:
@@ -177,8 +177,10 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 
     quiet_length_warning()
 
-    report = feature_report(sae_path, model, data, out, features=list(features) or None,
-                            n_features=n_features, tokens=tokens, force=force)  # fmt: skip
+    with progress_bar(tokens, "features", "tok") as bar:
+        report = feature_report(sae_path, model, data, out, features=list(features) or None,
+                                n_features=n_features, tokens=tokens, force=force,
+                                progress=bar.update)  # fmt: skip
     click.echo(f"{len(report['features'])} features -> {out}/index.html")
 
 

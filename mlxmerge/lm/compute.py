@@ -99,7 +99,7 @@ def to_compute_dtype(model: nn.Module, name: str | None = None, *, label: str = 
     result = "float32" if mx.float32 in now else _name(next(iter(now), mx.float32))
     was = "/".join(sorted(_name(d) for d in stored)) or "no floating"
     if target is None and not experts:
-        log.info("%s: %s weights compute as stored (%.0f MB)", label, was, before / 1e6)
+        log.info("%s: %s weights compute as stored (%.3g MB)", label, was, before / 1e6)
         return result
     where = "the CPU" if _on_cpu() else "the GPU"
     what = [f"{was} weights compute in {_name(target)} on {where}"] if target is not None else []
@@ -108,7 +108,7 @@ def to_compute_dtype(model: nn.Module, name: str | None = None, *, label: str = 
         what[0] += " (MLX's CPU matmul is fast in float32 only; --compute-dtype to change)"
     if experts and not to_f32:
         what.append(f"{experts} MoE expert layers in float32 (MLX's CPU gather_mm needs it)")
-    log.info("%s: %s: %.0f MB of weights instead of %.0f MB", label, "; ".join(what),
+    log.info("%s: %s: %.3g MB of weights instead of %.3g MB", label, "; ".join(what),
              after / 1e6, before / 1e6)  # fmt: skip
     return result
 

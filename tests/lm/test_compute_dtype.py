@@ -64,7 +64,9 @@ def test_bf16_model_computes_in_float32_on_cpu_and_file_is_untouched(bf16_llama,
     msg = " ".join(r.getMessage() for r in caplog.records)
     # The log says what it did and the memory it costs: float32 is twice bf16.
     mb = [float(w) for w in msg.replace("MB", " MB").split() if w.replace(".", "").isdigit()]
-    assert "bfloat16 weights compute in float32 on the CPU" in msg and mb[0] == 2 * mb[1]
+    assert "bfloat16 weights compute in float32 on the CPU" in msg and mb[0] == pytest.approx(
+        2 * mb[1], rel=0.01
+    )
     assert hashlib.sha256((bf16_llama / "model.safetensors").read_bytes()).hexdigest() == before
 
 
