@@ -113,10 +113,12 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 )
 @click.option("--l1-coefficient", default=5.0, show_default=True, help="relu only: L1 weight.")
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
+@click.option("--buffer", "buffer_tokens", callback=_size,
+              help="On the fly: tokens in the shuffled activation buffer [16 x --batch-size].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @compute_dtype_option
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
-          auxk_alpha, dead_tokens, l1_coefficient, log_every, force):  # fmt: skip
+          auxk_alpha, dead_tokens, l1_coefficient, log_every, buffer_tokens, force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
     if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
@@ -128,6 +130,7 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
         result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
                      architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
                      log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
+                     buffer_tokens=buffer_tokens,
                      auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
                      l1_coefficient=l1_coefficient)  # fmt: skip
     _print(result, False)
