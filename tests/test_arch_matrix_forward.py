@@ -238,7 +238,7 @@ def test_issue_rows_through_the_cli(models, tmp_path):
     r = run(cli, ["eval", gemma2, "--task", str(tmp_path / "gen.jsonl"), "--chat",
                   "--max-tokens", "3", "--batch-size", "4", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["results"][0]["metrics"]["items"] == len(PROMPTS)
+    assert json.loads(r.stdout)["results"][0]["metrics"]["items"] == len(PROMPTS)
     args = ["abliterate", qwen2, "--harmful", str(harmful), "--harmless", str(harmless),
             "--batch-size", "4", "--max-tokens", "2", "--no-eval"]  # fmt: skip
     r = run(cli, [*args, "-o", str(tmp_path / "a")])

@@ -269,7 +269,7 @@ def test_frankenmerge_gpt2_cli_dry_run_and_run(zoo, tmp_path):
     args = ["frankenmerge", "--slice", f"{a}:0-3", "--slice", f"{b}:1-4"]
     dry = CliRunner().invoke(cli, [*args, "--dry-run", "--json"])
     assert dry.exit_code == 0, dry.output
-    assert json.loads(dry.output)["output_layers"] == 6
+    assert json.loads(dry.stdout)["output_layers"] == 6
     res = CliRunner().invoke(
         cli, [*args, "-o", str(tmp_path / "x"), "--format", "hf", "--out-dtype", "float32"]
     )

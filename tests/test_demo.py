@@ -14,7 +14,7 @@ def test_demo_runs_offline_and_every_output_loads(tmp_path):
 
     r = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo"), "--json"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     before, after = report["abliteration"]["refusal rate on held-out harmful prompts"].split(" -> ")
     assert int(before.rstrip("%")) >= 90 and int(after.rstrip("%")) <= 10
     assert float(report["abliteration"]["first-token KL on harmless prompts"]) <= 0.1

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.models import FORMAT_HELP, LAYOUT, allow_nonfinite_option, gguf_type_option
 from mlxmerge.cli.progress import progress_bar
 
@@ -131,6 +132,7 @@ def _with(options):
 @click.option("--no-eval", is_flag=True, help="Skip the before/after evaluation on test prompts.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @allow_nonfinite_option
+@compute_dtype_option
 def abliterate(model, output, harmful, harmless, column, system, template, max_tokens, batch_size,
                markers, as_json, layers, direction_layer, strength, trials, pick, seed, projected,
                norm_preserving, embeddings, dtype, layout, gguf_type, bits, group_size, adapter,
@@ -197,6 +199,7 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
     "--text", "text", type=click.Path(), help="Text file (one document per line) for perplexity."
 )
 @click.option("--limit", type=int, help="Use only the first N prompts of each set.")
+@compute_dtype_option
 def refusals(model, compare, harmful, harmless, column, system, template, max_tokens, batch_size,
              markers, as_json, text, limit):  # fmt: skip
     """Refusal rate of MODEL on harmful prompts, false refusals on harmless ones, KL vs --compare."""

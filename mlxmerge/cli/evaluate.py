@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.merge import quantize_kwargs, quantize_options
 from mlxmerge.cli.models import DTYPE, LAYOUT, gguf_type_option
 from mlxmerge.cli.progress import labelled_steps, progress_bar
@@ -168,6 +169,7 @@ def write_plot(report: dict, path: str | Path) -> Path:
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="With --samples: write accuracy against tokens generated to this PNG.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
+@compute_dtype_option
 def eval_cmd(models, tasks, plot, as_json, **kw):
     """Score MODELS on task files and rank them (perplexity, multiple choice, exact match)."""
     from mlxmerge.eval.scoring import evaluate
@@ -225,6 +227,7 @@ def eval_cmd(models, tasks, plot, as_json, **kw):
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quantize_options
+@compute_dtype_option
 def soup(models, greedy, uniform, as_json, quantize_bits, group_size, **kw):
     """Average fine-tunes of one base into a soup, chosen on a held-out task (--eval)."""
     import yaml

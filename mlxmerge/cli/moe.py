@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.models import FORMAT_HELP, LAYOUT, gguf_type_option, human_bytes
 from mlxmerge.cli.progress import progress_bar
 
@@ -43,6 +44,7 @@ from mlxmerge.cli.progress import progress_bar
     is_flag=True,
     help="Allow every expert to be the same model (mergekit's flag).",
 )
+@compute_dtype_option
 def moe_cmd(config, out, output, dry_run, layout, gguf_type, seed, batch_size, shard_size, force,
             allow_all_same):  # fmt: skip
     """Build a mixture of experts from a mergekit-moe CONFIG into OUT (or -o OUT)."""

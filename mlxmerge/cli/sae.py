@@ -9,6 +9,7 @@ import logging
 import click
 
 from mlxmerge.cli import cli
+from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.evaluate import quiet_length_warning
 from mlxmerge.cli.progress import is_quiet, progress_bar
 from mlxmerge.io.writer import parse_size
@@ -72,6 +73,7 @@ def sae():
     "--dtype", default="float32", type=click.Choice(["float32", "float16"]), show_default=True
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def collect(model, layer, data, tokens, out, context_size, dtype, force):
     """Cache residual-stream activations of MODEL at one or more layers."""
     from mlxmerge.sae import collect as run
@@ -111,9 +113,12 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 )
 @click.option("--l1-coefficient", default=5.0, show_default=True, help="relu only: L1 weight.")
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
+@click.option("--buffer", "buffer_tokens", callback=_size,
+              help="On the fly: tokens in the shuffled activation buffer [16 x --batch-size].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
-          auxk_alpha, dead_tokens, l1_coefficient, log_every, force):  # fmt: skip
+          auxk_alpha, dead_tokens, l1_coefficient, log_every, buffer_tokens, force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
     if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
@@ -125,6 +130,7 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
         result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
                      architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
                      log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
+                     buffer_tokens=buffer_tokens,
                      auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
                      l1_coefficient=l1_coefficient)  # fmt: skip
     _print(result, False)
@@ -139,14 +145,15 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
               help="Tokens per row [the SAE's own, from its cfg.json; else 128].")  # fmt: skip
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@compute_dtype_option
 def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
     """FVU, explained variance, L0, dead latents and loss recovered with the SAE spliced in."""
     from mlxmerge.sae import evaluate_sae
 
     quiet_length_warning()
-    result = evaluate_sae(
-        sae_path, model, data, tokens=tokens, context_size=context_size, layer=layer
-    )
+    with progress_bar(tokens, "sae eval", "tok") as bar:
+        result = evaluate_sae(sae_path, model, data, tokens=tokens, context_size=context_size,
+                              layer=layer, progress=bar.update)  # fmt: skip
     warnings = [] if as_json else result.pop("warnings")  # JSON keeps them as a field
     _print(result, as_json)
     for w in warnings:
@@ -166,14 +173,17 @@ def evaluate(sae_path, model, data, tokens, context_size, layer, as_json):
 )
 @click.option("--tokens", default="20K", callback=_size, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@compute_dtype_option
 def features(sae_path, model, data, out, features, n_features, tokens, force):
     """Write a browsable HTML + JSON report of latents: contexts, density, logit lens."""
     from mlxmerge.sae import feature_report
 
     quiet_length_warning()
 
-    report = feature_report(sae_path, model, data, out, features=list(features) or None,
-                            n_features=n_features, tokens=tokens, force=force)  # fmt: skip
+    with progress_bar(tokens, "features", "tok") as bar:
+        report = feature_report(sae_path, model, data, out, features=list(features) or None,
+                                n_features=n_features, tokens=tokens, force=force,
+                                progress=bar.update)  # fmt: skip
     click.echo(f"{len(report['features'])} features -> {out}/index.html")
 
 
@@ -188,6 +198,7 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.option("--max-tokens", default=40, show_default=True)
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@compute_dtype_option
 def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat):
     """Generate with a feature added, clamped or ablated, next to the plain output."""
     from mlxmerge.sae import steer as run

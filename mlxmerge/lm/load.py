@@ -9,6 +9,7 @@ from mlx import nn
 
 from mlxmerge.errors import MlxmergeError
 from mlxmerge.io import Checkpoint, open_checkpoint
+from mlxmerge.lm.compute import to_compute_dtype
 
 
 def load(
@@ -23,6 +24,7 @@ def load(
     adapter folder. Raises ``CheckpointError`` for a folder that is not a model,
     ``MlxmergeError`` for an architecture mlx-lm lacks and ``NonFiniteError`` naming the first
     parameter that holds NaN/Inf (a bit test of the loaded buffers, no second read of the files).
+    Weights are cast to the compute dtype as they are read (``lm.compute``: float32 on a CPU).
     """
     import mlx_lm
 
@@ -35,10 +37,10 @@ def load(
     if adapter_path and isinstance(ckpt, GGUFCheckpoint):
         model, tokenizer = load_mlx_lm_gguf(ckpt, adapter_path)
     elif adapter_path:
-        model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path))
+        model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path), lazy=True)
     else:
-        model, tokenizer = load_mlx_lm(ckpt)
-    experts_to_float32(model)
+        model, tokenizer = load_mlx_lm(ckpt, lazy=True)
+    to_compute_dtype(model, label=str(ckpt.reference))  # lazy: check_finite reads each cast once
     check_finite(model, str(ckpt.reference), verb)
     return model, tokenizer
 
@@ -55,27 +57,6 @@ def check_finite(model: nn.Module, name: str, verb: str) -> None:
     for key, x in tree_flatten(model.parameters()):
         mx.eval(x)
         guard.check_input(name, key, x)
-
-
-def experts_to_float32(model: nn.Module) -> int:
-    """Cast stacked (unquantized) MoE expert weights to float32 when running on the CPU.
-
-    MLX's CPU ``gather_mm`` (which mlx-lm's ``SwitchLinear`` calls) only supports float32, so a
-    bf16/fp16 MoE model (every merge's default output dtype) fails its first forward pass with
-    ``[GatherMM::eval] Currently only supports float32``. Quantized experts (``gather_qmm``) and
-    GPU devices are left as they are. Returns how many modules were cast.
-    """
-    import mlx.core as mx
-    from mlx_lm.models.switch_layers import SwitchLinear
-
-    if mx.default_device().type != mx.DeviceType.cpu:
-        return 0
-    cast = 0
-    for _, module in model.named_modules():
-        if isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32:
-            module.set_dtype(mx.float32)
-            cast += 1
-    return cast
 
 
 def check_supported(model_type: str | None, verb: str) -> None:

@@ -129,12 +129,13 @@ def open_fused(reference: str) -> FusedCheckpoint | None:
     return fuse_checkpoint(open_checkpoint(parts[0]), parts[1], str(reference))
 
 
-def load_mlx_lm(ckpt: Checkpoint):
+def load_mlx_lm(ckpt: Checkpoint, lazy: bool = False):
     """``(model, tokenizer)`` through mlx-lm, with a fused checkpoint's adapter applied.
 
     Forward-pass code (eval, abliteration) must not load ``ckpt.path`` alone: for ``base+adapter``
     that is the base without the adapter. mlx-lm adapters load as mlx-lm LoRA layers; PEFT ones
-    are fused into the base's float weights as they are read."""
+    are fused into the base's float weights as they are read. ``lazy`` leaves the weights
+    unevaluated (mlx-lm's ``lazy``), so a caller can cast them as they are read."""
     import mlx_lm
     from mlx.utils import tree_flatten
 
@@ -143,11 +144,11 @@ def load_mlx_lm(ckpt: Checkpoint):
     if isinstance(ckpt, GGUFCheckpoint):  # no safetensors to load: built from its tensors
         return load_mlx_lm_gguf(ckpt)
     if not isinstance(ckpt, FusedCheckpoint):
-        return mlx_lm.load(str(ckpt.path))
+        return mlx_lm.load(str(ckpt.path), lazy=lazy)
     adapter = ckpt.adapter
     if adapter.format == "mlx":
-        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path))
-    model, tokenizer = mlx_lm.load(str(ckpt.path))
+        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path), lazy=lazy)
+    model, tokenizer = mlx_lm.load(str(ckpt.path), lazy=lazy)
     params = dict(tree_flatten(model.parameters()))
     weights = []
     for name in sorted(ckpt.fused):
@@ -159,5 +160,6 @@ def load_mlx_lm(ckpt: Checkpoint):
             )
         weights.append((name, ckpt.get(name, params[name].dtype)))
     model.load_weights(weights, strict=False)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model, tokenizer

@@ -35,7 +35,7 @@ from mlxmerge.eval.scoring import (
 )
 from mlxmerge.eval.tasks import Task, load_task
 from mlxmerge.io.dtypes import parse_float_dtype
-from mlxmerge.lm.load import experts_to_float32
+from mlxmerge.lm.compute import to_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ class _Builder:
             weights = model.sanitize(weights)
         model.load_weights(list(weights.items()), strict=True)
         model.eval()
-        experts_to_float32(model)  # as lm.load does: the CPU cannot run bf16 stacked experts
+        # Scored as lm.load runs any model (float32 on a CPU), after the cast to the soup's dtype.
+        to_compute_dtype(model, label="candidate soup")
+        mx.eval(model.parameters())
         return model
 
     def close(self):

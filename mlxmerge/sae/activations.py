@@ -297,14 +297,3 @@ class ArraySource:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self.acts[rng.choice(len(self.acts), min(n, len(self.acts)), replace=False)]
-
-
-def collect_in_memory(model, tokenizer, texts: list[str], layer: int, *, tokens: int,
-                      context_size: int = 128, progress=None) -> ArraySource:  # fmt: skip
-    parts = []
-    for acts, ids, _ in iter_activations(model, tokenizer, texts, [layer], tokens=tokens,
-                                         context_size=context_size):  # fmt: skip
-        parts.append(acts[layer])
-        if progress is not None:
-            progress(len(ids))
-    return ArraySource(np.concatenate(parts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -61,9 +62,10 @@ def _kl(clean: mx.array, other: mx.array, mask: mx.array) -> float:
 def evaluate_sae(
     sae: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike, *,
     tokens: int = 20_000, context_size: int | None = None, batch_rows: int = 8,
-    layer: int | None = None,
+    layer: int | None = None, progress: Callable[[int], None] | None = None,
 ) -> dict:  # fmt: skip
     """Reconstruction (FVU, EV, legacy EV), L0, dead/dense latents and spliced-in CE/KL.
+    ``progress(n)`` is called with the tokens scored by each batch.
 
     ``context_size``: tokens per row; None takes the SAE's own (``metadata.context_size`` in its
     cfg.json, else 128): an SAE scored on other context lengths than it was trained on scores
@@ -110,6 +112,8 @@ def evaluate_sae(
         kl[0] += _kl(clean[:, :-1].astype(mx.float32), spliced[:, :-1].astype(mx.float32), mask)
         kl[1] += _kl(clean[:, :-1].astype(mx.float32), zeroed[:, :-1].astype(mx.float32), mask)
         mx.clear_cache()
+        if progress is not None:
+            progress(len(sel))
     result = stats.result()
     ce_clean, ce_sae, ce_zero = (ce[:, 0] / np.maximum(ce[:, 1], 1)).tolist()
     denom = ce_zero - ce_clean

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -35,8 +36,10 @@ def feature_report(
     out: str | os.PathLike, *, features: list[int] | None = None, n_features: int = 50,
     tokens: int = 20_000, context_size: int = 128, top_contexts: int = 10, window: int = 8,
     top_tokens: int = 10, layer: int | None = None, force: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:  # fmt: skip
-    """Write ``features.json`` and ``index.html`` to ``out``; returns the JSON content."""
+    """Write ``features.json`` and ``index.html`` to ``out``; returns the JSON content.
+    ``progress(n)`` is called with the tokens encoded by each batch."""
     cfg, params = load_sae(sae)
     texts = read_texts(data)
     target = check_output(out, inputs=[sae, model], force=force)
@@ -55,6 +58,8 @@ def feature_report(
         acts.append(z)
         ids.append(t)
         index.append(i)
+        if progress is not None:
+            progress(len(t))
     z, ids, index = np.concatenate(acts), np.concatenate(ids), np.concatenate(index)
     density = fired / len(ids)
     chosen = (

@@ -15,10 +15,12 @@ from mlxmerge.io.output import check_output
 from mlxmerge.sae.activations import (
     ActivationStore,
     check_layers,
-    collect_in_memory,
+    iter_activations,
     load_model,
+    pack_sequences,
     read_texts,
 )
+from mlxmerge.sae.buffer import MixingBuffer
 from mlxmerge.sae.metrics import ReconstructionStats
 from mlxmerge.sae.model import SAEError, decode, encode
 from mlxmerge.sae.plot import training_curve
@@ -33,9 +35,13 @@ def train(
     layer: int | None = None, data: str | os.PathLike | None = None, k: int = 32, expansion: int = 8,
     architecture: str = "topk", tokens: int = 2_000_000, batch_size: int = 4096, lr: float | None = None,
     seed: int = 0, context_size: int = 128, log_every: int = 50, collect_tokens: int | None = None,
-    force: bool = False, progress=None, **train_options,
+    buffer_tokens: int | None = None, force: bool = False, progress=None, **train_options,
 ) -> dict:  # fmt: skip
     """Train from ``acts`` (a ``sae collect`` folder) or on the fly from ``model`` + ``layer`` + ``data``.
+
+    On the fly, activations stream through a shuffled ``MixingBuffer`` of ``buffer_tokens``
+    (default ``16 × batch_size``), refilled by forward passes: memory does not grow with
+    ``tokens``. ``collect_tokens`` caps the tokens read from ``data`` per pass (it repeats).
 
     Writes an SAELens folder with ``history.json`` and ``training_curve.png``; returns the final
     log row plus held-out reconstruction metrics.
@@ -60,11 +66,10 @@ def train(
         texts = read_texts(data)
         m, tok = load_model(model)
         check_layers(m, [layer])
-        n = collect_tokens or tokens
-        source = collect_in_memory(m, tok, texts, layer, tokens=n, context_size=context_size)
+        source = _streaming_source(m, tok, texts, layer, collect_tokens or tokens, context_size,
+                                   buffer_tokens or 16 * batch_size)  # fmt: skip
         meta = {"model_name": str(Path(model).expanduser().resolve()), "quantization": _quant(model),
                 "dataset_path": str(data), "context_size": context_size}  # fmt: skip
-        del m
     if tc.k > tc.d_sae_for(source.d_in):
         raise SAEError(f"k={k} is larger than d_sae={tc.d_sae_for(source.d_in)}; "
                        "lower --k or raise --expansion")  # fmt: skip
@@ -87,6 +92,30 @@ def train(
                  force=force)  # fmt: skip
     summary["out"] = str(out)
     return summary
+
+
+def _streaming_source(model, tokenizer, texts, layer, tokens, context_size, buffer_tokens):
+    """A ``MixingBuffer`` fed by forward passes over ``texts`` (at most ``tokens`` per pass)."""
+    from mlxmerge.lm.chat import special_ids
+    from mlxmerge.lm.load import hidden_size
+
+    seqs = pack_sequences(tokenizer, texts, context_size, tokens)
+    skip = np.array(sorted(special_ids(tokenizer)), dtype=np.int32)
+    per_pass = min(tokens, int((~np.isin(seqs, skip)).sum()))
+
+    def stream():
+        for acts, _, _ in iter_activations(model, tokenizer, texts, [layer], tokens=tokens,
+                                           context_size=context_size):  # fmt: skip
+            yield acts[layer]
+
+    buffer_tokens = min(buffer_tokens, max(per_pass, 2))  # all the data fits: hold it all
+    d_in = hidden_size(model)
+    if d_in is None:  # an architecture that names its width otherwise: one forward pass says
+        d_in = next(stream()).shape[1]
+    buffer = MixingBuffer(stream, d_in, buffer_tokens, tokens_per_pass=per_pass)
+    log.info("on-the-fly activations: a shuffled buffer of %d tokens (%.0f MB), refilled by "
+             "forward passes", buffer_tokens, buffer.nbytes / 1e6)  # fmt: skip
+    return buffer
 
 
 def reconstruction_metrics(cfg, params, x: np.ndarray, batch: int = 4096) -> dict:

@@ -28,7 +28,7 @@ def test_refusals_command_compares_two_models(refuser, abliterated):
             "--batch-size", "32"]  # fmt: skip
     res = CliRunner().invoke(cli, [*args, "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     edited, base = data["models"][str(out)], data["models"][str(refuser)]
     assert base["refusal_rate"] >= 0.9 and edited["refusal_rate"] <= 0.1
     assert 0 <= edited["kl_vs_compare"] and 0 <= edited["same_harmless_answers"] <= 1
@@ -43,7 +43,7 @@ def test_refusals_with_markers_and_perplexity(refuser, tmp_path):
                                    "--text", str(tmp_path / "t.txt"), "--limit", "10",
                                    "--max-tokens", "12", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    row = json.loads(res.output)["models"][str(refuser)]
+    row = json.loads(res.stdout)["models"][str(refuser)]
     # With "sure" as the only marker the helpful answers count as refusals and refusals do not.
     assert row["harmless_refusal_rate"] >= 0.9 and row["refusal_rate"] <= 0.1
     assert row["perplexity"] > 1.0

@@ -226,7 +226,7 @@ def test_cli_eval_ranks_models_and_writes_json(family, files):
             "--task", str(files / "mc.jsonl")]  # fmt: skip
     res = runner.invoke(cli, [*args, "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     ppl = {r["model"]: r["score"] for r in report["results"] if r["task"] == "text"}
     assert report["ranking"]["text"] == sorted(ppl, key=ppl.get)
     assert {r["task"] for r in report["results"]} == {"text", "mc"}

@@ -98,7 +98,7 @@ def test_task_arithmetic_of_two_adapters_on_a_quantized_base(family, tmp_path):
 def test_inspect_describes_adapters_and_bad_references(family, tmp_path):
     mlx_lm_adapter(family["base"], tmp_path / "a", seed=4)
     res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--json"])
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert info["kind"] == "adapter" and info["format"] == "mlx"
     assert (
         info["modules"] == ["down_proj", "q_proj"]
@@ -132,7 +132,7 @@ def test_inspect_check_scans_an_adapter_for_nonfinite_entries(family, tmp_path):
     mx.save_safetensors(str(weights), {k: mx.array(v) for k, v in lora.items()})
     res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--check", "--json"])
     assert res.exit_code == 1
-    assert json.loads(res.output)["nonfinite"] == [{"tensor": key, "nan": 1, "inf": 1}]
+    assert json.loads(res.stdout)["nonfinite"] == [{"tensor": key, "nan": 1, "inf": 1}]
 
 
 def test_forward_pass_loading_applies_the_adapter(family, lowrank, tmp_path):

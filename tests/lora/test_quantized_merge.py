@@ -94,7 +94,7 @@ def test_dry_run_sizes_the_quantized_output(family, tmp_path):
         "--dry-run",
         "--json",
     ]
-    flt = json.loads(run(*common, "--out-dtype", "float32").output)
+    flt = json.loads(run(*common, "--out-dtype", "float32").stdout)
     q = json.loads(
         run(*common, "--out-dtype", "float32", "--quantize", "4", "--group-size", "32").output
     )

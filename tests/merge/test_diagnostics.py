@@ -40,7 +40,7 @@ def test_divergent_models_are_flagged(family, tmp_path):
     r = CliRunner().invoke(cli, ["diff", str(family["model_a"]), str(family["stranger"]),
                                  "--base", str(family["base"]), "--json", "--plot", str(tmp_path / "d.png")])  # fmt: skip
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     assert report["overall"]["cosine"] < 0.9
     assert any("do not look like fine-tunes" in w for w in report["warnings"])
     assert any("likely a different base" in w for w in report["warnings"])

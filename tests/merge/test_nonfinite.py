@@ -123,7 +123,7 @@ def test_convert_checks_inputs_and_fp16_overflow(family, broken, tmp_path):
 def test_inspect_check_lists_tensors_with_counts(family, broken):
     res = CliRunner().invoke(cli, ["inspect", "--check", "--json", str(broken[mx.bfloat16])])
     assert res.exit_code == 1
-    assert json.loads(res.output)["nonfinite"] == [{"tensor": BROKEN, "nan": 1, "inf": 1}]
+    assert json.loads(res.stdout)["nonfinite"] == [{"tensor": BROKEN, "nan": 1, "inf": 1}]
     clean = CliRunner().invoke(cli, ["inspect", "--check", str(family["model_a"])])
     assert clean.exit_code == 0 and "non-finite: none" in clean.output
 

@@ -124,7 +124,7 @@ def test_dry_run_writes_nothing(family, tmp_path):
     r = run(
         "ties", "--base", family["base"], family["model_a"], "--weight", "1", "--dry-run", "--json"
     )
-    plan = json.loads(r.output)
+    plan = json.loads(r.stdout)
     assert plan["output_tensors"] == len(open_checkpoint(family["base"]).names())
 
 

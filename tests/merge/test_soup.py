@@ -143,7 +143,7 @@ def test_cli_soup(kitchen, tmp_path):
         cli, ["soup", *models[1:], "--eval", str(kitchen["held"]), "--uniform", "--json"]
     )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["method"] == "uniform"
+    assert json.loads(res.stdout)["method"] == "uniform"
     res = runner.invoke(cli, ["soup", models[1], "--eval", str(kitchen["held"])])
     assert res.exit_code == 1 and "Error: a soup needs at least two models" in res.output
 

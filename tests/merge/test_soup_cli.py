@@ -49,7 +49,7 @@ def test_soup_reports_progress_per_candidate(family, tmp_path, monkeypatch):
         cli, ["soup", a, b, "--eval", str(task), "--uniform", "--max-length", "8", "--json"]
     )
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["method"] == "uniform"
+    assert json.loads(r.stdout)["method"] == "uniform"
     # one label per candidate scored: each model alone, then the soup of both
     labels = list(dict.fromkeys(d for d, _, _ in log))
     assert labels == [f"score {a}", f"score {b}", "score soup of 2"]

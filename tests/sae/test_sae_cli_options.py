@@ -55,11 +55,11 @@ def test_eval_scores_at_the_sae_own_context_size(trained_sae, tiny_model, text_f
     base = ["sae", "eval", folder, tiny_model, "--data", text_file, "--tokens", "300", "--json"]
     r = run(*base)
     assert r.exit_code == 0, r.output
-    default = json.loads(r.output)
+    default = json.loads(r.stdout)
     assert default["context_size"] == own
     r = run(*base, "--context-size", "32")
     assert r.exit_code == 0, r.output
-    shorter = json.loads(r.output)
+    shorter = json.loads(r.stdout)
     assert shorter["context_size"] == 32 and shorter["fvu"] != default["fvu"]
 
 
@@ -76,7 +76,7 @@ def test_eval_warns_when_zero_ablation_beats_the_clean_model(tmp_path, tiny_mode
     vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
     r = run("sae", "eval", folder, tiny_model, "--data", text_file, "--tokens", "300", "--json")
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)
     assert res["ce_zero"] == pytest.approx(math.log(vocab), abs=0.05)
     assert res["ce_zero"] <= res["ce_clean"]
     assert len(res["warnings"]) == 1 and "loss_recovered is meaningless" in res["warnings"][0]

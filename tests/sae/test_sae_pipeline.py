@@ -147,7 +147,7 @@ def test_cli_end_to_end(tmp_path, tiny_model, text_file, trained_sae):
     r = run(cli, ["sae", "eval", str(trained_sae[0]), str(tiny_model), "--data", str(text_file),
                   "--tokens", "300", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "loss_recovered" in json.loads(r.output)
+    assert "loss_recovered" in json.loads(r.stdout)
     r = run(cli, ["sae", "features", str(trained_sae[0]), str(tiny_model), "--data", str(text_file),
                   "-o", str(tmp_path / "rep"), "--feature", "1", "--feature", "2", "--tokens", "300"])  # fmt: skip
     assert r.exit_code == 0, r.output
