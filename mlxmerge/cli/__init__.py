@@ -70,6 +70,7 @@ def _register() -> None:
         "evaluate",
         "demo",
         "lora",
+        "evolve",
     ):
         try:
             importlib.import_module(f"mlxmerge.cli.{name}")

@@ -70,35 +70,42 @@ def _skeleton(config: dict):
     return module.Model(module.ModelArgs.from_dict(config))
 
 
-class _Builder:
-    """Builds the uniform soup of a list of models, in memory or through a temporary folder."""
+class CandidateBuilder:
+    """Builds merge candidates of one set of models, in memory or through a temporary folder.
 
-    def __init__(self, models: Sequence[str], dtype: str, in_memory: bool | None):
+    ``recipe`` is any candidate (it sizes the model and checks every architecture up front);
+    ``build(recipe)`` returns an mlx-lm model of another recipe over the same models. In memory,
+    each tensor goes through the merge runner's ``compute_tensor`` with the recipe's dtype as the
+    output dtype, as ``merge`` writes it, so a candidate scores as its written model does.
+    """
+
+    def __init__(self, recipe: dict, in_memory: bool | None):
         from mlxmerge.merge.runner import plan_merge
 
-        self.dtype_name = dtype
-        self.dtype = parse_float_dtype(dtype)
-        plan = plan_merge(soup_recipe(models, dtype))  # checks every architecture up front
-        size = sum(math.prod(p.shape) for p in plan.tensors) * self.dtype.size
+        self.dtype_name = recipe.get("dtype") or "bfloat16"
+        self.dtype = parse_float_dtype(self.dtype_name)
+        plan = plan_merge(recipe)  # checks every architecture up front
+        self.size = sum(math.prod(p.shape) for p in plan.tensors) * self.dtype.size
         if in_memory is None:
             mem = _physical_memory()
-            in_memory = mem is None or 3 * size < mem
+            in_memory = mem is None or 3 * self.size < mem
         self.in_memory = in_memory
         self.how = "built in memory" if in_memory else "streamed through a temporary folder"
-        log.info("candidate soups (%.1f MB each): %s", size / 1e6, self.how)
-        self._tmp = None if in_memory else Path(tempfile.mkdtemp(prefix="mlxmerge-soup-"))
+        log.info("candidates (%.1f MB each): %s", self.size / 1e6, self.how)
+        self._tmp = None if in_memory else Path(tempfile.mkdtemp(prefix="mlxmerge-candidate-"))
 
-    def build(self, models: Sequence[str]):
-        from mlxmerge.merge.runner import compute_tensor, merge, plan_merge
+    def build(self, recipe: dict, seed: int = 0):
+        from mlxmerge.merge.runner import compute_tensor, merge, plan_merge, prepare
 
         if not self.in_memory:
-            out = merge(soup_recipe(models, self.dtype_name), self._tmp / "candidate", force=True)
+            out = merge(recipe, self._tmp / "candidate", seed=seed, force=True)
             model, _ = load_model(str(out))
             return model
-        plan = plan_merge(soup_recipe(models, self.dtype_name))
+        plan = plan_merge(recipe)
+        prepare(plan)  # model-wide statistics (TIES trim_scope: model), as merge runs them
         weights = {}
         for p in plan.tensors:
-            w = compute_tensor(plan, p.name).astype(self.dtype)
+            w = compute_tensor(plan, p.name, seed, out_dtype=self.dtype).astype(self.dtype)
             mx.eval(w)
             weights[p.name] = w
         model = _skeleton(plan.config)
@@ -161,7 +168,7 @@ def soup(
     metric = primary_metric(task, normalize)
     sign = 1.0 if task.higher_is_better else -1.0
     kw = {"batch_size": batch_size, "max_tokens": max_tokens, "extract": extract}
-    builder = _Builder(models, dtype, in_memory)
+    builder = CandidateBuilder(soup_recipe(models, dtype), in_memory)
 
     total = work_units(prepared)
 
@@ -175,7 +182,7 @@ def soup(
 
         if progress:
             progress(label, 0, total)  # building a candidate takes time too: say which one
-        model = builder.build(ingredients)
+        model = builder.build(soup_recipe(ingredients, dtype))
         value = score_task([model], tokenizer, prepared, progress=step if progress else None,
                            **kw)[metric]  # fmt: skip
         del model
