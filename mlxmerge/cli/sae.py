@@ -13,6 +13,7 @@ from mlxmerge.cli.compute import compute_dtype_option
 from mlxmerge.cli.evaluate import quiet_length_warning
 from mlxmerge.cli.progress import is_quiet, progress_bar
 from mlxmerge.io.writer import parse_size
+from mlxmerge.sae.kinds import TRAINABLE
 
 DATA_HELP = (
     ".txt (documents separated by blank lines; one per line when it has none) "
@@ -43,6 +44,15 @@ def _size(_ctx, _param, value):
         return parse_size(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a count like 20000, 2M or 500K") from None
+
+
+def _widths(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(w) for w in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma list of sizes like 128,512") from None
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -102,7 +112,7 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 @click.option("--k", default=32, show_default=True, help="Active latents per token.")
 @click.option("--expansion", default=8, show_default=True, help="d_sae = expansion x d_in.")
 @click.option("--arch", "architecture", default="topk", show_default=True,
-              type=click.Choice(["topk", "batchtopk", "relu"]))  # fmt: skip
+              type=click.Choice(TRAINABLE), help="SAE kind (SAELens's names).")  # fmt: skip
 @click.option("--tokens", default="2M", callback=_size, show_default=True, help="Training tokens.")
 @click.option("--batch-size", default=4096, show_default=True, help="Tokens per step.")
 @click.option("--lr", type=float, help="Adam learning rate [2e-4*sqrt(2^14/d_sae); relu 5e-5].")
@@ -112,13 +122,21 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
     "--dead-tokens", type=int, help="Dead window in tokens [min(10M, max(N/20, 16 batches))]."
 )
 @click.option("--l1-coefficient", default=5.0, show_default=True, help="relu only: L1 weight.")
+@click.option("--l0-coefficient", default=1.0, show_default=True, help="jumprelu only: L0 weight.")
+@click.option("--jumprelu-bandwidth", default=0.05, show_default=True,
+              help="jumprelu only: threshold pseudo-gradient bandwidth.")  # fmt: skip
+@click.option("--jumprelu-init-threshold", default=0.01, show_default=True,
+              help="jumprelu only: threshold at init.")  # fmt: skip
+@click.option("--matryoshka-widths", callback=_widths,
+              help="matryoshka_batchtopk: nested prefix sizes, e.g. 128,512,2048 [d_sae/16..d_sae].")  # fmt: skip
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
 @click.option("--buffer", "buffer_tokens", callback=_size,
               help="On the fly: tokens in the shuffled activation buffer [16 x --batch-size].")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @compute_dtype_option
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
-          auxk_alpha, dead_tokens, l1_coefficient, log_every, buffer_tokens, force):  # fmt: skip
+          auxk_alpha, dead_tokens, l1_coefficient, l0_coefficient, jumprelu_bandwidth,
+          jumprelu_init_threshold, matryoshka_widths, log_every, buffer_tokens, force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
     if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
@@ -132,7 +150,9 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
                      log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
                      buffer_tokens=buffer_tokens,
                      auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
-                     l1_coefficient=l1_coefficient)  # fmt: skip
+                     l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient,
+                     jumprelu_bandwidth=jumprelu_bandwidth, matryoshka_widths=matryoshka_widths,
+                     jumprelu_init_threshold=jumprelu_init_threshold)  # fmt: skip
     _print(result, False)
 
 

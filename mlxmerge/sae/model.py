@@ -3,8 +3,8 @@
     z = ReLU(TopK(W_enc (x - b_dec) + b_enc))          (topk; OpenAI, Gao et al. 2024, eq. 1-2)
     x̂ = W_dec z + b_dec
 
-``relu`` is ``z = ReLU(W_enc (x - b_dec) + b_enc)`` (Anthropic, April 2024) and ``jumprelu`` is
-``z = ReLU(pre) · [pre > θ]`` (how ``batchtopk`` is exported). Parameters live in a plain dict;
+The other kinds (``relu``, ``jumprelu``, ``batchtopk``, ``matryoshka_batchtopk``) are entries of
+``mlxmerge.sae.kinds.KINDS``, which ``encode`` dispatches to. Parameters live in a plain dict;
 ``encoder`` is stored ``[d_sae, d_in]`` so the training backward can scatter into the k selected
 rows. SAELens's ``W_enc [d_in, d_sae]`` is its transpose (see ``saelens.py``).
 """
@@ -17,8 +17,6 @@ import mlx.core as mx
 
 from mlxmerge.errors import MlxmergeError
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-
 
 class SAEError(MlxmergeError):
     """An SAE configuration, file or input does not fit."""
@@ -30,20 +28,20 @@ class SAEConfig:
 
     d_in: int  # width of the residual stream it reads
     d_sae: int  # number of latents
-    architecture: str = "topk"  # topk | batchtopk | relu | jumprelu
+    architecture: str = "topk"  # a key of mlxmerge.sae.kinds.KINDS
     k: int = 32  # active latents per token (topk) or on average (batchtopk)
     apply_b_dec_to_input: bool = True  # subtract b_dec before encoding
     hook_layer: int | None = None  # block i, read at its output (= HF hidden_states[i+1])
     metadata: dict = field(default_factory=dict)  # model id, quantization, dataset, ...
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise SAEError(
-                f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}"
-            )
+        from mlxmerge.sae.kinds import KINDS  # kinds builds on this module's primitives
+
+        if self.architecture not in KINDS:
+            raise SAEError(f"architecture {self.architecture!r} is not one of {', '.join(KINDS)}")
         if self.d_in < 1 or self.d_sae < 1:
             raise SAEError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}")
-        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+        if KINDS[self.architecture].uses_k and not 1 <= self.k <= self.d_sae:
             raise SAEError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
 
     def to_dict(self) -> dict:
@@ -51,23 +49,23 @@ class SAEConfig:
 
 
 def init_params(cfg: SAEConfig, *, seed: int = 0, b_dec: mx.array | None = None) -> dict:
-    """Decoder rows random unit vectors, encoder = decoderᵀ, b_enc = 0, b_dec given or 0.
-
-    ``relu`` follows Anthropic April-2024: decoder rows of norm 0.1 and no norm constraint.
+    """Decoder rows random vectors of the kind's ``decoder_init_norm`` (1; ``relu`` 0.1, as
+    Anthropic April-2024), encoder = decoderᵀ, b_enc = 0, b_dec given or 0, thresholds 0.
     """
+    from mlxmerge.sae.kinds import KINDS
+
+    kind = KINDS[cfg.architecture]
     key = mx.random.key(seed)
     w = mx.random.normal((cfg.d_sae, cfg.d_in), key=key)
-    w = w / mx.linalg.norm(w, axis=-1, keepdims=True)
-    if cfg.architecture == "relu":
-        w = 0.1 * w
+    w = kind.decoder_init_norm * w / mx.linalg.norm(w, axis=-1, keepdims=True)
     params = {
         "encoder": w,  # (d_sae, d_in)
         "b_enc": mx.zeros((cfg.d_sae,)),
         "W_dec": mx.array(w),  # (d_sae, d_in)
         "b_dec": mx.zeros((cfg.d_in,)) if b_dec is None else b_dec.astype(mx.float32),
     }
-    if cfg.architecture == "jumprelu":
-        params["threshold"] = mx.zeros((cfg.d_sae,))
+    for name in kind.extra_tensors:  # (d_sae,) per-latent thresholds
+        params[name] = mx.zeros((cfg.d_sae,))
     return params
 
 
@@ -83,14 +81,10 @@ def topk_indices(pre: mx.array, k: int) -> mx.array:
 
 def encode(params: dict, cfg: SAEConfig, x: mx.array) -> mx.array:
     """Dense latent activations ``(..., d_sae)`` for inference."""
+    from mlxmerge.sae.kinds import KINDS
+
     pre = pre_activations(params, x.astype(mx.float32), cfg.apply_b_dec_to_input)
-    if cfg.architecture == "topk":
-        idx = topk_indices(pre, cfg.k)
-        vals = mx.maximum(mx.take_along_axis(pre, idx, axis=-1), 0)
-        return mx.put_along_axis(mx.zeros_like(pre), idx, vals, axis=-1)
-    if cfg.architecture in ("batchtopk", "jumprelu"):
-        return mx.where(pre > params["threshold"], mx.maximum(pre, 0), 0)
-    return mx.maximum(pre, 0)
+    return KINDS[cfg.architecture].encode(params, cfg, pre)
 
 
 def decode(params: dict, z: mx.array) -> mx.array:

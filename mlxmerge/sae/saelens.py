@@ -20,6 +20,7 @@ from mlxmerge import __version__
 from mlxmerge.io.output import atomic_folder, check_free_space, check_output
 from mlxmerge.io.safetensors_file import read_header
 from mlxmerge.io.text import read_text
+from mlxmerge.sae.kinds import FROM_SAELENS, KINDS
 from mlxmerge.sae.model import SAEConfig, SAEError
 
 SAE_LENS_VERSION = (
@@ -31,8 +32,6 @@ CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = (
     "sae_weights.safetensors",
     "sparsity.safetensors",
 )
-_TO_SAELENS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-_FROM_SAELENS = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
 
 
 def hook_name(layer: int) -> str:
@@ -42,7 +41,7 @@ def hook_name(layer: int) -> str:
 
 def cfg_dict(cfg: SAEConfig) -> dict:
     """The cfg.json content: SAELens v6 keys, with mlxmerge's own record inside ``metadata``."""
-    arch = _TO_SAELENS[cfg.architecture]
+    kind = KINDS[cfg.architecture]
     meta = {
         "sae_lens_version": SAE_LENS_VERSION,
         "sae_lens_training_version": None,
@@ -60,7 +59,7 @@ def cfg_dict(cfg: SAEConfig) -> dict:
     meta.update({k: v for k, v in cfg.metadata.items() if k not in meta})
     meta["trained_with"] = f"mlxmerge {__version__}"
     out = {
-        "architecture": arch,
+        "architecture": kind.saelens,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": "float32",
@@ -70,9 +69,7 @@ def cfg_dict(cfg: SAEConfig) -> dict:
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
+    out.update(kind.cfg_fields(cfg))
     return out
 
 
@@ -88,8 +85,8 @@ def save_sae(
         "W_dec": params["W_dec"],
         "b_dec": params["b_dec"],
     }
-    if _TO_SAELENS[cfg.architecture] == "jumprelu":
-        tensors["threshold"] = params["threshold"]
+    for name in KINDS[cfg.architecture].extra_tensors:
+        tensors[name] = params[name]
     tensors = {k: mx.contiguous(v.astype(mx.float32)) for k, v in tensors.items()}
     check_free_space(target, sum(v.nbytes for v in tensors.values()), "the SAE")
     with atomic_folder(target, force=force) as tmp:
@@ -139,18 +136,19 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     if "sae_lens_version" not in meta and "sae_lens_version" not in raw:
         raw, meta = _legacy_cfg(raw)
     arch_name = raw.get("architecture", "standard")
-    if arch_name not in _FROM_SAELENS:
+    if arch_name not in FROM_SAELENS:
         raise SAEError(f"{cfg_path}: architecture {arch_name!r} is not supported "
-                       f"(supported: {', '.join(_FROM_SAELENS)})")  # fmt: skip
+                       f"(supported: {', '.join(FROM_SAELENS)})")  # fmt: skip
     _check_maths_fields(raw, arch_name, cfg_path)
     for key in ("d_in", "d_sae"):
         if not isinstance(raw.get(key), int):
             raise SAEError(f"{cfg_path}: {key} is missing or not an integer")
     hook_layer = residual_block(meta.get("hook_name") or "")
-    arch = _FROM_SAELENS[arch_name]
+    arch = FROM_SAELENS[arch_name]
+    kind = KINDS[arch]
     cfg = SAEConfig(
         d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=arch,
-        k=int(raw.get("k", 100)) if arch == "topk" else int(raw.get("k", 1) or 1),
+        k=int(raw.get("k", 100)) if kind.uses_k else int(raw.get("k", 1) or 1),
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         hook_layer=hook_layer, metadata=meta,
     )  # fmt: skip
@@ -158,8 +156,8 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
     weights = mx.load(str(w_path))
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
                 "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}  # fmt: skip
-    if arch == "jumprelu":
-        expected["threshold"] = (cfg.d_sae,)
+    for name in kind.extra_tensors:
+        expected[name] = (cfg.d_sae,)
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise SAEError(f"{w_path}: unexpected tensors {extra} for architecture {arch_name!r}")
@@ -175,8 +173,8 @@ def load_sae(folder: str | os.PathLike) -> tuple[SAEConfig, dict]:
         "W_dec": weights["W_dec"].astype(mx.float32),
         "b_dec": weights["b_dec"].astype(mx.float32),
     }
-    if arch == "jumprelu":
-        params["threshold"] = weights["threshold"].astype(mx.float32)
+    for name in kind.extra_tensors:
+        params[name] = weights[name].astype(mx.float32)
     if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         params = fold_decoder_norm(params, w_path)
         cfg.metadata["rescale_acts_by_decoder_norm"] = "folded into W_enc, b_enc and W_dec"

@@ -7,11 +7,14 @@ the gradient component parallel to each row removed first; b_dec at the geometri
 ``(1/32) · ‖W_dec z_aux - e‖² / ‖e - ē‖²`` over the k_aux largest *dead* latents, e = x - x̂
 detached; dead = no activation > 1e-3 for ``dead_tokens`` tokens; Adam with bias correction,
 eps 6.25e-10, lr = 2e-4·√(2¹⁴ / d_sae). Inputs are scaled by one scalar so E‖x‖ = √d_in, folded
-into the weights at the end, so the saved SAE reads raw activations.
+into the weights at the end, so the saved SAE reads raw activations. What differs per
+architecture (activation, sparsity loss, decoder constraint, export) is its entry in
+``mlxmerge.sae.kinds``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -22,19 +25,19 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxmerge.sae.kinds import FIRE_THRESHOLD, KINDS, TRAINABLE
 from mlxmerge.sae.model import (
     SAEConfig,
     SAEError,
     decode_sparse,
     gather_pre,
     init_params,
-    select_topk,
     topk_indices,
 )
 
 log = logging.getLogger(__name__)
 
-FIRE_THRESHOLD = 1e-3  # a latent "fires" on a token when its activation exceeds this (OpenAI)
+__all__ = ["FIRE_THRESHOLD", "TrainConfig", "TrainResult", "Trainer", "train_sae"]
 
 
 @dataclass
@@ -44,15 +47,19 @@ class TrainConfig:
     k: int = 32  # active latents per token
     expansion: int = 8  # d_sae = expansion · d_in (ignored when d_sae is set)
     d_sae: int | None = None  # number of latents, overrides expansion
-    architecture: str = "topk"  # topk | batchtopk | relu
+    architecture: str = "topk"  # a key of mlxmerge.sae.kinds.KINDS
     tokens: int = 2_000_000  # training tokens in total
     batch_size: int = 4096  # tokens per step (global, over all processes)
-    lr: float | None = None  # None: 2e-4·√(2¹⁴/d_sae) (topk, batchtopk) or 5e-5 (relu)
+    lr: float | None = None  # None: the kind's default_lr (2e-4·√(2¹⁴/d_sae); relu 5e-5)
     adam_eps: float = 6.25e-10  # OpenAI's; MLX's default is 1e-8
     auxk_alpha: float = 1 / 32  # AuxK weight; 0 turns AuxK off
     k_aux: int | None = None  # None: min(d_in // 2, 512)
     dead_tokens: int | None = None  # dead window; None: min(10M, max(tokens // 20, 16 · batch))
     l1_coefficient: float = 5.0  # relu only: λ in λ·Σ f_i‖W_dec,i‖, warmed up over 5% of steps
+    l0_coefficient: float = 1.0  # jumprelu only: λ in λ·L0 (SAELens's default), same warm-up
+    jumprelu_bandwidth: float = 0.05  # jumprelu: ε of the rectangle kernel (SAELens's default)
+    jumprelu_init_threshold: float = 0.01  # jumprelu: θ at init (SAELens's default)
+    matryoshka_widths: tuple[int, ...] | None = None  # None: d_sae/16, /8, /4, /2, d_sae
     init_samples: int = 32768  # tokens for b_dec (geometric median) and the input scale
     normalize: bool = True  # scale inputs so E‖x‖ = √d_in while training (folded at save)
     log_every: int = 50  # steps between history entries
@@ -70,9 +77,31 @@ class TrainConfig:
             raise SAEError(f"d_sae must be a positive integer, got {self.d_sae!r}")
         if self.lr is not None and not self.lr > 0:
             raise SAEError(f"--lr must be positive, got {self.lr!r}")
+        if self.architecture not in TRAINABLE:
+            raise SAEError(
+                f"--arch {self.architecture!r} cannot be trained; use {', '.join(TRAINABLE)}"
+            )
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            if not getattr(self, name) > 0:
+                flag = name.replace("_", "-")
+                raise SAEError(f"--{flag} must be positive, got {getattr(self, name)!r}")
 
     def d_sae_for(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
+
+    def widths_for(self, d_sae: int) -> tuple[int, ...]:
+        """Matryoshka prefix sizes, strictly increasing, the last = d_sae (added if missing)."""
+        widths = list(self.matryoshka_widths or [d_sae >> i for i in (4, 3, 2, 1) if d_sae >> i])
+        if not widths or widths[-1] != d_sae:
+            widths.append(d_sae)
+        if (
+            any(b <= a for a, b in itertools.pairwise(widths))
+            or widths[0] < 1
+            or widths[-1] > d_sae
+        ):
+            raise SAEError(f"--matryoshka-widths {','.join(map(str, widths))} must increase "
+                           f"strictly from at least 1 up to d_sae={d_sae}")  # fmt: skip
+        return tuple(widths)
 
 
 @dataclass
@@ -100,16 +129,8 @@ def geometric_median(x: mx.array, iters: int = 100, tol: float = 1e-6) -> mx.arr
     return m if bool(mx.isfinite(m).all()) else mean
 
 
-def _lr_schedule(tc: TrainConfig, d_sae: int, steps: int):
-    if tc.architecture == "relu":
-        lr = tc.lr or 5e-5
-        decay_start = int(0.8 * steps)  # Anthropic: linear decay to 0 over the last 20%
-        return lambda step: lr * mx.minimum(1.0, (steps - step) / max(steps - decay_start, 1))
-    return tc.lr or 2e-4 * math.sqrt(2**14 / d_sae)
-
-
 def _divergence_message(step: int, loss: float, tc: TrainConfig, d_sae: int, scale: float) -> str:
-    lr = tc.lr or (5e-5 if tc.architecture == "relu" else 2e-4 * math.sqrt(2**14 / d_sae))
+    lr = tc.lr or KINDS[tc.architecture].default_lr(d_sae)
     return (
         f"training diverged at step {step}: the loss is {loss}; likely causes: the learning "
         f"rate ({lr:.3g}; try a tenth) or the input scale (activations scaled by {scale:.3g}"
@@ -122,6 +143,8 @@ class Trainer:
 
     def __init__(self, cfg: SAEConfig, tc: TrainConfig, init_sample: np.ndarray, steps: int):
         self.cfg, self.tc, self.steps = cfg, tc, steps
+        self.kind = KINDS[cfg.architecture]
+        self.kind.check(tc, cfg.d_sae)
         self.group = mx.distributed.init() if mx.distributed.is_available() else None
         self.world = self.group.size() if self.group is not None else 1
         x0 = mx.array(init_sample, dtype=mx.float32)
@@ -130,10 +153,9 @@ class Trainer:
         x0 = x0 * self.scale
         b_dec = geometric_median(x0) if cfg.apply_b_dec_to_input else mx.zeros((cfg.d_in,))
         self.var_total = mx.array(((x0 - x0.mean(axis=0)) ** 2).sum(axis=-1).mean().item())
-        self.params = init_params(cfg, seed=tc.seed, b_dec=b_dec)
-        self.opt = optim.Adam(
-            learning_rate=_lr_schedule(tc, cfg.d_sae, steps), eps=tc.adam_eps, bias_correction=True
-        )
+        self.params = self.kind.init_training(init_params(cfg, seed=tc.seed, b_dec=b_dec), tc)
+        lr = self.kind.lr_schedule(tc.lr or self.kind.default_lr(cfg.d_sae), steps)
+        self.opt = optim.Adam(learning_rate=lr, eps=tc.adam_eps, bias_correction=True)
         self.opt.init(self.params)
         self.stats = {
             "since_fired": mx.zeros((cfg.d_sae,), dtype=mx.float32),  # tokens since last > 1e-3
@@ -151,45 +173,18 @@ class Trainer:
 
     # -- the loss ------------------------------------------------------------------------------
     def _loss(self, params, x, dead, k_aux):
-        cfg, tc = self.cfg, self.tc
-        b = x.shape[0]
-        xc = x - params["b_dec"] if cfg.apply_b_dec_to_input else x
+        xc = x - params["b_dec"] if self.cfg.apply_b_dec_to_input else x
         pre = xc @ params["encoder"].T + params["b_enc"]  # (B, d_sae), the one dense matmul
-        if cfg.architecture == "topk":
-            idx, vals = select_topk(params, xc, pre, cfg.k)
-            x_hat = decode_sparse(params["W_dec"], vals, idx) + params["b_dec"]
-            idx, vals = idx.reshape(-1), vals.reshape(-1)
-        elif cfg.architecture == "batchtopk":
-            # top k·B of the ReLU'd pre-activations over the whole batch
-            flat = topk_indices(mx.stop_gradient(mx.maximum(pre, 0)).reshape(-1), cfg.k * b)
-            tok, idx = flat // cfg.d_sae, flat % cfg.d_sae
-            raw = gather_pre(params["encoder"], params["b_enc"], params["b_dec"],
-                             mx.stop_gradient(xc), mx.stop_gradient(pre), tok, idx)  # fmt: skip
-            vals = mx.maximum(raw, 0)
-            upd = vals[:, None] * mx.take(params["W_dec"], idx, axis=0)
-            x_hat = mx.zeros_like(x).at[tok].add(upd) + params["b_dec"]
-        else:  # relu
-            z = mx.maximum(pre, 0)
-            x_hat = z @ params["W_dec"] + params["b_dec"]
-        e = x - x_hat
+        fw = self.kind.train_forward(self, params, x, xc, pre)
+        e = x - fw.x_hat
         mse = (e**2).sum(axis=-1).mean()
-        if cfg.architecture == "relu":
-            warm = mx.minimum(1.0, (self.stats["step"] + 1) / max(1, int(0.05 * self.steps)))
-            l1 = (z * mx.linalg.norm(params["W_dec"], axis=-1)).sum(axis=-1).mean()
-            loss = mse + tc.l1_coefficient * warm * l1
-            fired = (z > FIRE_THRESHOLD).sum(axis=0).astype(mx.float32)
-            l0 = (z > 0).sum(axis=-1).mean()
-            vals = z
-        else:
-            loss = mse / self.var_total
-            fired = mx.zeros((cfg.d_sae,)).at[idx].add((vals > FIRE_THRESHOLD).astype(mx.float32))
-            l0 = (vals > 0).sum() / b
+        loss = (mse / self.var_total if self.kind.normalized_mse else mse) + fw.penalty
         aux = mx.array(0.0)
         if k_aux:
             aux = self._auxk(params, xc, pre, mx.stop_gradient(e), dead, k_aux)
-            loss = loss + tc.auxk_alpha * aux
+            loss = loss + self.tc.auxk_alpha * aux
         var_b = ((x - x.mean(axis=0)) ** 2).sum(axis=-1).mean()
-        return loss, mse, var_b, l0, aux, mx.stop_gradient(fired), mx.stop_gradient(vals)
+        return loss, mse, var_b, fw.l0, aux, mx.stop_gradient(fw.fired), mx.stop_gradient(fw.acts)
 
     def _auxk(self, params, xc, pre, e, dead, k_aux):
         """OpenAI AuxK: reconstruct the residual from the k_aux largest dead latents only."""
@@ -218,7 +213,7 @@ class Trainer:
 
     def _make_step(self, k_aux: int):
         value_and_grad = mx.value_and_grad(self._loss)
-        unit_norm = self.cfg.architecture != "relu"
+        unit_norm, clip = self.kind.unit_norm_decoder, self.kind.clip_grad_norm
 
         def step(x, dead_tokens):
             dead = self.stats["since_fired"] >= dead_tokens
@@ -232,18 +227,13 @@ class Trainer:
                 w = self.params["W_dec"]
                 g = grads["W_dec"]
                 grads["W_dec"] = g - (g * w).sum(axis=-1, keepdims=True) * w
-            else:
-                grads, _ = optim.clip_grad_norm(grads, 1.0)
+            if clip is not None:
+                grads, _ = optim.clip_grad_norm(grads, clip)
             self.params.update(self.opt.apply_gradients(grads, self.params))
             if unit_norm:
                 w = self.params["W_dec"]
                 self.params["W_dec"] = w / mx.linalg.norm(w, axis=-1, keepdims=True)
-            if self.cfg.architecture == "batchtopk":
-                # SAELens: threshold = EMA (rate 0.01) of the smallest positive selected activation
-                pos_min = mx.where(vals > 0, vals, mx.inf).min()
-                t = self.stats["threshold"]
-                new_t = mx.where(self.stats["step"] == 0, pos_min, 0.99 * t + 0.01 * pos_min)
-                self.stats["threshold"] = mx.where(mx.isfinite(pos_min), new_t, t)
+            self.kind.after_step(self, vals)
             n_tok = x.shape[0] * self.world
             self.stats["since_fired"] = mx.where(fired > 0, 0.0, self.stats["since_fired"] + n_tok)
             self.stats["fire_count"] = self.stats["fire_count"] + fired
@@ -254,7 +244,7 @@ class Trainer:
 
     def step(self, x: mx.array) -> tuple[mx.array, ...]:
         k_aux = 0
-        if self.tc.auxk_alpha > 0 and self.cfg.architecture != "relu":
+        if self.tc.auxk_alpha > 0 and self.kind.auxk:
             n_dead = int((self.stats["since_fired"] >= self.dead_tokens).sum().item())
             # only n_dead latents can contribute: round up to a power of two to bound recompiles
             k_aux = min(self.k_aux, 1 << (n_dead - 1).bit_length()) if n_dead else 0
@@ -269,17 +259,25 @@ class Trainer:
     def final_params(self) -> dict:
         """Parameters for raw (unscaled) inputs: pre-activations unchanged, x̂ divided by s.
 
-        A batchtopk SAE comes out as ``jumprelu`` with its threshold, as SAELens exports it.
+        In the exported kind's form (``final_cfg``): batchtopk comes out as ``jumprelu`` with
+        its threshold and jumprelu's log θ as θ, as SAELens exports them.
         """
         s = self.scale
-        p = dict(self.params)
+        p = self.kind.export(self, dict(self.params))
         p["encoder"] = p["encoder"] * s
         p["W_dec"] = p["W_dec"] / s
         p["b_dec"] = p["b_dec"] / s
-        if self.cfg.architecture == "batchtopk":
-            p["threshold"] = mx.full((self.cfg.d_sae,), self.stats["threshold"].item())
         mx.eval(p)
         return p
+
+    def final_cfg(self) -> SAEConfig:
+        """The config the SAE is saved with; a kind saved as another says so in the metadata."""
+        cfg, kind = self.cfg, self.kind
+        if kind.exported_kind() is kind:
+            return cfg
+        meta = {**cfg.metadata, **kind.export_metadata(self)}
+        return SAEConfig(**{**cfg.to_dict(), "architecture": kind.exported_kind().name,
+                            "metadata": meta})  # fmt: skip
 
 
 def train_sae(
@@ -294,8 +292,6 @@ def train_sae(
     d_in = source.d_in
     d_sae = tc.d_sae_for(d_in)
     arch = tc.architecture
-    if arch not in ("topk", "batchtopk", "relu"):
-        raise SAEError(f"--arch {arch!r} cannot be trained; use topk, batchtopk or relu")
     if tc.k > d_sae:
         raise SAEError(f"k={tc.k} is larger than d_sae={d_sae}; lower --k or raise --expansion")
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=tc.k, hook_layer=hook_layer,
@@ -342,9 +338,10 @@ def train_sae(
             t_log = now
     elapsed = time.perf_counter() - t0
     density = np.array(trainer.stats["fire_count"]) / ((steps - late_start) * tc.batch_size)
-    if arch == "batchtopk":
-        meta = {**cfg.metadata, "trained_as": "batchtopk", "batchtopk_k": tc.k}
-        cfg = SAEConfig(**{**cfg.to_dict(), "architecture": "jumprelu", "metadata": meta})
     return TrainResult(
-        cfg, trainer.final_params(), history, density, steps * tc.batch_size / elapsed
+        trainer.final_cfg(),
+        trainer.final_params(),
+        history,
+        density,
+        steps * tc.batch_size / elapsed,
     )
