@@ -244,3 +244,42 @@ def test_a_disk_filling_up_mid_write_is_one_line(family, tmp_path, small_disk, m
     (small_disk / "filler").write_bytes(b"\0" * (2 * 1024**2 - 8 * 1024))
     one_line_error(run(*verb_argv(verb, family, tmp_path, small_disk / "out")), "is full")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_cached_hub_id_is_resolved_before_the_output_check(family, tmp_path, monkeypatch):
+    """``org/name`` reads the hub cache: an output inside the repo's cache folder is refused."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(family["base"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = tree_digest(repo)
+    for out in (snapshot, snapshot / "fused", repo / "blobs"):
+        one_line_error(run("convert", "org/tiny", "-o", out, "--force"), "input org/tiny")
+    assert tree_digest(repo) == before
+    r = run("convert", "org/tiny", "-o", tmp_path / "ok")  # the same reference, elsewhere: fine
+    assert r.exit_code == 0, r.output
+
+
+def test_two_jobs_with_one_output_one_wins_one_says_so(family, tmp_path):
+    """Whatever the timing: one job writes the model, the other stops in one line."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "mlxmerge", "convert", str(family["base"]), "-o", str(out)]
+    jobs = [subprocess.Popen(argv + ["--dtype", dtype], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+            for dtype in ("float32", "float16")]  # fmt: skip
+    results = [(j.wait(timeout=300), j.stderr.read()) for j in jobs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1).strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error: ") and str(out) in err
+    winner = ("float32", "float16")[[rc for rc, _ in results].index(0)]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == winner
+    assert hidden_beside(out) == []
