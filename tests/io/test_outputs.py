@@ -268,18 +268,32 @@ def test_a_cached_hub_id_is_resolved_before_the_output_check(family, tmp_path, m
     assert r.exit_code == 0, r.output
 
 
+TWO_JOBS = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from mlxmerge.cli import cli
+    me, other = Path(sys.argv[3]), Path(sys.argv[4])
+    me.touch()
+    while not other.exists():  # both start converting at the same instant
+        time.sleep(0.005)
+    cli(["convert", sys.argv[1], "-o", sys.argv[2], "--dtype", sys.argv[5]], prog_name="mlxmerge")
+""")
+
+
 def test_two_jobs_with_one_output_one_wins_one_says_so(family, tmp_path):
-    """Whatever the timing: one job writes the model, the other stops in one line."""
+    """Two jobs started together on one ``-o``: one writes the model, the other stops in one line."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = [sys.executable, "-m", "mlxmerge", "convert", str(family["base"]), "-o", str(out)]
-    jobs = [subprocess.Popen(argv + ["--dtype", dtype], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-            for dtype in ("float32", "float16")]  # fmt: skip
+    marks = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    dtypes = ("float32", "float16")
+    jobs = [subprocess.Popen([sys.executable, "-c", TWO_JOBS, str(family["base"]), str(out),
+                              str(marks[i]), str(marks[1 - i]), dtypes[i]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(2)]  # fmt: skip
     results = [(j.wait(timeout=300), j.stderr.read()) for j in jobs]
     assert sorted(rc for rc, _ in results) == [0, 1], results
     err = next(e for rc, e in results if rc == 1).strip()
     assert len(err.splitlines()) == 1 and err.startswith("Error: ") and str(out) in err
-    winner = ("float32", "float16")[[rc for rc, _ in results].index(0)]
+    winner = dtypes[[rc for rc, _ in results].index(0)]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == winner
     assert hidden_beside(out) == []
