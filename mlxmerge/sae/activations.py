@@ -24,6 +24,7 @@ import numpy as np
 
 from mlxmerge.io.documents import read_documents
 from mlxmerge.io.output import atomic_folder, check_free_space, check_output
+from mlxmerge.io.text import read_text
 from mlxmerge.lm.blocks import decoder_blocks, probes
 from mlxmerge.lm.chat import special_ids
 from mlxmerge.lm.load import hidden_size
@@ -238,8 +239,11 @@ class ActivationStore:
             raise SAEError(
                 f"{self.folder}: no {META_NAME}; not an activation cache from `sae collect`"
             )
-        self.meta = json.loads(meta_path.read_text())
-        layers = self.meta["layers"]
+        try:
+            self.meta = json.loads(read_text(meta_path, META_NAME, SAEError))
+            layers = list(self.meta["layers"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SAEError(f"{meta_path}: not the JSON `sae collect` writes (no layers)") from None
         if layer is None:
             if len(layers) != 1:
                 raise SAEError(f"{self.folder} holds layers {layers}; choose one with --layer")
