@@ -168,9 +168,12 @@ def collect(
     m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
     d_in = hidden_size(m)
-    # Activations of every layer, token ids and (row, position) index per token.
+    seqs = pack_sequences(tok, texts, context_size, tokens)
+    # Activations of every layer, token ids and (row, position) index per token; the tokens the
+    # data holds (up to ``tokens``), not ``tokens`` itself.
     per_token = len(layers) * d_in * np.dtype(dtype).itemsize + 3 * 8
-    check_free_space(target, tokens * per_token, "the activation cache")
+    size = min(tokens, seqs.size) * per_token + seqs.nbytes
+    check_free_space(target, size, "the activation cache")
     with atomic_folder(target, force=force) as tmp:
         buf = {i: [] for i in layers}
         ids_buf, idx_buf, shards, n_total = [], [], [], 0
@@ -203,7 +206,7 @@ def collect(
             if progress is not None:
                 progress(len(ids))
         flush()
-        np.save(tmp / "sequences.npy", pack_sequences(tok, texts, context_size, tokens))
+        np.save(tmp / "sequences.npy", seqs)
         meta = {
             "model": str(Path(model).expanduser().resolve()),
             "quantization": _quantization(model),
