@@ -150,7 +150,10 @@ def output_lock(target: Path):
         return
     path = _lock_path(target)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{target}: cannot write beside it ({e.strerror})") from None
         if not _try_lock(fd):
             os.close(fd)
             raise OutputError(
@@ -267,7 +270,10 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
     target = Path(target).expanduser()
     if target.is_symlink() and target.exists():
         target = target.resolve()  # write through the link, never replace it
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot create its folder ({e.strerror})") from None
     with signals_interrupt(), output_lock(target):
         remove_stale(target)
         prefix = f".{target.name}.partial-{os.getpid()}-"

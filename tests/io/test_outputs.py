@@ -300,3 +300,9 @@ def test_two_jobs_with_one_output_one_wins_one_says_so(family, tmp_path):
     winner = dtypes[[rc for rc, _ in results].index(0)]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == winner
     assert hidden_beside(out) == []
+
+
+def test_an_output_whose_folder_cannot_be_made_is_one_line(family, tmp_path):
+    (tmp_path / "file").write_text("a file where a folder is needed")
+    one_line_error(run("convert", family["base"], "-o", tmp_path / "file" / "out"), "cannot")
+    assert (tmp_path / "file").read_text() == "a file where a folder is needed"
