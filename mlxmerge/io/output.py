@@ -96,11 +96,16 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
     return target
 
 
-def disk_free(target: str | os.PathLike) -> tuple[Path, int]:
-    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
-    folder = Path(target).expanduser().absolute()
+def _first_existing(path: str | os.PathLike) -> Path:
+    folder = Path(path).expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
+    return folder
+
+
+def disk_free(target: str | os.PathLike) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
+    folder = _first_existing(target)
     return folder, shutil.disk_usage(folder).free
 
 
@@ -273,7 +278,9 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"{target}: cannot create its folder ({e.strerror})") from None
+        folder = _first_existing(target.parent)
+        why = f"{folder} is a file" if folder.is_file() else e.strerror
+        raise OutputError(f"{target}: cannot create its folder ({why})") from None
     with signals_interrupt(), output_lock(target):
         remove_stale(target)
         prefix = f".{target.name}.partial-{os.getpid()}-"

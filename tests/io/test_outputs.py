@@ -304,5 +304,5 @@ def test_two_jobs_with_one_output_one_wins_one_says_so(family, tmp_path):
 
 def test_an_output_whose_folder_cannot_be_made_is_one_line(family, tmp_path):
     (tmp_path / "file").write_text("a file where a folder is needed")
-    one_line_error(run("convert", family["base"], "-o", tmp_path / "file" / "out"), "cannot")
+    one_line_error(run("convert", family["base"], "-o", tmp_path / "file" / "out"), "is a file")
     assert (tmp_path / "file").read_text() == "a file where a folder is needed"
