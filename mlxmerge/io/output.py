@@ -1,7 +1,7 @@
 """Atomic output folders: checked against every input, built beside the target under a lock,
 renamed into place only when complete and only over what was checked.
 
-What a writer gets (``docs/io.md``, "Outputs"):
+What a writer gets (``docs/io.md``, "Outputs and text inputs: what is guaranteed, what is checked"):
 
 * ``check_output`` refuses a target equal to, inside or above anything an input reads, after
   resolving references (``base+adapter``, hub ids, single files) to the paths they read.
