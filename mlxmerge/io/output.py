@@ -1,7 +1,7 @@
 """Atomic output folders: checked against every input, built beside the target under a lock,
 renamed into place only when complete and only over what was checked.
 
-What a writer gets (``docs/io.md``, "Outputs"):
+What a writer gets (``docs/io.md``, "Outputs and text inputs: what is guaranteed, what is checked"):
 
 * ``check_output`` refuses a target equal to, inside or above anything an input reads, after
   resolving references (``base+adapter``, hub ids, single files) to the paths they read.
@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from mlxmerge.errors import Interrupted, OutputError
@@ -38,9 +39,9 @@ SPACE_SLACK = 1024**2
 def input_paths(reference) -> list[Path]:
     """The local files and folders a model reference reads, resolved through links.
 
-    ``base+adapter`` gives both parts; a hub id gives its snapshot in the local cache (nothing
-    when it is not cached yet: nothing local is read); an opened checkpoint gives its folder and,
-    when fused, its adapter's."""
+    ``base+adapter`` gives both parts; a hub id its folder in the local cache (``models--org--name``
+    with its snapshots and blobs; nothing when it is not cached yet: nothing local is read); an
+    opened checkpoint its folder and, when fused, its adapter's."""
     if hasattr(reference, "path") and hasattr(reference, "entries"):  # an opened Checkpoint
         adapter = getattr(reference, "adapter", None)
         paths = [reference.path] + ([adapter.path] if adapter is not None else [])
@@ -58,7 +59,8 @@ def input_paths(reference) -> list[Path]:
     from mlxmerge.io.hub import cached_reference
 
     cached = cached_reference(ref)
-    return [cached.resolve()] if cached is not None else []
+    # The repo's whole cache folder (snapshots link into its blobs/), not only this snapshot.
+    return [cached.resolve().parents[1]] if cached is not None else []
 
 
 def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -> Path:
@@ -94,11 +96,16 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
     return target
 
 
-def disk_free(target: str | os.PathLike) -> tuple[Path, int]:
-    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
-    folder = Path(target).expanduser().absolute()
+def _first_existing(path: str | os.PathLike) -> Path:
+    folder = Path(path).expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
+    return folder
+
+
+def disk_free(target: str | os.PathLike) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``target`` and the bytes free on its disk."""
+    folder = _first_existing(target)
     return folder, shutil.disk_usage(folder).free
 
 
@@ -148,15 +155,16 @@ def output_lock(target: Path):
         return
     path = _lock_path(target)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{target}: cannot write beside it ({e.strerror})") from None
+        if not _try_lock(fd):
             os.close(fd)
             raise OutputError(
                 f"{target}: another mlxmerge job ({_lock_owner(target) or 'PID ?'}) is writing "
                 "this output"
-            ) from None
+            )
         # The holder before us may have removed the file after we opened it: lock the live one.
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -173,6 +181,32 @@ def output_lock(target: Path):
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked, so no one else can hold the removed inode
         os.close(fd)
+
+
+def _try_lock(fd: int, tries: int = 20) -> bool:
+    # A few short retries: check_output's probe (_lock_owner) holds a shared lock for an instant.
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if i + 1 < tries:
+                time.sleep(0.01)
+    return False
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGHUP back for the instant of the final swap (delivered after)."""
+    sigs = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _alive(pid: int) -> bool:
@@ -241,14 +275,20 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
     target = Path(target).expanduser()
     if target.is_symlink() and target.exists():
         target = target.resolve()  # write through the link, never replace it
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        folder = _first_existing(target.parent)
+        why = f"{folder} is a file" if folder.is_file() else e.strerror
+        raise OutputError(f"{target}: cannot create its folder ({why})") from None
     with signals_interrupt(), output_lock(target):
         remove_stale(target)
         prefix = f".{target.name}.partial-{os.getpid()}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         try:
             yield tmp
-            _install(tmp, target, force)
+            with _signals_deferred():  # never a half-swapped target
+                _install(tmp, target, force)
         except BaseException as e:
             full = _disk_full(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)

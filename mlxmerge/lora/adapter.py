@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io.safetensors_file import read_header
+from mlxmerge.io.text import read_text
 
 MLX_WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -108,8 +109,8 @@ def open_adapter(path: str | Path) -> Adapter:
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"{path}: no {CONFIG}; is this a LoRA adapter folder?")
     try:
-        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(read_text(path / CONFIG, CONFIG, CheckpointError))
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / CONFIG}: cannot parse JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / CONFIG}: not a JSON object")

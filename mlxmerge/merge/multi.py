@@ -9,11 +9,13 @@ The intermediates are deleted when the run ends, whether it succeeds or not.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from mlxmerge.errors import RecipeError
+from mlxmerge.io.output import check_output
 from mlxmerge.merge.recipe import load_documents
 
 _REF_KEYS = ("model", "base_model", "tokenizer_source", "source")
@@ -96,9 +98,11 @@ def merge_multi(path: str | Path, output: str | Path, **merge_kwargs) -> Path:
 
     docs = load_documents(path)
     order, final = merge_order(docs, str(path))
-    output = Path(output)
+    output = check_output(output, force=merge_kwargs.get("force", False))  # before the first merge
     output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.intermediates-", dir=output.parent))
+    # Named like a partial output, so that a killed run's leftovers go at the next run.
+    prefix = f".{output.name}.partial-{os.getpid()}-intermediates-"
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     try:
         paths: dict[str, str] = {}
         # Intermediates stay float: only the final model is quantized.

@@ -24,6 +24,7 @@ import numpy as np
 
 from mlxmerge.io.documents import read_documents
 from mlxmerge.io.output import atomic_folder, check_free_space, check_output
+from mlxmerge.io.text import read_text
 from mlxmerge.lm.blocks import decoder_blocks, probes
 from mlxmerge.lm.chat import special_ids
 from mlxmerge.lm.load import hidden_size
@@ -167,9 +168,12 @@ def collect(
     m, tok = load_model(model, verb="sae collect")
     layers = check_layers(m, list(layer))
     d_in = hidden_size(m)
-    # Activations of every layer, token ids and (row, position) index per token.
+    seqs = pack_sequences(tok, texts, context_size, tokens)
+    # Activations of every layer, token ids and (row, position) index per token; the tokens the
+    # data holds (up to ``tokens``), not ``tokens`` itself.
     per_token = len(layers) * d_in * np.dtype(dtype).itemsize + 3 * 8
-    check_free_space(target, tokens * per_token, "the activation cache")
+    size = min(tokens, seqs.size) * per_token + seqs.nbytes
+    check_free_space(target, size, "the activation cache")
     with atomic_folder(target, force=force) as tmp:
         buf = {i: [] for i in layers}
         ids_buf, idx_buf, shards, n_total = [], [], [], 0
@@ -202,7 +206,7 @@ def collect(
             if progress is not None:
                 progress(len(ids))
         flush()
-        np.save(tmp / "sequences.npy", pack_sequences(tok, texts, context_size, tokens))
+        np.save(tmp / "sequences.npy", seqs)
         meta = {
             "model": str(Path(model).expanduser().resolve()),
             "quantization": _quantization(model),
@@ -238,8 +242,11 @@ class ActivationStore:
             raise SAEError(
                 f"{self.folder}: no {META_NAME}; not an activation cache from `sae collect`"
             )
-        self.meta = json.loads(meta_path.read_text())
-        layers = self.meta["layers"]
+        try:
+            self.meta = json.loads(read_text(meta_path, META_NAME, SAEError))
+            layers = list(self.meta["layers"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SAEError(f"{meta_path}: not the JSON `sae collect` writes (no layers)") from None
         if layer is None:
             if len(layers) != 1:
                 raise SAEError(f"{self.folder} holds layers {layers}; choose one with --layer")

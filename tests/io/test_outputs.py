@@ -67,12 +67,15 @@ def adapter(family, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["adapter", "inside", "base"])
-def test_convert_never_writes_over_or_into_an_adapter_or_base(family, adapter, where):
-    ref = f"{family['base']}+{adapter}"
-    out = {"adapter": adapter, "inside": adapter / "fused", "base": family["base"]}[where]
-    before, base_before = tree_digest(adapter), tree_digest(family["base"])
+def test_convert_never_writes_over_or_into_an_adapter_or_base(family, adapter, tmp_path, where):
+    import shutil
+
+    base = shutil.copytree(family["base"], tmp_path / "base")  # a copy: the fixture is shared
+    ref = f"{base}+{adapter}"
+    out = {"adapter": adapter, "inside": adapter / "fused", "base": base}[where]
+    before, base_before = tree_digest(adapter), tree_digest(base)
     one_line_error(run("convert", ref, "-o", out, "--force"), "input")
-    assert tree_digest(adapter) == before and tree_digest(family["base"]) == base_before
+    assert tree_digest(adapter) == before and tree_digest(base) == base_before
     assert not (adapter / "fused").exists()
 
 
@@ -244,3 +247,62 @@ def test_a_disk_filling_up_mid_write_is_one_line(family, tmp_path, small_disk, m
     (small_disk / "filler").write_bytes(b"\0" * (2 * 1024**2 - 8 * 1024))
     one_line_error(run(*verb_argv(verb, family, tmp_path, small_disk / "out")), "is full")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_cached_hub_id_is_resolved_before_the_output_check(family, tmp_path, monkeypatch):
+    """``org/name`` reads the hub cache: an output inside the repo's cache folder is refused."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(family["base"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = tree_digest(repo)
+    for out in (snapshot, snapshot / "fused", repo / "blobs"):
+        one_line_error(run("convert", "org/tiny", "-o", out, "--force"), "input org/tiny")
+    assert tree_digest(repo) == before
+    r = run("convert", "org/tiny", "-o", tmp_path / "ok")  # the same reference, elsewhere: fine
+    assert r.exit_code == 0, r.output
+
+
+TWO_JOBS = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from mlxmerge.cli import cli
+    me, other = Path(sys.argv[3]), Path(sys.argv[4])
+    me.touch()
+    while not other.exists():  # both start converting at the same instant
+        time.sleep(0.005)
+    cli(["convert", sys.argv[1], "-o", sys.argv[2], "--dtype", sys.argv[5]], prog_name="mlxmerge")
+""")
+
+
+def test_two_jobs_with_one_output_one_wins_one_says_so(family, tmp_path):
+    """Two jobs started together on one ``-o``: one writes the model, the other stops in one line."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    marks = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    dtypes = ("float32", "float16")
+    jobs = [subprocess.Popen([sys.executable, "-c", TWO_JOBS, str(family["base"]), str(out),
+                              str(marks[i]), str(marks[1 - i]), dtypes[i]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(2)]  # fmt: skip
+    results = [(j.wait(timeout=300), j.stderr.read()) for j in jobs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1).strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error: ") and str(out) in err
+    winner = dtypes[[rc for rc, _ in results].index(0)]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == winner
+    assert hidden_beside(out) == []
+
+
+def test_an_output_whose_folder_cannot_be_made_is_one_line(family, tmp_path):
+    (tmp_path / "file").write_text("a file where a folder is needed")
+    one_line_error(run("convert", family["base"], "-o", tmp_path / "file" / "out"), "is a file")
+    assert (tmp_path / "file").read_text() == "a file where a folder is needed"

@@ -91,7 +91,7 @@ def two_models(family):
 
 def test_output_larger_than_the_free_disk_is_refused(family, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("shutil.disk_usage", lambda _p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(
         OutputError, match=r"needs \d+\.\d\d [KMG]B but the disk holding .* has 1\.00 KB free"
     ):
