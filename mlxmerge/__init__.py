@@ -29,7 +29,6 @@ _VERBS = {
     "parse_recipe": "mlxmerge.merge.recipe",
     "diff_models": "mlxmerge.merge.diagnostics",
     "soup": "mlxmerge.merge.soup",
-    "evolve": "mlxmerge.evolve.search",
     "moe": "mlxmerge.merge.moe",
     "extract_lora": "mlxmerge.lora",
     "open_adapter": "mlxmerge.lora",
