@@ -151,3 +151,14 @@ def test_layer_granularity_must_divide_the_layers():
         RecipeError, match="layer_granularity 3 does not divide the models' 4 layers"
     ):
         Genome(d, num_layers=4)
+
+
+def test_time_limits_parse_to_seconds():
+    from mlxmerge.errors import MlxmergeError
+    from mlxmerge.evolve.search import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m", "1.5m")] == [
+        90, 90, 1800, 7200, 5400, 90]  # fmt: skip
+    for bad in ("", "soon", "5d", "m"):
+        with pytest.raises(MlxmergeError, match="expected a duration such as 90s, 30m"):
+            parse_duration(bad)
