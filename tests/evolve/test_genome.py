@@ -162,3 +162,18 @@ def test_time_limits_parse_to_seconds():
     for bad in ("", "soon", "5d", "m"):
         with pytest.raises(MlxmergeError, match="expected a duration such as 90s, 30m"):
             parse_duration(bad)
+
+
+def test_slerp_values_are_the_recipes_t():
+    d = GenomeDefinition(models=("a", "b"), merge_method="slerp", base_model="b",
+                         layer_granularity=1)  # fmt: skip
+    g = Genome(d, num_layers=2)
+    genes = np.array(
+        [0.0, math.log(3), 1.0, 1.0]
+    )  # base b: t towards a = e^{g_a}/(e^{g_a}+e^{g_b})
+    r = g.recipe(genes)
+    assert r["base_model"] == "b"
+    assert [[src["model"] for src in s["sources"]] for s in r["slices"]] == [["b", "a"]] * 2
+    ts = [s["parameters"]["t"] for s in r["slices"]]
+    assert ts == pytest.approx([0.25, 0.5], abs=1e-12)
+    assert g.values(genes)["t"].tolist() == ts
