@@ -113,7 +113,16 @@ def evolve(config, output, as_json, **kw):  # fmt: skip
             err=True,
         )
 
-    report = run(config, output, on_candidate=on_candidate, **kw)
+    try:
+        report = run(config, output, on_candidate=on_candidate, **kw)
+    except KeyboardInterrupt:
+        from mlxmerge.evolve.state import default_path
+
+        state = kw["state"] or default_path(output)
+        click.echo(
+            f"\ninterrupted; the scores so far are in {state}: continue with --resume", err=True
+        )
+        raise SystemExit(130) from None
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return

@@ -134,8 +134,11 @@ class Genome:
         return x.reshape(-1)
 
     def values(self, genes: np.ndarray) -> dict[str, np.ndarray]:
-        """Each searched parameter, ``(groups, models, sets)``, after mergekit's transforms."""
+        """Each searched parameter, ``(groups, models, sets)``, after mergekit's transforms;
+        slerp: ``{"t": (groups,)}``, t from the base model towards the other one."""
         x = np.asarray(genes, dtype=np.float64).reshape(self.shape)
+        if self.definition.merge_method == "slerp":
+            return {"t": self._slerp_t(x)}
         out = {}
         for i, p in enumerate(self.params):
             v = x[..., i]
@@ -226,16 +229,20 @@ class Genome:
             models.append({"model": d.base_model})
         return models
 
+    def _slerp_t(self, x: np.ndarray) -> np.ndarray:
+        d = self.definition
+        b = d.models.index(d.base_model or d.models[0])
+        # softmax over the pair, computed stably: e^{g_other} / (e^{g_base} + e^{g_other})
+        return 1.0 / (1.0 + np.exp(x[:, b, 0, 0] - x[:, 1 - b, 0, 0]))
+
     def _slerp_slices(self, genes: np.ndarray, base: str) -> list[dict]:
         d = self.definition
-        x = np.asarray(genes, dtype=np.float64).reshape(self.shape)
         b = d.models.index(base)
-        o = 1 - b
+        t = self._slerp_t(np.asarray(genes, dtype=np.float64).reshape(self.shape))
         slices = []
         for g in range(self.shape[0]):
-            gb, go = x[g, b, 0, 0], x[g, o, 0, 0]
-            # softmax over the pair, computed stably: e^{go} / (e^{gb} + e^{go})
-            t = float(1.0 / (1.0 + np.exp(gb - go)))
-            sources = [{"model": d.models[i], "layer_range": self._layer_range(g)} for i in (b, o)]
-            slices.append({"sources": sources, "parameters": {"t": t}})
+            sources = [
+                {"model": d.models[i], "layer_range": self._layer_range(g)} for i in (b, 1 - b)
+            ]
+            slices.append({"sources": sources, "parameters": {"t": float(t[g])}})
         return slices

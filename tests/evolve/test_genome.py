@@ -151,3 +151,29 @@ def test_layer_granularity_must_divide_the_layers():
         RecipeError, match="layer_granularity 3 does not divide the models' 4 layers"
     ):
         Genome(d, num_layers=4)
+
+
+def test_time_limits_parse_to_seconds():
+    from mlxmerge.errors import MlxmergeError
+    from mlxmerge.evolve.search import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m", "1.5m")] == [
+        90, 90, 1800, 7200, 5400, 90]  # fmt: skip
+    for bad in ("", "soon", "5d", "m"):
+        with pytest.raises(MlxmergeError, match="expected a duration such as 90s, 30m"):
+            parse_duration(bad)
+
+
+def test_slerp_values_are_the_recipes_t():
+    d = GenomeDefinition(models=("a", "b"), merge_method="slerp", base_model="b",
+                         layer_granularity=1)  # fmt: skip
+    g = Genome(d, num_layers=2)
+    genes = np.array(
+        [0.0, math.log(3), 1.0, 1.0]
+    )  # base b: t towards a = e^{g_a}/(e^{g_a}+e^{g_b})
+    r = g.recipe(genes)
+    assert r["base_model"] == "b"
+    assert [[src["model"] for src in s["sources"]] for s in r["slices"]] == [["b", "a"]] * 2
+    ts = [s["parameters"]["t"] for s in r["slices"]]
+    assert ts == pytest.approx([0.25, 0.5], abs=1e-12)
+    assert g.values(genes)["t"].tolist() == ts

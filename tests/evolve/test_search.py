@@ -174,3 +174,11 @@ def test_perplexity_needs_a_negative_weight(pair, tmp_path):
         MlxmergeError, match="perplexity is lower-is-better; give the task a negative weight"
     ):
         evolve(cfg, tmp_path / "o")
+
+
+def test_streamed_candidates_score_as_in_memory_ones(pair, searched, tmp_path):
+    reference, _, _ = searched
+    report = evolve(pair["config"], tmp_path / "o", budget=3, seed=0, out_dtype="float32",
+                    in_memory=False)  # fmt: skip
+    assert report["built"] == "streamed through a temporary folder"
+    assert report["history"] == reference["history"][:3]
