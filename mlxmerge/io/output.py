@@ -21,7 +21,11 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
             continue
         p = p.resolve()
         folder = p if p.is_dir() else p.parent
-        if resolved == folder or resolved.is_relative_to(folder) or folder.is_relative_to(resolved):
+        if p.suffix == ".gguf" and p.is_file():  # a whole model in one file: siblings are fine
+            inside = resolved == p or folder.is_relative_to(resolved)
+        else:
+            inside = resolved.is_relative_to(folder) or folder.is_relative_to(resolved)
+        if inside:
             raise OutputError(f"{target}: output would overwrite or sit inside the input {ref}")
     if target.exists():
         if not target.is_dir():

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf_verbs")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLXMERGE_CACHE", str(root / "cache"))
-    (root / "model").mkdir()
+    (root / "model").mkdir()  # outputs go beside the file, in the same folder
     path = write_gguf(
         root / "model" / "tiny.gguf", "llama", qtype=T.Q4_1, types={"attn_v.weight": T.F16}
     )
@@ -59,21 +59,25 @@ def test_inspect_lists_each_tensors_type(tiny):
 def test_convert_and_merge_keep_the_dequantized_tensors(tiny):
     root, path = tiny
     ckpt = open_checkpoint(path)
-    run("convert", path, "-o", root / "mlx", "--dtype", "float32")
-    out = open_checkpoint(root / "mlx")
+    run("convert", path, "-o", root / "model" / "mlx", "--dtype", "float32")
+    out = open_checkpoint(root / "model" / "mlx")
     assert out.names() == ckpt.names()
     for name in ckpt.names():
         assert np.array_equal(np.array(out.get(name)), np.array(ckpt.get(name, mx.float32))), name
-    assert (root / "mlx" / "tokenizer.json").is_file()
+    assert (root / "model" / "mlx" / "tokenizer.json").is_file()
+    refused = CliRunner().invoke(cli, ["convert", str(path), "-o", str(root / "model"), "--force"])
+    assert refused.exit_code != 0 and "sit inside the input" in refused.output
+    assert path.is_file()
     # A merge of the GGUF with its safetensors copy scaled by 3: the mean is 2 x.
     scaled = {n: np.array(ckpt.get(n, mx.float32)) * 3 for n in ckpt.names()}
     mx.save_safetensors(
-        str(root / "mlx" / "model.safetensors"), {n: mx.array(v) for n, v in scaled.items()}
+        str(root / "model" / "mlx" / "model.safetensors"),
+        {n: mx.array(v) for n, v in scaled.items()},
     )
     recipe = root / "r.yml"
     recipe.write_text(
         f"merge_method: linear\nmodels:\n  - model: {path}\n    parameters: {{weight: 1}}\n"
-        f"  - model: {root / 'mlx'}\n    parameters: {{weight: 1}}\ndtype: float32\n"
+        f"  - model: {root / 'model' / 'mlx'}\n    parameters: {{weight: 1}}\ndtype: float32\n"
     )
     run("merge", recipe, "-o", root / "merged")
     merged = open_checkpoint(root / "merged")
