@@ -143,7 +143,8 @@ def convert(
     from mlxmerge.convert import convert as run
     from mlxmerge.io import open_checkpoint
 
-    total = len(open_checkpoint(model).names())
+    ckpt = open_checkpoint(model)
+    total = len(ckpt.names())
     with progress_bar(total, "convert", "tensor") as bar:
         out = run(model, output, dtype=dtype, layout=layout,
                   quantize_bits=int(quantize_bits) if quantize_bits else None,
@@ -151,3 +152,10 @@ def convert(
                   progress=lambda _name: bar.update(), allow_nonfinite=allow_nonfinite,
                   gguf_type=gguf_type)  # fmt: skip
     click.echo(f"wrote {out}")
+    if quantize_bits and layout == "mlx":
+        from mlxmerge.io.gguf_read import carried_tensors
+
+        carried = len(carried_tensors(ckpt, int(quantize_bits), group_size))
+        if carried:
+            click.echo(f"{carried} GGUF tensors' blocks carried into MLX {quantize_bits}-bit "
+                       "quantization (no float round trip); the rest through mx.quantize")  # fmt: skip

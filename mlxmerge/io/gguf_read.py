@@ -36,6 +36,7 @@ import numpy as np
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import gguf_names as names
 from mlxmerge.io.checkpoint import Checkpoint
+from mlxmerge.io.model_folder import QuantizedTensor
 from mlxmerge.io.safetensors_file import TensorEntry
 from mlxmerge.io.writer import RawTensor
 
@@ -43,6 +44,8 @@ GGUF_MAGIC = b"GGUF"
 SPLIT = re.compile(r"^(?P<base>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # Bumped when what the sidecar folder holds changes, so old caches are rebuilt.
 SIDECAR_VERSION = "1"
+# GGUF block types that are MLX affine quantization with group size 32, and their bits.
+MLX_BLOCKS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 # Stored types that stay as they are (no dequantization) and their MLX dtype.
 FLOAT_TYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 
@@ -326,6 +329,42 @@ class GGUFCheckpoint(Checkpoint):
             x = x.astype(np.float32) - 1
         return x.reshape(self.shape(name))
 
+    def mlx_blocks(self, name: str, bits: int, group_size: int) -> QuantizedTensor | None:
+        """The tensor as MLX affine quantization (packed uint32 weight, float32 scales and
+        biases) made from its GGUF blocks with no float round trip, or None when the stored
+        type does not map onto ``bits`` at ``group_size``.
+
+        Q4_0 (``w = d·(q − 8)``) is scale ``d``, bias ``−8d``; Q4_1 (``w = d·q + m``) is scale
+        ``d``, bias ``m``; Q8_0 (``w = d·q``, q signed) is q + 128 with scale ``d``, bias
+        ``−128d``: MLX's ``w = scale·q + bias`` per group of 32 gives the same values (exactly
+        in float32; the scales round as the output dtype stores them). Block layouts: ggml
+        ``block_q4_0``, ``block_q4_1``, ``block_q8_0``."""
+        s = self._source(name)
+        t = s.tensor
+        if MLX_BLOCKS.get(t.type.name) != bits or group_size != 32 or s.shift or len(t.shape) < 2:
+            return None
+        _, size = gguf.GGML_QUANT_SIZES[t.type]
+        raw = np.array(_map(t)).reshape(-1, size)  # (n_blocks, block bytes)
+        d = raw[:, 0:2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
+        if t.type.name == "Q8_0":
+            q = (raw[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            bias = -128 * d
+        else:
+            first = 4 if t.type.name == "Q4_1" else 2
+            packed = raw[:, first : first + 16]  # element j: low nibble of byte j, j+16: high
+            q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+            bias = raw[:, 2:4].view(np.float16).astype(np.float32) if first == 4 else -8 * d
+        per_word = 32 // bits  # MLX packs element i of a word at bits [bits·i, bits·(i+1))
+        words = q.reshape(-1, per_word).astype(np.uint32) << (
+            bits * np.arange(per_word, dtype=np.uint32)
+        )
+        words = np.bitwise_or.reduce(words, axis=1)
+        rows = t.shape[:-1]
+        out = [words.reshape(*rows, -1), d.reshape(*rows, -1), bias.reshape(*rows, -1)]
+        if s.permute is not None:  # whole rows move: the same permutation on every part
+            out = [names.unpermute(x, *self._heads(s.permute)) for x in out]
+        return QuantizedTensor(*(mx.array(x) for x in out))
+
     def _heads(self, which: int) -> tuple[int, int]:
         heads = int(self.config["num_attention_heads"])
         kv = int(self.config.get("num_key_value_heads") or heads)
@@ -336,6 +375,17 @@ class GGUFCheckpoint(Checkpoint):
             return self.sources[name]
         except KeyError:
             raise CheckpointError(f"{self.reference}: no tensor named {name}") from None
+
+
+def carried_tensors(ckpt: Checkpoint, bits: int, group_size: int) -> list[str]:
+    """The tensors of ``ckpt`` whose GGUF blocks map exactly onto MLX ``bits``-bit affine
+    quantization at ``group_size`` (``GGUFCheckpoint.mlx_blocks``); [] for other checkpoints."""
+    if not isinstance(ckpt, GGUFCheckpoint) or group_size != 32:
+        return []
+    return [
+        n for n, s in ckpt.sources.items()
+        if MLX_BLOCKS.get(s.tensor.type.name) == bits and not s.shift and len(s.tensor.shape) >= 2
+    ]  # fmt: skip
 
 
 def _map(t: GGUFTensor) -> np.ndarray:

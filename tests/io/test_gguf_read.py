@@ -242,3 +242,36 @@ def test_header_errors_are_one_line(tmp_path):
         open_checkpoint(tmp_path / "arch")
     open_checkpoint(good).get("model.layers.0.self_attn.q_proj.weight")
     assert good.read_bytes() == before  # inputs are never written to
+
+
+def test_convert_quantize_carries_q4_q8_blocks_exactly(tmp_path):
+    """GGUF Q4_0/Q4_1 (4-bit) and Q8_0 (8-bit) blocks become MLX affine quantization at group
+    size 32 with no float round trip: MLX's dequantization equals gguf's bit for bit (float32
+    scales), Q/K rows un-permuted with the packed words; other types go through mx.quantize."""
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    types = {"attn_q.weight": T.Q4_0, "attn_k.weight": T.Q4_1, "ffn_up.weight": T.Q8_0,
+             "ffn_down.weight": T.Q4_1, "attn_v.weight": T.F16}  # fmt: skip
+    path = write_gguf(tmp_path / "m.gguf", "llama", qtype=T.Q4_0, types=types)
+    ckpt = open_checkpoint(path)
+    for bits, carried in ((4, {"Q4_0", "Q4_1"}), (8, {"Q8_0"})):
+        out = tmp_path / f"q{bits}"
+        res = CliRunner().invoke(cli, ["convert", str(path), "-o", str(out), "--quantize", str(bits),
+                                       "--group-size", "32", "--dtype", "float32"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        n = sum(ckpt.gguf_type(name) in carried for name in ckpt.names())
+        assert f"{n} GGUF tensors' blocks carried into MLX {bits}-bit" in res.output
+        assert f"{n} GGUF tensors' blocks carried" in (out / "README.md").read_text()
+        q = open_checkpoint(out)
+        for name in ckpt.names():
+            if ckpt.gguf_type(name) not in carried:
+                continue
+            assert q.is_quantized(name) and q.quant_params(name)["bits"] == bits
+            expected = np.array(ckpt.get(name, mx.float32))
+            np.testing.assert_array_equal(np.array(q.get(name, mx.float32)), expected, err_msg=name)
+        # A type MLX cannot hold as it is: re-quantized from float, within a quantization step.
+        name = "model.layers.0.self_attn.v_proj.weight"
+        x = np.array(ckpt.get(name, mx.float32))
+        assert 0 < np.abs(np.array(q.get(name, mx.float32)) - x).max() < 0.2 * np.abs(x).max()
