@@ -275,3 +275,33 @@ def test_convert_quantize_carries_q4_q8_blocks_exactly(tmp_path):
         name = "model.layers.0.self_attn.v_proj.weight"
         x = np.array(ckpt.get(name, mx.float32))
         assert 0 < np.abs(np.array(q.get(name, mx.float32)) - x).max() < 0.2 * np.abs(x).max()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "num_hidden_layers": 30, "intermediate_size": 1536, "rms_norm_eps": 1e-5,
+         "rope_theta": 100000.0, "max_position_embeddings": 8192, "vocab_size": 49152},
+        {"model_type": "mixtral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 128, "num_local_experts": 4,
+         "num_experts_per_tok": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 300},
+        {"model_type": "phi3", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+         "num_hidden_layers": 2, "intermediate_size": 256, "partial_rotary_factor": 0.75,
+         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 300},
+        {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 128, "sliding_window": 128,
+         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0, "vocab_size": 300},
+    ],
+    ids=lambda c: c["model_type"],
+)  # fmt: skip
+def test_config_survives_metadata_and_back(config):
+    """config.json → GGUF metadata (what the writer stores) → config.json (what the reader builds)."""
+    fields = {k: v for k, v, _ in gguf_names.metadata_from_config(config)}
+    arch = gguf_names.gguf_arch(config["model_type"])
+    back = gguf_names.config_from_metadata(arch, fields, {"output.weight"}, None)
+    assert back["model_type"] == config["model_type"]  # llama with experts reads as mixtral
+    for key, value in config.items():
+        if key != "model_type":
+            assert back[key] == pytest.approx(value, rel=1e-6), key
