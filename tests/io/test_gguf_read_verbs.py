@@ -111,3 +111,28 @@ def test_forward_pass_matches_transformers_on_the_same_gguf(tiny):
     scores = evaluate([str(path), str(root / "f32")], [str(root / "text.txt")], max_length=64)
     a, b = (r["metrics"]["perplexity"] for r in scores["results"])
     assert a == pytest.approx(b, rel=1e-5) and 1 < a < 2 * len(tokenizer.vocab)
+
+
+def test_other_verbs_take_a_gguf(tiny):
+    """frankenmerge, extract-lora, moe and sae collect with GGUF inputs (a Q4_1 and a Q8_0 file)."""
+    import yaml
+
+    root, path = tiny
+    other = write_gguf(root / "model" / "other.gguf", "llama", qtype=T.Q8_0, seed=1)
+    out = root / "verbs"
+    run("frankenmerge", "--slice", f"{path}:0-2", "--slice", f"{other}:1-2", "-o", out / "fm")
+    fm = open_checkpoint(out / "fm")
+    assert fm.num_layers == 3
+    src = np.array(open_checkpoint(other).get("model.layers.1.mlp.up_proj.weight", mx.float32))
+    got = np.array(fm.get("model.layers.2.mlp.up_proj.weight", mx.float32))
+    np.testing.assert_allclose(got, src, rtol=1e-2, atol=1e-3)  # bf16 output of the same tensor
+    run("extract-lora", other, "--base", path, "--rank", "4", "-o", out / "lora")
+    assert (out / "lora" / "adapters.safetensors").is_file()
+    cfg = {"base_model": str(path), "dtype": "float32", "gate_mode": "random",
+           "experts": [{"source_model": str(path)}, {"source_model": str(other)}]}  # fmt: skip
+    (out / "moe.yml").write_text(yaml.safe_dump(cfg))
+    run("moe", out / "moe.yml", "-o", out / "moe")
+    assert open_checkpoint(out / "moe").model_type == "mixtral"
+    (out / "t.txt").write_text(TEXT)
+    run("sae", "collect", path, "--layer", "1", "--data", out / "t.txt", "-o", out / "acts")
+    assert json.loads((out / "acts" / "meta.json").read_text())["d_in"] == 64
