@@ -136,3 +136,29 @@ def test_other_verbs_take_a_gguf(tiny):
     (out / "t.txt").write_text(TEXT)
     run("sae", "collect", path, "--layer", "1", "--data", out / "t.txt", "-o", out / "acts")
     assert json.loads((out / "acts" / "meta.json").read_text())["d_in"] == 64
+
+
+def test_kquant_qwen2_runs_like_transformers(tmp_path, monkeypatch):
+    """A K-quant GGUF of another architecture (qwen2, biases; Q4_K, Q5_K, Q6_K, Q3_K): the forward
+    pass equals transformers' on the same file, and convert + eval run on it."""
+    from transformers import AutoModelForCausalLM
+
+    from mlxmerge.eval.scoring import evaluate
+    from mlxmerge.lm.load import load
+
+    monkeypatch.setenv("MLXMERGE_CACHE", str(tmp_path / "cache"))
+    types = {"attn_q.weight": T.Q4_K, "attn_k.weight": T.Q5_K, "attn_v.weight": T.Q6_K,
+             "ffn_down.weight": T.Q3_K, "token_embd.weight": T.Q6_K}  # fmt: skip
+    path = write_gguf(tmp_path / "q.gguf", "qwen2", qtype=T.Q4_K, types=types, hidden=256, ff=256,
+                      layers=1, heads=4, kv_heads=2)  # fmt: skip
+    model, tokenizer = load(path)
+    ids = tokenizer.encode(TEXT)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(np.array(model(mx.array([ids]))[0]), expected, rtol=1e-4, atol=1e-4)
+    run("convert", path, "-o", tmp_path / "out", "--dtype", "float32")
+    (tmp_path / "t.txt").write_text(TEXT)
+    scores = evaluate([str(path), str(tmp_path / "out")], [str(tmp_path / "t.txt")], max_length=64)
+    a, b = (r["metrics"]["perplexity"] for r in scores["results"])
+    assert a == pytest.approx(b, rel=1e-5)
