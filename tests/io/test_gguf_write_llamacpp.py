@@ -105,3 +105,25 @@ def test_llama_cpp_runs_a_merge_written_as_gguf(root, tmp_path):
     scale = np.abs(want).max()
     assert np.abs(got - same).max() / scale <= RUNTIME["q8_0"]
     assert np.abs(got - want).max() / scale <= np.abs(same - want).max() / scale + RUNTIME["q8_0"]
+
+
+@pytest.mark.parametrize(("kind", "main_type"), [("q4_k_m", "Q4_K"), ("q6_k", "Q6_K")])
+def test_k_quants_by_llama_cpp(root, tmp_path, kind, main_type):
+    """q4_k_m / q6_k: our bf16 GGUF quantized by llama.cpp's own quantizer, run by llama.cpp."""
+    import gguf
+
+    from mlxmerge.demo.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    src = build_model(tmp_path / "src", tok, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2, tie=False)  # fmt: skip
+    out = convert(str(src), tmp_path / "model", layout="gguf", gguf_type=kind)
+    (path,) = out.glob("*.gguf")
+    assert path.name.endswith(f"-{kind.upper()}.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_gate.weight"] == main_type  # rows of 256: K-quant blocks fit
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    want_src, want_same, got = mlx_logits(src), mlx_logits(out), llama_cpp_logits(out)
+    scale = np.abs(want_src).max()
+    assert np.abs(got - want_same).max() / scale <= RUNTIME["q8_0"]  # activations in Q8_K
+    assert np.abs(got - want_src).max() / scale <= np.abs(want_same - want_src).max() / scale + RUNTIME["q8_0"]  # fmt: skip
