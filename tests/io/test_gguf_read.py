@@ -144,17 +144,19 @@ STRINGS = [
     "Café naïve façade — déjà vu",
     "東京は日本の首都です。",
     "emoji 🙂🚀 and more",
-    "  leading spaces\tand\ttabs\nnew line",
+    "  leading spaces\tand\ttabs\nnew line   three  two",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_tokenizer_matches_transformers(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "model_type"), [("gpt2", "llama"), ("llama", "llama"), ("llama", "gemma3_text")]
+)
+def test_tokenizer_matches_transformers(tmp_path, kind, model_type):
     from transformers import AutoTokenizer
 
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    path = write_gguf(tmp_path / f"{kind}.gguf", "llama", tokenizer=kind, chat_template=template)
+    path = write_gguf(tmp_path / f"{kind}.gguf", model_type, tokenizer=kind, chat_template=template)
     ckpt = open_checkpoint(path)
     ours = AutoTokenizer.from_pretrained(ckpt.path)  # what mlx-lm loads
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
