@@ -25,11 +25,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MLXMERGE_CACHE", str(tmp_path_factory.getbasetemp() / "mlxmerge-cache"))
-
-
 def transformers_tensors(path: Path) -> tuple[dict, object]:
     """transformers' GGUF loader: (tensors dequantized to float32 under HF names, its config)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -29,14 +29,11 @@ TEXT = "the cat sat on the mat. the heat in the sun is rather hot; she sat in th
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf_verbs")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLXMERGE_CACHE", str(root / "cache"))
     (root / "model").mkdir()  # outputs go beside the file, in the same folder
     path = write_gguf(
         root / "model" / "tiny.gguf", "llama", qtype=T.Q4_1, types={"attn_v.weight": T.F16}
     )
-    yield root, path
-    mp.undo()
+    return root, path
 
 
 def run(*args):
@@ -138,7 +135,7 @@ def test_other_verbs_take_a_gguf(tiny):
     assert json.loads((out / "acts" / "meta.json").read_text())["d_in"] == 64
 
 
-def test_kquant_qwen2_runs_like_transformers(tmp_path, monkeypatch):
+def test_kquant_qwen2_runs_like_transformers(tmp_path):
     """A K-quant GGUF of another architecture (qwen2, biases; Q4_K, Q5_K, Q6_K, Q3_K): the forward
     pass equals transformers' on the same file, and convert + eval run on it."""
     from transformers import AutoModelForCausalLM
@@ -146,7 +143,6 @@ def test_kquant_qwen2_runs_like_transformers(tmp_path, monkeypatch):
     from mlxmerge.eval.scoring import evaluate
     from mlxmerge.lm.load import load
 
-    monkeypatch.setenv("MLXMERGE_CACHE", str(tmp_path / "cache"))
     types = {"attn_q.weight": T.Q4_K, "attn_k.weight": T.Q5_K, "attn_v.weight": T.Q6_K,
              "ffn_down.weight": T.Q3_K, "token_embd.weight": T.Q6_K}  # fmt: skip
     path = write_gguf(tmp_path / "q.gguf", "qwen2", qtype=T.Q4_K, types=types, hidden=256, ff=256,

@@ -62,12 +62,3 @@ def smollm2_gguf() -> Path:
         return fetch_smollm2()
     except (RuntimeError, OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as e:
         pytest.skip(f"real model not available: {e}")
-
-
-@pytest.fixture(scope="session")
-def real_cache(tmp_path_factory):
-    """A private sidecar cache for the session (config.json + tokenizer built from the GGUF)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLXMERGE_CACHE", str(tmp_path_factory.mktemp("mlxmerge-cache")))
-    yield
-    mp.undo()
