@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from mlxmerge.io import ModelCard, Quantization, open_checkpoint, parse_size, wr
 from mlxmerge.io.dtypes import parse_float_dtype
 from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.hub import is_hub_reference
-from mlxmerge.io.model_folder import source_name
+from mlxmerge.io.model_folder import quantizable, source_name
+
+log = logging.getLogger(__name__)
 
 
 def convert(
@@ -45,7 +48,24 @@ def convert(
     )
     guard = FiniteGuard(allow_nonfinite, "convert")
 
+    # GGUF Q4_0/Q4_1/Q8_0 blocks are MLX affine quantization at group size 32: carried over.
+    carried: set[str] = set()
+    if quant and layout == "mlx":
+        from mlxmerge.io.gguf_read import carried_tensors
+
+        shapes = dict(plan)
+        carried = {n for n in carried_tensors(ckpt, quant.bits, quant.group_size)
+                   if quantizable(n, shapes[n], quant.group_size)}  # fmt: skip
+    if carried:
+        note = (f"{len(carried)} GGUF tensors' blocks carried into MLX {quant.bits}-bit "
+                "quantization without a float round trip; the other quantized weights went "
+                "through mx.quantize.")  # fmt: skip
+        log.info(note)
+        card.body += f" {note}"
+
     def compute(name: str):
+        if name in carried:
+            return ckpt.mlx_blocks(name, quant.bits, quant.group_size)
         raw = ckpt.raw(name)
         return raw if raw is not None else guard.watch(str(model), name, ckpt.get(name))
 

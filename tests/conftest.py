@@ -58,3 +58,12 @@ def tiny_random(tmp_path_factory):
     path = build_model(root / "llama", tok_dir, seed=3, num_layers=2)
     model, tokenizer = load(str(path))
     return path, model, tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mlxmerge_cache(tmp_path_factory):
+    """GGUF inputs keep their config/tokenizer folder in a cache: the tests' stay out of ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLXMERGE_CACHE", str(tmp_path_factory.mktemp("mlxmerge-cache")))
+    yield
+    patch.undo()

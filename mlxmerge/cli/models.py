@@ -15,14 +15,17 @@ LAYOUT = click.Choice(["mlx", "hf", "gguf"])
 FORMAT_HELP = (
     "mlx: what mlx_lm.load reads; hf: what transformers reads; gguf: one file llama.cpp runs."
 )
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # io.gguf_write
+# io.gguf_write's GGUF_TYPES, then its LLAMA_CPP_TYPES (made by llama.cpp's quantizer)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+              "q4_k_m", "q5_k_m", "q6_k")  # fmt: skip
 
 
 def gguf_type_option(fn):
     """``--gguf-type``: the tensor type of a ``--format gguf`` output (io.gguf_write.GGUF_TYPES)."""
     return click.option(
         "--gguf-type", type=click.Choice(GGUF_TYPES, case_sensitive=False), default=None,
-        help="With --format gguf: the weights' type (norms stay f32).  [default: q8_0]",
+        help="With --format gguf: the weights' type (norms stay f32; k-quants need "
+        "llama-cpp-python).  [default: q8_0]",
     )(fn)  # fmt: skip
 
 
@@ -143,7 +146,8 @@ def convert(
     from mlxmerge.convert import convert as run
     from mlxmerge.io import open_checkpoint
 
-    total = len(open_checkpoint(model).names())
+    ckpt = open_checkpoint(model)
+    total = len(ckpt.names())
     with progress_bar(total, "convert", "tensor") as bar:
         out = run(model, output, dtype=dtype, layout=layout,
                   quantize_bits=int(quantize_bits) if quantize_bits else None,
@@ -151,3 +155,10 @@ def convert(
                   progress=lambda _name: bar.update(), allow_nonfinite=allow_nonfinite,
                   gguf_type=gguf_type)  # fmt: skip
     click.echo(f"wrote {out}")
+    if quantize_bits and layout == "mlx":
+        from mlxmerge.io.gguf_read import carried_tensors
+
+        carried = len(carried_tensors(ckpt, int(quantize_bits), group_size))
+        if carried:
+            click.echo(f"{carried} GGUF tensors' blocks carried into MLX {quantize_bits}-bit "
+                       "quantization (no float round trip); the rest through mx.quantize")  # fmt: skip

@@ -280,7 +280,7 @@ def _gguf_files(path: Path) -> list[Path] | None:
         return None
     if path.is_file() and path.suffix != ".gguf":
         return None
-    from mlxmerge.io.gguf_read import gguf_files
+    from mlxmerge.io.gguf_file import gguf_files
 
     return gguf_files(path)
 

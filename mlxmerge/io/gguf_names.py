@@ -266,14 +266,13 @@ def config_from_metadata(
     if "num_key_value_heads" not in config and "num_attention_heads" in config:
         config["num_key_value_heads"] = config["num_attention_heads"]
     rope_dims = fields.get(f"{arch}.rope.dimension_count")
-    heads = config.get("num_attention_heads")
-    # head_dim only when it is not the default hidden / heads (llama.cpp: rope.dimension_count)
-    if "head_dim" not in config and rope_dims and heads:
-        config["head_dim"] = (
-            rope_dims if rope_dims != config.get("hidden_size", 0) // heads else None
-        )
-        if config["head_dim"] is None:
-            del config["head_dim"]
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if rope_dims and heads and hidden:
+        head_dim = config.get("head_dim") or hidden // heads
+        if model_type in PERMUTED and "head_dim" not in config and rope_dims != head_dim:
+            config["head_dim"] = rope_dims  # llama's converter writes head_dim here
+        elif model_type == "phi3" and rope_dims != head_dim:
+            config["partial_rotary_factor"] = rope_dims / head_dim  # Phi-4-mini rotates 3/4
     scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling in ("linear", "yarn") and fields.get(f"{arch}.rope.scaling.factor"):
         config["rope_scaling"] = {"rope_type": scaling, "type": scaling,
@@ -315,8 +314,9 @@ def metadata_from_config(config: dict) -> list[tuple[str, object, gguf.GGUFValue
         out.append((f"{arch}.attention.head_count_kv", int(cfg["num_attention_heads"]), _U32))
     heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
     head_dim = cfg.get("head_dim") or (hidden // heads if heads and hidden else None)
-    if head_dim:
-        out.append((f"{arch}.rope.dimension_count", int(head_dim), _U32))
+    if head_dim:  # the rotated part of each head (Phi-4-mini: partial_rotary_factor 0.75)
+        rotated = int(head_dim * float(cfg.get("partial_rotary_factor") or 1.0))
+        out.append((f"{arch}.rope.dimension_count", rotated, _U32))
     field = EXPERT_COUNT_FIELD.get(model_type)
     if field and cfg.get(field):
         out.append((f"{arch}.expert_count", int(cfg[field]), _U32))

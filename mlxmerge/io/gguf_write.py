@@ -14,6 +14,10 @@ metadata and tensor table are written first (``gguf.GGUFWriter``'s ``add_tensor_
 ``write_*_to_file``), then each tensor is computed, quantized with ``gguf.quants`` and appended
 before the next one is computed: peak memory is about three copies of the largest tensor
 (float32 values, the planned tensor, the quantized bytes), not the model.
+
+K-quant mixes (``q4_k_m``, ``q5_k_m``, ``q6_k``) are not reimplemented: a bf16 GGUF is written to
+a scratch file beside the output, then llama.cpp's own ``llama_model_quantize`` (llama-cpp-python,
+optional) makes the mix from it, with llama.cpp's per-tensor choices and fallbacks.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 # Half the size of f16 at a perplexity cost llama.cpp measures in the 4th decimal; a GGUF is a
 # model to run, the master copy stays in --format mlx/hf. f16/bf16/f32 are the lossless choices.
 DEFAULT_GGUF_TYPE = "q8_0"
+# K-quant mixes, made by llama.cpp's own quantizer (``llama_model_quantize``, llama-cpp-python)
+# from a bf16 GGUF we write first. Not reimplemented here.
+LLAMA_CPP_TYPES: dict[str, gguf.LlamaFileType] = {
+    "q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY_Q5_K_M, "q6_k": F.MOSTLY_Q6_K,
+}  # fmt: skip
 _LOW_BIT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
 # Tensors the converter always keeps F32 (besides 1-D tensors and norms): MoE routers.
 _F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
@@ -56,9 +65,40 @@ _F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 def parse_gguf_type(text: str) -> str:
     """Validate a ``--gguf-type`` value (case-insensitive); return it lower-cased."""
     key = str(text).lower()
-    if key not in GGUF_TYPES:
-        raise MlxmergeError(f"unknown GGUF type {text!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if key not in GGUF_TYPES and key not in LLAMA_CPP_TYPES:
+        known = ", ".join([*GGUF_TYPES, *LLAMA_CPP_TYPES])
+        raise MlxmergeError(f"unknown GGUF type {text!r}; choose one of {known}")
     return key
+
+
+def quantizer(gguf_type: str):
+    """The ``llama_cpp`` module for a K-quant ``gguf_type`` (None for the others).
+
+    Raises MlxmergeError when llama-cpp-python is not installed: checked before any tensor.
+    """
+    if parse_gguf_type(gguf_type) not in LLAMA_CPP_TYPES:
+        return None
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MlxmergeError(
+            f"--gguf-type {gguf_type} is made by llama.cpp's quantizer: "
+            "pip install 'mlxmerge[llamacpp]' (llama-cpp-python), or use q8_0/q5_1/q4_1/..."
+        ) from None
+    return llama_cpp
+
+
+def llama_cpp_quantize(source: Path, target: Path, gguf_type: str) -> None:
+    """Quantize the GGUF ``source`` to the K-quant mix ``gguf_type`` with llama.cpp itself.
+
+    Raises MlxmergeError when llama-cpp-python is not installed or llama.cpp fails.
+    """
+    llama_cpp = quantizer(gguf_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(LLAMA_CPP_TYPES[gguf_type])
+    params.nthread = 0  # all cores
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise MlxmergeError(f"llama.cpp could not quantize {source.name} to {gguf_type}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +149,8 @@ def plan_gguf(
     cfg = _text_config(config)
     model_type = cfg.get("model_type") or config.get("model_type")
     arch = gguf_names.gguf_arch(model_type)
-    qtype = GGUF_TYPES[parse_gguf_type(gguf_type)][0]
+    gguf_type = parse_gguf_type(gguf_type)
+    qtype = GGUF_TYPES["bf16" if gguf_type in LLAMA_CPP_TYPES else gguf_type][0]
     n_blocks = int(cfg.get("num_hidden_layers") or 0)
     names = gguf_names.mlx_to_gguf_map(model_type, n_blocks)
     n_head = cfg.get("num_attention_heads")
@@ -257,14 +298,18 @@ def write_gguf_folder(
 
     tensors = plan_gguf(plan, config, gguf_type)
     path = tmp / file_name(name, tensors, gguf_type)
+    k_quant = gguf_type in LLAMA_CPP_TYPES
     with tempfile.TemporaryDirectory(dir=tmp) as scratch:
         tok = None
         if tokenizer_source is not None:
             tok = Path(scratch)
             copy_tokenizer(Path(tokenizer_source), tok, chat_template)
             (tok / "config.json").write_text(json.dumps(_text_config(config)))  # special token ids
+        written = Path(scratch) / "bf16.gguf" if k_quant else path
         write_gguf(
-            path, tensors, compute, config=config, tokenizer_folder=tok, gguf_type=gguf_type,
-            name=name, progress=progress, check=check,
+            written, tensors, compute, config=config, tokenizer_folder=tok,
+            gguf_type="bf16" if k_quant else gguf_type, name=name, progress=progress, check=check,
         )  # fmt: skip
+        if k_quant:
+            llama_cpp_quantize(written, path, gguf_type)
     return path

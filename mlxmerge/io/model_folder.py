@@ -44,6 +44,16 @@ class Quantization:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
 
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight already in MLX affine quantization (a GGUF Q4_0/Q4_1/Q8_0 tensor's blocks):
+    written as it is, its scales and biases cast to the output dtype."""
+
+    weight: mx.array  # uint32, packed
+    scales: mx.array
+    biases: mx.array
+
+
 @dataclass
 class ModelCard:
     """What the README front matter and body say about how the model was made."""
@@ -279,6 +289,14 @@ def write_model(
                 if d.op == "copy" and uses[d.sources[0]] == 1:
                     x = compute(d.sources[0])
                     uses[d.sources[0]] = 0
+                    if isinstance(x, QuantizedTensor):  # blocks carried over: no re-quantizing
+                        prefix = name.removesuffix(".weight")
+                        writer.write(name, x.weight)
+                        writer.write(f"{prefix}.scales", x.scales.astype(dtype))
+                        writer.write(f"{prefix}.biases", x.biases.astype(dtype))
+                        if progress:
+                            progress(d.sources[0])
+                        continue
                     if isinstance(x, RawTensor):
                         if x.dtype == dtype and not (
                             quantize and quantizable(name, shape, quantize.group_size)
@@ -328,10 +346,12 @@ def _write_gguf_model(
         DEFAULT_GGUF_TYPE,
         parse_gguf_type,
         plan_gguf,
+        quantizer,
         write_gguf_folder,
     )
 
     gguf_type = parse_gguf_type(gguf_type or DEFAULT_GGUF_TYPE)
+    quantizer(gguf_type)  # a K-quant needs llama.cpp: say so before any tensor is computed
     target = Path(target).expanduser()
     names = [n for n, _ in plan]
     config = patch_config(config, names, mx.float32, "hf", None, num_layers)

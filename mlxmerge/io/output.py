@@ -45,6 +45,8 @@ def input_paths(reference) -> list[Path]:
     if hasattr(reference, "path") and hasattr(reference, "entries"):  # an opened Checkpoint
         adapter = getattr(reference, "adapter", None)
         paths = [reference.path] + ([adapter.path] if adapter is not None else [])
+        # A GGUF's folder is a cached sidecar: the file it reads is what must not be overwritten.
+        paths += sorted({e.file for e in reference.entries.values()})
         return [Path(p).resolve() for p in paths]
     ref = str(reference)
     path = Path(ref).expanduser()
@@ -77,11 +79,11 @@ def check_output(target: str | os.PathLike, inputs=(), *, force: bool = False) -
     for ref in inputs:
         for p in input_paths(ref):
             folder = p if p.is_dir() else p.parent
-            if (
-                resolved == folder
-                or resolved.is_relative_to(folder)
-                or folder.is_relative_to(resolved)
-            ):
+            if p.suffix == ".gguf" and p.is_file():  # a whole model in one file: siblings are fine
+                inside = resolved == p or folder.is_relative_to(resolved)
+            else:
+                inside = resolved.is_relative_to(folder) or folder.is_relative_to(resolved)
+            if inside:
                 raise OutputError(f"{target}: output would overwrite or sit inside the input {ref}")
     if target.exists():
         if not target.is_dir():

@@ -28,7 +28,7 @@ ARCH = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"
 
 GPT2_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t"]
 SPM_PIECES = ["▁the", "▁a", "he", "in", "er", "on", "▁t", "▁s", "at", "re", "▁", "e", "t", "h",
-              "a", "n", "r", "o", "s", "i"]  # fmt: skip
+              "a", "n", "r", "o", "s", "i", "  ", "   "]  # fmt: skip
 
 
 def tensor_data(rng: np.random.Generator, shape: tuple[int, ...], qtype: T) -> np.ndarray:

