@@ -19,8 +19,9 @@ from mlxmerge.sae.activations import (
     load_model,
     read_texts,
 )
-from mlxmerge.sae.metrics import ReconstructionStats
-from mlxmerge.sae.model import SAEError, decode, encode
+from mlxmerge.sae.heldout import split_held_out
+from mlxmerge.sae.metrics import reconstruction_metrics
+from mlxmerge.sae.model import SAEError
 from mlxmerge.sae.plot import training_curve
 from mlxmerge.sae.saelens import save_sae
 from mlxmerge.sae.train import TrainConfig, train_sae
@@ -33,12 +34,15 @@ def train(
     layer: int | None = None, data: str | os.PathLike | None = None, k: int = 32, expansion: int = 8,
     architecture: str = "topk", tokens: int = 2_000_000, batch_size: int = 4096, lr: float | None = None,
     seed: int = 0, context_size: int = 128, log_every: int = 50, collect_tokens: int | None = None,
-    force: bool = False, progress=None, **train_options,
+    held_out: float = 0.05, force: bool = False, progress=None, **train_options,
 ) -> dict:  # fmt: skip
     """Train from ``acts`` (a ``sae collect`` folder) or on the fly from ``model`` + ``layer`` + ``data``.
 
-    Writes an SAELens folder with ``history.json`` and ``training_curve.png``; returns the final
-    log row plus held-out reconstruction metrics.
+    ``held_out``: fraction of the activations (the last ones, from whole contexts; at most
+    16,384 tokens) never trained on; the history's ``heldout_*`` columns and the summary's
+    ``eval_*`` metrics are measured on them (0: none held out, the summary's ``train_sample_*``
+    metrics are then on training rows). Writes an SAELens folder with ``history.json``,
+    ``train_summary.json`` and ``training_curve.png``; returns the summary.
     """
     if (acts is None) == (model is None):
         raise SAEError("give either --acts FOLDER or MODEL with --layer and --data")
@@ -68,35 +72,33 @@ def train(
     if tc.k > tc.d_sae_for(source.d_in):
         raise SAEError(f"k={k} is larger than d_sae={tc.d_sae_for(source.d_in)}; "
                        "lower --k or raise --expansion")  # fmt: skip
-    if tokens > len(source):
+    source, held = split_held_out(source, held_out, seed=seed)
+    if held is not None and hasattr(source, "__len__"):
+        log.info("held out %d tokens; training on the other %d", len(held), len(source))
+    if hasattr(source, "__len__") and tokens > len(source):
         log.warning(
             "training on %d tokens drawn from %d cached activations (repeats)", tokens, len(source)
         )
-    result = train_sae(source, tc, metadata=meta, hook_layer=layer, on_step=progress)
-    held_out = reconstruction_metrics(
-        result.cfg, result.params, source.sample(16384, np.random.default_rng(seed + 1))
-    )
+    result = train_sae(source, tc, metadata=meta, hook_layer=layer, on_step=progress, held_out=held)
+    if held is None:  # nothing held out: say that these are training rows
+        sample = source.sample(16384, np.random.default_rng(seed + 1))
+        final = {f"train_sample_{k}": v for k, v in reconstruction_metrics(result.cfg, result.params, sample).items()}  # fmt: skip
+    else:
+        final = {f"eval_{k}": v for k, v in reconstruction_metrics(result.cfg, result.params, held).items()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        png = training_curve(result.history, Path(tmp) / "training_curve.png").read_bytes()
-    summary = {**(result.history[-1] if result.history else {}), **{f"eval_{k}": v for k, v in held_out.items()},
+        png = training_curve(result.history, Path(tmp) / "training_curve.png")
+        png = png.read_bytes() if png is not None else None
+    summary = {**(result.history[-1] if result.history else {}), **final,
                "tokens_per_second_overall": result.tokens_per_second, "layer": layer, "d_sae": result.cfg.d_sae}  # fmt: skip
-    extra = {"history.json": json.dumps(result.history, indent=1), "training_curve.png": png,
+    extra = {"history.json": json.dumps(result.history, indent=1),
              "train_summary.json": json.dumps(summary, indent=1)}  # fmt: skip
+    if png is not None:  # without matplotlib: skipped with a warning (plot.MISSING)
+        extra["training_curve.png"] = png
     if mx.distributed.init().rank() == 0:  # with mlx.launch, one process writes
         save_sae(out, result.cfg, result.params, sparsity=result.feature_density, extra_files=extra,
                  force=force)  # fmt: skip
     summary["out"] = str(out)
     return summary
-
-
-def reconstruction_metrics(cfg, params, x: np.ndarray, batch: int = 4096) -> dict:
-    """FVU, EV (both kinds), L0 and dead/dense fractions of an SAE on activations ``x``."""
-    stats = ReconstructionStats(cfg.d_in, cfg.d_sae)
-    for i in range(0, len(x), batch):
-        xb = mx.array(x[i : i + batch])
-        z = encode(params, cfg, xb)
-        stats.add(xb, decode(params, z), z)
-    return stats.result()
 
 
 def _quant(model) -> dict | None:
