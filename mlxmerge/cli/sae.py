@@ -128,10 +128,12 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 @click.option("--matryoshka-widths", callback=_widths,
               help="matryoshka_batchtopk: nested prefix sizes, e.g. 128,512,2048 [d_sae/16..d_sae].")  # fmt: skip
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
+@click.option("--held-out", default=0.05, show_default=True,
+              help="Fraction of the activations kept out of training (<=16384 tokens; 0: none).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
           auxk_alpha, dead_tokens, l1_coefficient, l0_coefficient, jumprelu_bandwidth,
-          jumprelu_init_threshold, matryoshka_widths, log_every, force):  # fmt: skip
+          jumprelu_init_threshold, matryoshka_widths, log_every, held_out, force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
     if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
@@ -142,7 +144,8 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
     with progress_bar(tokens, "train", "tok") as bar:
         result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
                      architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                     log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
+                     log_every=log_every, held_out=held_out, force=force,
+                     progress=lambda _i, n: bar.update(n),
                      auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
                      l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient,
                      jumprelu_bandwidth=jumprelu_bandwidth, matryoshka_widths=matryoshka_widths,
@@ -218,3 +221,28 @@ def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, la
         f"--- plain\n{result['plain']}\n--- steered (feature {feature}, layer {result['layer']})"
     )
     click.echo(result["steered"])
+
+
+@sae.command()
+@click.argument("sae_path", metavar="SAE")
+@click.argument("model")
+@click.option("--feature", "features", type=int, multiple=True, required=True,
+              help="Latent whose decoder direction to edit (repeatable: their span).")  # fmt: skip
+@click.option("--scale", default=0.0, show_default=True,
+              help="Multiply what the writers write along the feature(s): 0 removes, 2 doubles.")  # fmt: skip
+@output_option("Output model folder.")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32"]))  # fmt: skip
+@click.option(
+    "--format", "layout", default="mlx", show_default=True, type=click.Choice(["mlx", "hf"])
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def ablate(sae_path, model, features, scale, out, dtype, layout, force):
+    """Edit SAE features into MODEL's weights: every residual writer stops writing them."""
+    from mlxmerge.sae.ablate import ablate_features
+
+    report = ablate_features(sae_path, model, out, features=list(features), scale=scale,
+                             dtype=dtype, layout=layout, force=force)  # fmt: skip
+    click.echo(
+        f"features {report['features']} x{scale:g} in {report['edited_tensors']} tensors -> {out}"
+    )
