@@ -205,22 +205,28 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.argument("model")
 @click.option("--feature", type=int, required=True, help="Latent index.")
 @click.option("--scale", type=float, help="Add scale x the unit decoder direction.")
+@click.option("--relative", is_flag=True,
+              help="--scale in units of the median residual norm at the layer on the prompt.")  # fmt: skip
 @click.option("--clamp", type=float, help="Pin the feature's activation to this value.")
 @click.option("--ablate", is_flag=True, help="Pin the feature to zero.")
 @click.option("--prompt", required=True)
 @click.option("--max-tokens", default=40, show_default=True)
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat):
+def steer(
+    sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat, relative
+):
     """Generate with a feature added, clamped or ablated, next to the plain output."""
     from mlxmerge.sae import steer as run
 
     result = run(sae_path, model, prompt, feature=feature, scale=scale, clamp=clamp, ablate=ablate,
-                 max_tokens=max_tokens, layer=layer, chat=chat)  # fmt: skip
+                 max_tokens=max_tokens, layer=layer, chat=chat, relative=relative)  # fmt: skip
     click.echo(
         f"--- plain\n{result['plain']}\n--- steered (feature {feature}, layer {result['layer']})"
     )
     click.echo(result["steered"])
+    for w in result["warnings"]:
+        click.echo(f"warning: {w}", err=True)
 
 
 @sae.command()

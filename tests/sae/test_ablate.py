@@ -36,7 +36,7 @@ def test_residual_has_no_component_in_the_features_span(tmp_path, trained_sae, t
     for feats in ([5], [5, 17, 40]):
         out = tmp_path / "_".join(map(str, feats))
         r = CliRunner().invoke(cli, ["sae", "ablate", str(trained_sae[0]), str(tiny_model),
-                                     *sum((["--feature", str(f)] for f in feats), []),
+                                     *[a for f in feats for a in ("--feature", str(f))],
                                      "-o", str(out), "--dtype", "float32"])  # fmt: skip
         assert r.exit_code == 0, r.output
         q = np.linalg.qr(w_dec[feats].T)[0]  # (d, m) orthonormal basis of the span

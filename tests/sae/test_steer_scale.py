@@ -1,0 +1,31 @@
+"""``sae steer`` reports how big its edit is against the residual norm, warns when it is too small
+to matter, and takes ``--scale`` in residual norms with ``--relative``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxmerge.sae import steer
+from mlxmerge.sae.activations import capture_layers, load_model
+
+
+def test_edit_size_against_the_residual_norm(trained_sae, tiny_model):
+    m, tok = load_model(tiny_model)
+    ids = tok.encode("one two three four")
+    with capture_layers(m, [2]) as outs:
+        m(mx.array([ids]))
+        norms = np.linalg.norm(np.array(outs[2].astype(mx.float32), np.float64), axis=-1)
+    median = float(np.median(norms))
+    tiny = steer(trained_sae[0], tiny_model, "one two three four", feature=3, scale=1e-3,
+                 max_tokens=3)  # fmt: skip
+    assert tiny["residual_norm"] == pytest.approx(median, rel=1e-5)
+    assert tiny["edit_ratio"] == pytest.approx(1e-3 / median, rel=1e-3)
+    assert len(tiny["warnings"]) == 1 and "--relative" in tiny["warnings"][0]
+    rel = steer(trained_sae[0], tiny_model, "one two three four", feature=3, scale=0.5,
+                relative=True, max_tokens=3)  # fmt: skip
+    assert rel["edit_ratio"] == pytest.approx(0.5, rel=1e-3) and rel["warnings"] == []
+    zero = steer(trained_sae[0], tiny_model, "one two three four", feature=3, scale=0.0,
+                 max_tokens=3)  # fmt: skip
+    assert zero["edit_ratio"] == 0 and zero["warnings"] == []  # no edit: nothing to warn about
