@@ -113,9 +113,14 @@ def test_clamp_pins_the_feature(trained_sae, tiny_model):
 def test_feature_report(trained_sae, tiny_model, text_file, tmp_path):
     rep = feature_report(trained_sae[0], tiny_model, text_file, tmp_path / "rep", n_features=4,
                          tokens=800, context_size=64)  # fmt: skip
-    assert len(rep["features"]) == 4
-    densities = [f["density"] for f in rep["features"]]
-    assert densities == sorted(densities, reverse=True)
+    # by density band (frequent, medium, rare), each band's latents in falling density, dense apart
+    order = ["frequent", "medium", "rare", "dense"]
+    ranks = [(order.index(f["band"]), -f["density"]) for f in rep["features"]]
+    assert ranks == sorted(ranks) and 0 < len([r for r in ranks if r[0] < 3]) <= 4
+    for f in rep["features"]:
+        d = f["density"]
+        assert f["band"] == ("dense" if d > 0.1 else "frequent" if d > 0.01 else
+                             "medium" if d > 1e-3 else "rare")  # fmt: skip
     for f in rep["features"]:
         acts = [c["activation"] for c in f["top_contexts"]]
         assert acts == sorted(acts, reverse=True) and acts[0] == pytest.approx(f["max_activation"])
