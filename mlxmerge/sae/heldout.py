@@ -3,14 +3,20 @@
 The split is by position, at a context boundary when the source knows its contexts (an
 ``ActivationStore``: every cached token maps to its row of ``sequences.npy``), so no held-out
 token shares a context with a training token. Sources that generate fresh samples on every draw
-(``ToyData``) need no split: ``split_held_out`` returns them whole and draws held-out rows from them.
+(``fresh = True``, e.g. ``ToyData``) need no split: held-out rows are a fresh draw. Any other source
+without ``rows`` (a stream) gets no held-out split, with a warning, rather than a sample of the
+training rows labelled held out.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from mlxmerge.sae.model import SAEError
+
+log = logging.getLogger(__name__)
 
 MAX_HELD_OUT = 16384  # tokens; enough for FVU / L0 to 3 digits, cheap to evaluate
 
@@ -46,16 +52,18 @@ def split_held_out(source, fraction: float, *, seed: int = 0) -> tuple[object, n
     """``(training source, held-out rows (n_held, d_in))``; ``fraction`` of the tokens (at most
     ``MAX_HELD_OUT``) at the end of the source are held out, moved back to a context start.
 
-    ``fraction`` 0 holds nothing out (returns ``(source, None)``). A source without ``rows``
-    (a generator) is returned whole with a fresh sample of it as the held-out rows.
+    ``fraction`` 0 holds nothing out (returns ``(source, None)``). A generator (``fresh``) is
+    returned whole with a fresh sample of it as the held-out rows.
     """
     if not 0 <= fraction < 1:
         raise SAEError(f"--held-out must be a fraction in [0, 1), got {fraction!r}")
     if fraction == 0:
         return source, None
+    if getattr(source, "fresh", False):
+        return source, source.sample(MAX_HELD_OUT, np.random.default_rng(seed + 1))
     if not hasattr(source, "rows"):
-        n = MAX_HELD_OUT
-        return source, source.sample(n, np.random.default_rng(seed + 1))
+        log.warning("this activation source cannot set rows aside; nothing is held out")
+        return source, None
     n = len(source)
     start = n - min(max(1, round(fraction * n)), MAX_HELD_OUT)
     context = _context_of_each_token(source)

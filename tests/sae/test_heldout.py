@@ -74,3 +74,21 @@ def test_split_is_at_a_context_boundary_and_reported(tmp_path, acts_dir):
     assert summary["eval_fvu"] == pytest.approx(fvu, rel=1e-4)
     with pytest.raises(SAEError, match="--held-out must be a fraction"):
         split_held_out(store, 1.0)
+
+
+def test_sources_without_rows(caplog):
+    from mlxmerge.demo.toy_sae import ToyData
+
+    toy = ToyData(d_in=8, n_features=16)  # a generator: held-out rows are a fresh draw
+    same, held = split_held_out(toy, 0.05)
+    assert same is toy and held.shape == (16384, 8)
+
+    class Stream:  # a stream that cannot set rows aside: nothing is held out, and it says so
+        d_in = 8
+
+        def sample(self, n, rng):
+            raise AssertionError("a sample of training rows must not be labelled held out")
+
+    with caplog.at_level("WARNING"):
+        assert split_held_out(Stream(), 0.05)[1] is None
+    assert "nothing is held out" in caplog.text
