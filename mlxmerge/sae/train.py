@@ -262,8 +262,8 @@ class Trainer:
     def final_params(self) -> dict:
         """Parameters for raw (unscaled) inputs: pre-activations unchanged, x̂ divided by s.
 
-        In the exported kind's form (``final_cfg``): batchtopk comes out as ``jumprelu`` with
-        its threshold and jumprelu's log θ as θ, as SAELens exports them.
+        In the exported kind's form (``final_cfg``): the batchtopk kinds come out as ``jumprelu``
+        with their EMA threshold, as SAELens exports them.
         """
         s = self.scale
         p = self.kind.export(self, dict(self.params))
