@@ -42,6 +42,7 @@ _VERBS = {
     "steer": "mlxmerge.sae",
     "load_sae": "mlxmerge.sae",
     "save_sae": "mlxmerge.sae",
+    "ablate_features": "mlxmerge.sae",
     "run_demo": "mlxmerge.demo",
 }
 

@@ -132,11 +132,15 @@ def collect(model, layer, data, tokens, out, context_size, dtype, force):
 @click.option("--log-every", default=50, show_default=True, help="Steps between log lines.")
 @click.option("--buffer", "buffer_tokens", callback=_size,
               help="On the fly: tokens in the shuffled activation buffer [16 x --batch-size].")  # fmt: skip
+@click.option("--held-out", default=0.05, show_default=True,
+              help="Fraction of the activations (on the fly: of the documents) kept out of "
+              "training (<=16384 tokens; 0: none).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @compute_dtype_option
 def train(model, acts, layer, data, out, k, expansion, architecture, tokens, batch_size, lr, seed,
           auxk_alpha, dead_tokens, l1_coefficient, l0_coefficient, jumprelu_bandwidth,
-          jumprelu_init_threshold, matryoshka_widths, log_every, buffer_tokens, force):  # fmt: skip
+          jumprelu_init_threshold, matryoshka_widths, log_every, buffer_tokens, held_out,
+          force):  # fmt: skip
     """Train an SAE from cached activations (--acts) or on the fly (MODEL --layer --data)."""
     if not is_quiet():  # the periodic loss / FVU / L0 / dead / tok/s lines
         logging.getLogger("mlxmerge.sae.train").setLevel(logging.INFO)
@@ -147,8 +151,8 @@ def train(model, acts, layer, data, out, k, expansion, architecture, tokens, bat
     with progress_bar(tokens, "train", "tok") as bar:
         result = run(out, acts=acts, model=model, layer=layer, data=data, k=k, expansion=expansion,
                      architecture=architecture, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                     log_every=log_every, force=force, progress=lambda _i, n: bar.update(n),
-                     buffer_tokens=buffer_tokens,
+                     log_every=log_every, held_out=held_out, force=force,
+                     progress=lambda _i, n: bar.update(n), buffer_tokens=buffer_tokens,
                      auxk_alpha=auxk_alpha, dead_tokens=dead_tokens,
                      l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient,
                      jumprelu_bandwidth=jumprelu_bandwidth, matryoshka_widths=matryoshka_widths,
@@ -212,6 +216,8 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.argument("model")
 @click.option("--feature", type=int, required=True, help="Latent index.")
 @click.option("--scale", type=float, help="Add scale x the unit decoder direction.")
+@click.option("--relative", is_flag=True,
+              help="--scale in units of the median residual norm at the layer on the prompt.")  # fmt: skip
 @click.option("--clamp", type=float, help="Pin the feature's activation to this value.")
 @click.option("--ablate", is_flag=True, help="Pin the feature to zero.")
 @click.option("--prompt", required=True)
@@ -219,13 +225,42 @@ def features(sae_path, model, data, out, features, n_features, tokens, force):
 @click.option("--layer", type=int, help="Override the layer in the SAE's cfg.json.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @compute_dtype_option
-def steer(sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat):
+def steer(
+    sae_path, model, feature, scale, clamp, ablate, prompt, max_tokens, layer, chat, relative
+):
     """Generate with a feature added, clamped or ablated, next to the plain output."""
     from mlxmerge.sae import steer as run
 
     result = run(sae_path, model, prompt, feature=feature, scale=scale, clamp=clamp, ablate=ablate,
-                 max_tokens=max_tokens, layer=layer, chat=chat)  # fmt: skip
+                 max_tokens=max_tokens, layer=layer, chat=chat, relative=relative)  # fmt: skip
     click.echo(
         f"--- plain\n{result['plain']}\n--- steered (feature {feature}, layer {result['layer']})"
     )
     click.echo(result["steered"])
+    for w in result["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+
+
+@sae.command()
+@click.argument("sae_path", metavar="SAE")
+@click.argument("model")
+@click.option("--feature", "features", type=int, multiple=True, required=True,
+              help="Latent whose decoder direction to edit (repeatable: their span).")  # fmt: skip
+@click.option("--scale", default=0.0, show_default=True,
+              help="Multiply what the writers write along the feature(s): 0 removes, 2 doubles.")  # fmt: skip
+@output_option("Output model folder.")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32"]))  # fmt: skip
+@click.option(
+    "--format", "layout", default="mlx", show_default=True, type=click.Choice(["mlx", "hf"])
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def ablate(sae_path, model, features, scale, out, dtype, layout, force):
+    """Edit SAE features into MODEL's weights: every residual writer stops writing them."""
+    from mlxmerge.sae.ablate import ablate_features
+
+    report = ablate_features(sae_path, model, out, features=list(features), scale=scale,
+                             dtype=dtype, layout=layout, force=force)  # fmt: skip
+    click.echo(
+        f"features {report['features']} x{scale:g} in {report['edited_tensors']} tensors -> {out}"
+    )

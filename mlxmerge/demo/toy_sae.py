@@ -13,6 +13,8 @@ import numpy as np
 class ToyData:
     """An activation source: ``.batch(n, rng)`` draws fresh samples; ``.features`` is the truth."""
 
+    fresh = True  # every draw is a new sample: held-out rows need no split (sae.heldout)
+
     def __init__(self, d_in: int = 256, n_features: int = 512, mean_active: float = 5.0,
                  decay: float = 0.99, seed: int = 0):  # fmt: skip
         rng = np.random.default_rng(seed)

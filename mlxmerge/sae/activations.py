@@ -299,6 +299,9 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.acts)
 
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        return self.acts[index]
+
     def batch(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self.acts[rng.integers(0, len(self.acts), n)]
 

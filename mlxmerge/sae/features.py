@@ -2,6 +2,12 @@
 
 Logit lens: the decoder row goes through the model's final norm and unembedding; the tokens with
 the largest logits are the ones the feature promotes.
+
+Without ``--feature``, the page shows latents by density band, as SAE dashboards do: ``frequent``
+(1-10% of tokens), ``medium`` (0.1-1%) and ``rare`` (< 0.1%), evenly spread over each band's
+density ranks; ``dense`` latents (> 10%), which rarely read as one concept, come apart at the end.
+Tokens whose residual norm exceeds ``outlier_factor`` (5) × the median (massive activations,
+e.g. Gemma 3's apostrophes at ~9× the median norm) are left out of densities and contexts, counted.
 """
 
 from __future__ import annotations
@@ -20,6 +26,32 @@ from mlxmerge.sae.evaluate import check_fits
 from mlxmerge.sae.model import SAEError, encode
 from mlxmerge.sae.saelens import load_sae
 
+BANDS = (("frequent", 1e-2, 0.1), ("medium", 1e-3, 1e-2), ("rare", 0.0, 1e-3))  # (name, lo, hi]
+DENSE = 0.1  # density above which a latent is shown apart
+N_DENSE_SHOWN = 10
+
+
+def band_of(density: float) -> str:
+    if density > DENSE:
+        return "dense"
+    return next(name for name, lo, hi in BANDS if lo < density <= hi)
+
+
+def choose_features(density: np.ndarray, n_features: int) -> list[int]:
+    """Latents spread evenly over the density ranks of each band, frequent first; then up to
+    ``N_DENSE_SHOWN`` dense ones. Latents that never fire are left out."""
+    per_band = -(-n_features // len(BANDS))
+    chosen = []
+    for _name, lo, hi in BANDS:
+        band = np.flatnonzero((density > lo) & (density <= hi))
+        band = band[np.argsort(-density[band], kind="stable")]
+        take = min(per_band, len(band))
+        chosen += (
+            band[np.linspace(0, len(band) - 1, take).round().astype(int)].tolist() if take else []
+        )
+    dense = np.flatnonzero(density > DENSE)
+    return chosen[:n_features] + dense[np.argsort(-density[dense])][:N_DENSE_SHOWN].tolist()
+
 
 def unembed(model, v: mx.array) -> mx.array:
     """Logits for residual vectors ``v`` through the final norm and the (tied) unembedding."""
@@ -35,11 +67,14 @@ def feature_report(
     sae: str | os.PathLike, model: str | os.PathLike, data: str | os.PathLike,
     out: str | os.PathLike, *, features: list[int] | None = None, n_features: int = 50,
     tokens: int = 20_000, context_size: int = 128, top_contexts: int = 10, window: int = 8,
-    top_tokens: int = 10, layer: int | None = None, force: bool = False,
-    progress: Callable[[int], None] | None = None,
+    top_tokens: int = 10, layer: int | None = None, outlier_factor: float = 5.0,
+    force: bool = False, progress: Callable[[int], None] | None = None,
 ) -> dict:  # fmt: skip
     """Write ``features.json`` and ``index.html`` to ``out``; returns the JSON content.
-    ``progress(n)`` is called with the tokens encoded by each batch."""
+
+    Each feature carries its density ``band``; ``outlier_tokens`` counts the tokens left out for a
+    residual norm above ``outlier_factor`` × the median. ``progress(n)`` is called with the tokens
+    encoded by each batch."""
     cfg, params = load_sae(sae)
     texts = read_texts(data)
     target = check_output(out, inputs=[sae, model], force=force)
@@ -48,30 +83,31 @@ def feature_report(
     for f in features or []:
         if not 0 <= f < cfg.d_sae:
             raise SAEError(f"feature {f} does not exist: the SAE has {cfg.d_sae} latents")
-    acts, ids, index = [], [], []
-    fired = np.zeros(cfg.d_sae)
+    acts, ids, index, norms = [], [], [], []
     for a, t, i in iter_activations(
         m, tok, texts, [layer], tokens=tokens, context_size=context_size
     ):
-        z = np.array(encode(params, cfg, mx.array(a[layer])))
-        fired += (z > 1e-3).sum(axis=0)
-        acts.append(z)
+        acts.append(np.array(encode(params, cfg, mx.array(a[layer]))))
+        norms.append(np.linalg.norm(a[layer], axis=-1))
         ids.append(t)
         index.append(i)
         if progress is not None:
             progress(len(t))
     z, ids, index = np.concatenate(acts), np.concatenate(ids), np.concatenate(index)
-    density = fired / len(ids)
-    chosen = (
-        list(features)
-        if features
-        else [f for f in np.argsort(-density)[:n_features].tolist() if density[f] > 0]
-    )
+    norms = np.concatenate(norms)
+    outlier = norms > outlier_factor * np.median(norms)
+    z[outlier] = 0  # never a top context, not counted in densities
+    density = (z > 1e-3).sum(axis=0) / max(int((~outlier).sum()), 1)
+    chosen = list(features) if features else choose_features(density, n_features)
     seqs = pack_sequences(tok, texts, context_size, tokens)
     where = {(int(r), int(p)): n for n, (r, p) in enumerate(index)}
     w_dec = params["W_dec"][mx.array(chosen, dtype=mx.int32)] if chosen else None
     lens = np.array(unembed(m, w_dec).astype(mx.float32)) if chosen else None
-    report = {"layer": layer, "d_sae": cfg.d_sae, "tokens": len(ids), "features": []}
+    report = {"layer": layer, "d_sae": cfg.d_sae, "tokens": int((~outlier).sum()),
+              "outlier_tokens": int(outlier.sum()), "outlier_factor": outlier_factor,
+              "bands": {b: int((np.vectorize(band_of)(density[density > 0]) == b).sum())
+                        for b in ("dense", *(n for n, _, _ in BANDS))},
+              "features": []}  # fmt: skip
     for j, f in enumerate(chosen):
         col = z[:, f]
         best = [int(n) for n in np.argsort(-col)[:top_contexts] if col[n] > 0]
@@ -89,7 +125,8 @@ def feature_report(
             )
         top = np.argsort(-lens[j])[:top_tokens]
         report["features"].append({
-            "index": f, "density": float(density[f]), "max_activation": float(col.max()),
+            "index": f, "density": float(density[f]), "band": band_of(float(density[f])),
+            "max_activation": float(col.max()),
             "top_contexts": contexts,
             "promoted_tokens": [[tok.decode([int(t)]), float(lens[j, t])] for t in top],
         })  # fmt: skip
@@ -111,11 +148,17 @@ def render_html(report: dict, title) -> str:
         ),
         (
             f"<h1>SAE features: {esc(str(title))}</h1><p>layer {report['layer']}, "
-            f"{report['d_sae']} latents, {report['tokens']} tokens</p>"
+            f"{report['d_sae']} latents, {report['tokens']} tokens ({report['outlier_tokens']} "
+            f"left out: residual norm over {report['outlier_factor']:g}x the median); latents per "
+            "band: " + ", ".join(f"{b} {n}" for b, n in report["bands"].items()) + "</p>"
         ),
     ]
+    band = None
     for feat in report["features"]:
-        parts.append(f"<div class=f id=f{feat['index']}><h2>Feature {feat['index']}</h2>"
+        if feat["band"] != band:  # one heading per density band, dense latents apart at the end
+            band = feat["band"]
+            parts.append(f"<h2>{esc(band)} latents</h2>")
+        parts.append(f"<div class=f id=f{feat['index']}><h3>Feature {feat['index']}</h3>"
                      f"<p>density {feat['density']:.4%}, max activation {feat['max_activation']:.3f}</p>"
                      "<p>promotes: " + ", ".join(f"<code>{esc(t)}</code> ({v:.2f})"
                                                  for t, v in feat["promoted_tokens"]) + "</p>")  # fmt: skip

@@ -13,6 +13,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlxmerge.sae.model import decode, encode
+
 FVU_FORMULA = (
     "FVU = sum_n ||x_n - xhat_n||^2 / sum_n ||x_n - mean(x)||^2 (mean over all eval tokens)"
 )
@@ -60,6 +62,16 @@ class ReconstructionStats:
             "dense_fraction": float((density > 0.1).mean()),
             "tokens": self.n,
         }
+
+
+def reconstruction_metrics(cfg, params, x: np.ndarray, batch: int = 4096) -> dict:
+    """FVU, EV (both kinds), L0 and dead/dense fractions of an SAE on activations ``x (n, d_in)``."""
+    stats = ReconstructionStats(cfg.d_in, cfg.d_sae)
+    for i in range(0, len(x), batch):
+        xb = mx.array(x[i : i + batch])
+        z = encode(params, cfg, xb)
+        stats.add(xb, decode(params, z), z)
+    return stats.result()
 
 
 def fvu(x: np.ndarray, x_hat: np.ndarray) -> float:

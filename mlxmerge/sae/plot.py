@@ -1,62 +1,53 @@
-"""Training-curve PNG: matplotlib when installed, else a small built-in line plot (no labels)."""
+"""Training-curve PNG with matplotlib (the ``plot`` extra); skipped with a warning without it."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import logging
 from pathlib import Path
 
-import numpy as np
+log = logging.getLogger(__name__)
 
-SERIES = (("fvu", (31, 119, 180)), ("dead_fraction", (214, 39, 40)), ("auxk", (44, 160, 44)))
+MISSING = "matplotlib is not installed; skipping training_curve.png (pip install 'mlxmerge[plot]')"
 
 
-def training_curve(history: list[dict], path: str | Path) -> Path:
-    """FVU (blue), dead fraction (red) and AuxK loss (green) against training tokens."""
-    path = Path(path)
+def training_curve(history: list[dict], path: str | Path) -> Path | None:
+    """Two panels against training tokens: FVU (training batches and held-out), dead fraction
+    and AuxK loss; L0 (training and held-out). Returns None, with a warning, when matplotlib is
+    missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        path.write_bytes(_png_lines(history))
-        return path
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+        log.warning(MISSING)
+        return None
     tokens = [h["tokens"] for h in history]
-    for key, color in SERIES:
-        ax.plot(tokens, [h[key] for h in history], label=key, color=np.array(color) / 255)
-    ax.set_xlabel("tokens")
-    ax.set_ylim(0, max(1.0, max((h["fvu"] for h in history), default=1)))
-    ax.legend()
+
+    def series(key):
+        return [h.get(key) for h in history]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(tokens, series("fvu"), label="FVU (training batches)", color="C0")
+    if "heldout_fvu" in history[-1]:
+        ax1.plot(tokens, series("heldout_fvu"), label="FVU (held out)", color="C0", ls="--")
+    ax1.plot(tokens, series("dead_fraction"), label="dead fraction", color="C3")
+    if any(h.get("auxk") for h in history):
+        ax1.plot(tokens, series("auxk"), label="AuxK loss", color="C2", ls=":")
+    top = max([1.0] + [v for v in series("fvu") + series("heldout_fvu") if v is not None])
+    ax1.set(xlabel="training tokens", ylabel="fraction", ylim=(0, top * 1.05),
+            title="reconstruction and dead latents")  # fmt: skip
+    ax1.legend()
+    ax2.plot(tokens, series("l0"), label="L0 (training batches)", color="C1")
+    if "heldout_l0" in history[-1]:
+        ax2.plot(tokens, series("heldout_l0"), label="L0 (held out)", color="C1", ls="--")
+    ax2.set(xlabel="training tokens", ylabel="active latents per token", ylim=(0, None),
+            title="sparsity (L0)")  # fmt: skip
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
+    path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _png_lines(history: list[dict], w: int = 600, h: int = 350, pad: int = 30) -> bytes:
-    img = np.full((h, w, 3), 255, dtype=np.uint8)
-    img[h - pad, pad : w - pad] = 0  # x axis
-    img[pad : h - pad, pad] = 0  # y axis (0..1)
-    n = len(history)
-    for key, color in SERIES:
-        ys = np.clip([hh[key] for hh in history], 0, 1)
-        xs = np.linspace(pad, w - pad - 1, max(n, 2))[:n]
-        for i in range(max(n - 1, 0)):
-            for t in np.linspace(0, 1, 40):
-                x = int(xs[i] + t * (xs[i + 1] - xs[i]))
-                y = int(h - pad - (ys[i] + t * (ys[i + 1] - ys[i])) * (h - 2 * pad))
-                img[max(y - 1, 0) : y + 1, x] = color
-    raw = b"".join(b"\x00" + row.tobytes() for row in img)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )

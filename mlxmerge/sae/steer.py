@@ -4,6 +4,11 @@
 * clamp (``clamp``): ``h ← h + (c - f(h)) · d_f`` with f(h) the feature's SAE activation, so the
   SAE's error term is kept (Templeton et al. 2024).
 * ablate: clamp to 0.
+
+How big an edit is depends on the model: Gemma's residual norm is ~6,500 where a tiny model's is
+~10, so ``--scale 8`` is a no-op on one and large on the other. ``relative=True`` reads ``scale``
+in units of the median residual norm at the layer on the prompt (‖h‖ over its positions), and the
+result reports the mean edit norm over that norm; below ``TOO_SMALL`` a warning says so.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import os
 
 import mlx.core as mx
+import numpy as np
 
 from mlxmerge.sae.activations import capture_layers, load_model
 from mlxmerge.sae.evaluate import check_fits
 from mlxmerge.sae.model import SAEError, encode
 from mlxmerge.sae.saelens import load_sae
+
+TOO_SMALL = 0.05  # edit norm / residual norm below which greedy output rarely changes
 
 
 def steering_edit(params: dict, cfg, feature: int, *, scale: float | None = None,
@@ -39,11 +47,14 @@ def steering_edit(params: dict, cfg, feature: int, *, scale: float | None = None
 def steer(
     sae: str | os.PathLike, model: str | os.PathLike, prompt: str, *, feature: int,
     scale: float | None = None, clamp: float | None = None, ablate: bool = False,
-    max_tokens: int = 40, layer: int | None = None, chat: bool = False,
+    max_tokens: int = 40, layer: int | None = None, chat: bool = False, relative: bool = False,
 ) -> dict:  # fmt: skip
-    """Greedy generation without and with the edit; returns ``{"plain": ..., "steered": ...}``.
+    """Greedy generation without and with the edit; returns ``{"plain": ..., "steered": ...}``
+    plus ``residual_norm`` (median ‖h‖ at the layer on the prompt), ``edit_ratio`` (mean edit
+    norm over it) and ``warnings``.
 
     ``chat``: the prompt is a user turn in the tokenizer's chat template (assistant turn opened).
+    ``relative``: ``scale`` is in units of ``residual_norm``.
     """
     from mlxmerge.lm.chat import chat_tokens, eos_token_ids
     from mlxmerge.lm.generate import generate_tokens
@@ -63,7 +74,21 @@ def steer(
         return tok.decode(out[0])
 
     plain = greedy()
+    with capture_layers(m, [layer]) as outs:
+        m(mx.array(ids))
+        h = outs[layer].astype(mx.float32)
+    norm = float(np.median(np.array(mx.linalg.norm(h, axis=-1))))
+    if relative and scale is not None:
+        scale = scale * norm
     edit = steering_edit(params, cfg, feature, scale=scale, clamp=clamp, ablate=ablate)
+    ratio = float(mx.linalg.norm(edit(h) - h, axis=-1).mean().item()) / max(norm, 1e-30)
+    warnings = []
+    if 0 < ratio < TOO_SMALL:
+        warnings.append(
+            f"the edit is {ratio:.2%} of the residual norm at layer {layer} (median {norm:.4g} on "
+            "the prompt) and will hardly change the output; give --scale in residual norms with "
+            "--relative (e.g. --scale 0.5 --relative)"
+        )
     with capture_layers(m, [layer], {layer: edit}, record=False):
         steered = greedy()
     return {
@@ -73,4 +98,7 @@ def steer(
         "chat": chat,
         "plain": plain,
         "steered": steered,
+        "residual_norm": norm,
+        "edit_ratio": ratio,
+        "warnings": warnings,
     }

@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxmerge.sae.kinds import FIRE_THRESHOLD, KINDS, TRAINABLE
+from mlxmerge.sae.metrics import reconstruction_metrics
 from mlxmerge.sae.model import (
     SAEConfig,
     SAEError,
@@ -36,6 +37,8 @@ from mlxmerge.sae.model import (
 )
 
 log = logging.getLogger(__name__)
+
+EVAL_ROWS = 4096  # held-out tokens evaluated at each history row
 
 __all__ = ["FIRE_THRESHOLD", "TrainConfig", "TrainResult", "Trainer", "train_sae"]
 
@@ -259,8 +262,8 @@ class Trainer:
     def final_params(self) -> dict:
         """Parameters for raw (unscaled) inputs: pre-activations unchanged, x̂ divided by s.
 
-        In the exported kind's form (``final_cfg``): batchtopk comes out as ``jumprelu`` with
-        its threshold and jumprelu's log θ as θ, as SAELens exports them.
+        In the exported kind's form (``final_cfg``): the batchtopk kinds come out as ``jumprelu``
+        with their EMA threshold, as SAELens exports them.
         """
         s = self.scale
         p = self.kind.export(self, dict(self.params))
@@ -282,9 +285,13 @@ class Trainer:
 
 def train_sae(
     source, tc: TrainConfig, *, metadata: dict | None = None, hook_layer: int | None = None,
-    on_step=None,
+    on_step=None, held_out: np.ndarray | None = None,
 ) -> TrainResult:  # fmt: skip
     """Train on ``source`` (``.d_in``, ``.batch(n, rng)``, ``.sample(n, rng)``) and return the SAE.
+
+    ``held_out (n, d_in)``: activations never trained on; at every history row the SAE as it
+    would be saved is evaluated on (up to ``EVAL_ROWS`` of) them: ``heldout_fvu``, ``heldout_l0``
+    and ``heldout_dead_fraction`` (latents that never exceed 1e-3 on those rows).
 
     With several processes (``mlx.launch``) every process draws the same global batch and keeps
     its slice; gradients and firing counts are all-summed, so the result matches one process.
@@ -304,8 +311,10 @@ def train_sae(
         raise SAEError(f"batch size {tc.batch_size} does not split over {world} processes")
     per = tc.batch_size // world
     history, acc = [], np.zeros(4)
+    held_eval = None if held_out is None else held_out[:EVAL_ROWS]
     late_start = steps - max(1, steps // 4)
     t0 = t_log = time.perf_counter()
+    eval_s = 0.0
     for i in range(steps):
         batch = source.batch(tc.batch_size, rng)[rank * per : (rank + 1) * per]
         if i == late_start:  # feature density over the last quarter of training
@@ -331,12 +340,17 @@ def train_sae(
                     float(acc[3] * tc.batch_size / max(now - t_log, 1e-9)), 1
                 ),
             }
+            if held_out is not None:
+                m = reconstruction_metrics(trainer.final_cfg(), trainer.final_params(), held_eval)
+                row.update({"heldout_fvu": round(m["fvu"], 6), "heldout_l0": round(m["l0"], 3),
+                            "heldout_dead_fraction": round(m["dead_fraction"], 5)})  # fmt: skip
             history.append(row)
             log.info("step %(step)d loss %(loss).4f fvu %(fvu).4f l0 %(l0).1f dead %(dead_fraction).3f "
                      "%(tokens_per_second).0f tok/s", row)  # fmt: skip
             acc[:] = 0
-            t_log = now
-    elapsed = time.perf_counter() - t0
+            t_log = time.perf_counter()  # the held-out evaluation is not training time
+            eval_s += t_log - now
+    elapsed = time.perf_counter() - t0 - eval_s
     density = np.array(trainer.stats["fire_count"]) / ((steps - late_start) * tc.batch_size)
     return TrainResult(
         trainer.final_cfg(),

@@ -15,6 +15,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from mlxmerge.demo.toy_sae import ToyData
 from mlxmerge.sae.kinds import KINDS
@@ -49,7 +50,7 @@ def test_jumprelu_forward_and_pseudo_gradients_match_numpy():
     params["threshold"] = mx.array(rng.uniform(0.05, 0.6, 12).astype(np.float32))
     x = mx.array(rng.standard_normal((16, 6)).astype(np.float32))
     dead = mx.zeros((12,), dtype=mx.bool_)
-    (loss, mse, *_), grads = mx.value_and_grad(tr._loss)(params, x, dead, 0)
+    (loss, *_), grads = mx.value_and_grad(tr._loss)(params, x, dead, 0)
 
     p, xn, b = _np(params), np.array(x, np.float64), 16
     xc = xn - p["b_dec"]
@@ -168,3 +169,28 @@ def test_kind_options_are_checked_before_training():
                       matryoshka_widths=(8, 4))  # fmt: skip
     with pytest.raises(SAEError, match="--matryoshka-widths 8,4,32 must increase strictly"):
         train_sae(src, bad)
+
+
+def test_cli_trains_the_new_kinds_with_their_options(tmp_path, acts_dir):
+    from click.testing import CliRunner
+
+    from mlxmerge.cli import cli
+
+    r = CliRunner().invoke(cli, ["-q", "sae", "train", "--acts", str(acts_dir), "--layer", "2",
+                                 "-o", str(tmp_path / "m"), "--arch", "matryoshka_batchtopk",
+                                 "--matryoshka-widths", "16,64", "--k", "4", "--expansion", "2",
+                                 "--tokens", "1024", "--batch-size", "256"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    raw = json.loads((tmp_path / "m" / "cfg.json").read_text())
+    assert raw["architecture"] == "jumprelu"
+    assert raw["metadata"]["matryoshka_widths"] == [16, 64, 128]
+    r = CliRunner().invoke(cli, ["-q", "sae", "train", "--acts", str(acts_dir), "--layer", "2",
+                                 "-o", str(tmp_path / "j"), "--arch", "jumprelu",
+                                 "--l0-coefficient", "0", "--jumprelu-init-threshold", "0.5",
+                                 "--tokens", "256", "--batch-size", "256", "--lr", "1e-9"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    t = load_file(str(tmp_path / "j" / "sae_weights.safetensors"))["threshold"]
+    np.testing.assert_allclose(t, 0.5, rtol=1e-4)  # one step at lr 1e-9: still the init
+    r = CliRunner().invoke(cli, ["sae", "train", "--acts", str(acts_dir), "--layer", "2", "-o",
+                                 str(tmp_path / "x"), "--matryoshka-widths", "a,b"])  # fmt: skip
+    assert r.exit_code == 2 and "comma list of sizes" in r.output
