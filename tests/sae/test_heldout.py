@@ -92,3 +92,24 @@ def test_sources_without_rows(caplog):
     with caplog.at_level("WARNING"):
         assert split_held_out(Stream(), 0.05)[1] is None
     assert "nothing is held out" in caplog.text
+
+
+def test_on_the_fly_holds_out_last_documents(tmp_path, tiny_model, text_file, monkeypatch):
+    """On the fly, the last documents are run once for the held-out rows and never streamed."""
+    import mlxmerge.sae.pipeline as pipeline
+    from mlxmerge.sae.activations import read_texts
+
+    docs = read_texts(text_file)
+    streamed = {}
+    real = pipeline._streaming_source
+
+    def spy(model, tok, texts, *a, **kw):
+        streamed["texts"] = list(texts)
+        return real(model, tok, texts, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_streaming_source", spy)
+    r = pipeline.train(tmp_path / "fly", model=tiny_model, layer=1, data=text_file, k=8,
+                       expansion=2, tokens=2048, batch_size=256, held_out=0.1)  # fmt: skip
+    n_held = round(0.1 * len(docs))
+    assert streamed["texts"] == docs[: len(docs) - n_held]
+    assert "eval_fvu" in r and "train_sample_fvu" not in r
