@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxmerge.errors import CheckpointError
+from mlxmerge.io.architecture import check_architecture
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.hub import resolve_reference
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, hf_to_mlx
@@ -214,8 +215,12 @@ def _what_else(folder: Path) -> str:
     return "is this a model folder?"
 
 
-def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(reference: str | os.PathLike, *, check_config: bool = True) -> Checkpoint:
     """Open a folder, a single ``.safetensors`` file or a hub repo id; validate before use.
+
+    Headers, the index and the shard set are always validated; ``check_config`` also checks
+    every tensor's name and shape against what config.json describes (``io.architecture``;
+    off only to describe a broken checkpoint, as ``inspect`` does).
 
     ``base+path/to/adapter`` (mergekit's model+lora) opens ``base`` with a LoRA adapter fused
     into its tensors as they are read (``mlxmerge.lora.fused``)."""
@@ -264,6 +269,8 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     ckpt.hidden = {s for d in ckpt.derived.values() for s in d.sources}
     ckpt.hidden |= set(ckpt.names()) - set(view)  # buffers mlx-lm drops (GPT-2 attn.bias)
     ckpt._names = None
+    if check_config:
+        check_architecture(ckpt)
     return ckpt
 
 
