@@ -16,6 +16,7 @@ from mlxmerge.io.architecture import check_architecture
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.hub import resolve_reference
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, hf_to_mlx
+from mlxmerge.io.rope_config import with_rope_fields
 from mlxmerge.io.safetensors_file import TensorEntry, read_header
 from mlxmerge.io.writer import RawTensor
 
@@ -261,6 +262,7 @@ def open_checkpoint(reference: str | os.PathLike, *, check_config: bool = True) 
     _check_index_matches(folder, entries)
     if not entries:
         raise CheckpointError(f"{path}: holds no tensors")
+    config = with_rope_fields(config)  # transformers 5's rope_parameters, where mlx-lm reads them
     quant = config.get("quantization") or config.get("text_config", {}).get("quantization")
     ckpt = Checkpoint(ref, folder, config, entries, files, quant, metadata)
     # Present HF-layout tensors under their MLX names (no data is read).

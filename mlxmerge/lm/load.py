@@ -31,7 +31,13 @@ def load(
     ckpt = reference if isinstance(reference, Checkpoint) else open_checkpoint(reference)
     check_supported(ckpt.model_type, verb)
     if adapter_path:
-        model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path))
+        from mlxmerge.io.rope_config import mlx_lm_overrides
+
+        model, tokenizer = mlx_lm.load(
+            str(ckpt.path),
+            adapter_path=str(adapter_path),
+            model_config=mlx_lm_overrides(ckpt.config),
+        )
     else:
         model, tokenizer = load_mlx_lm(ckpt)
     experts_to_float32(model)

@@ -136,12 +136,16 @@ def load_mlx_lm(ckpt: Checkpoint):
     import mlx_lm
     from mlx.utils import tree_flatten
 
+    from mlxmerge.io.rope_config import mlx_lm_overrides
+
+    # The checkpoint's config (transformers 5's RoPE fields restored), not only the file's.
+    fields = mlx_lm_overrides(ckpt.config)
     if not isinstance(ckpt, FusedCheckpoint):
-        return mlx_lm.load(str(ckpt.path))
+        return mlx_lm.load(str(ckpt.path), model_config=fields)
     adapter = ckpt.adapter
     if adapter.format == "mlx":
-        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path))
-    model, tokenizer = mlx_lm.load(str(ckpt.path))
+        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path), model_config=fields)
+    model, tokenizer = mlx_lm.load(str(ckpt.path), model_config=fields)
     params = dict(tree_flatten(model.parameters()))
     weights = []
     for name in sorted(ckpt.fused):
