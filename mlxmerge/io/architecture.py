@@ -13,7 +13,9 @@ weight, a 3-D embedding) and renamed tensors (a header byte flipped).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import logging
 from typing import TYPE_CHECKING
 
@@ -41,9 +43,11 @@ def mlx_lm_model(config: dict):
     if not isinstance(model_type, str) or not model_type:
         return None
     try:
-        model_class, args_class = _get_classes(config)
-    except (ValueError, ImportError):
-        return None  # an architecture mlx-lm lacks: nothing to check against
+        with contextlib.redirect_stdout(io.StringIO()):  # olmo's module prints, then exits
+            model_class, args_class = _get_classes(config)
+    except (ValueError, ImportError, SystemExit):
+        # an architecture mlx-lm lacks, or one needing a package it exits without (olmo)
+        return None
     # Like mlx_lm.load, this draws the (lazy) random initialisation from MLX's global key.
     try:
         return model_class(args_class.from_dict(config))
