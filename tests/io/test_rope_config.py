@@ -106,3 +106,28 @@ def test_outputs_carry_the_base_for_mlx_lm_and_transformers(transformers5_model,
     ids = tok.encode(TEXT)
     ours = np.array(model(mx.array([ids]))[0])
     np.testing.assert_allclose(ours, transformers_logits(out, ids), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_nested", "llama3_flat"])
+def test_transformers_5_reads_the_written_config_as_before(kind, tmp_path):
+    """The top-level fields added for mlx-lm do not change what transformers 5 reads."""
+    from transformers import AutoConfig, Gemma3TextConfig, LlamaConfig
+
+    if kind == "gemma3_nested":
+        rp = {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+              "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}  # fmt: skip
+        saved = Gemma3TextConfig(rope_parameters=rp, num_hidden_layers=2,
+                                 layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    else:
+        rp = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}  # fmt: skip
+        saved = LlamaConfig(rope_parameters=rp)
+    (tmp_path / "config.json").write_text(json.dumps(with_rope_fields(saved.to_dict())))
+    read = AutoConfig.from_pretrained(str(tmp_path)).rope_parameters
+
+    def without_type(d):  # the legacy "type" alias rides along in the scaled dict
+        return {
+            k: without_type(v) if isinstance(v, dict) else v for k, v in d.items() if k != "type"
+        }
+
+    assert without_type(read) == without_type(saved.rope_parameters)
