@@ -8,6 +8,7 @@ import numpy as np
 
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import Checkpoint, open_checkpoint
+from mlxmerge.io.architecture import check_architecture
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.finite import count_bytes, is_checked
@@ -29,7 +30,12 @@ def inspect_model(model: str, check: bool = False) -> dict:
         if check:
             out["nonfinite"] = _scan_entries(read_header(adapter.file)[0])
         return out
-    ckpt = open_checkpoint(model)
+    ckpt = open_checkpoint(model, check_config=False)
+    try:  # described even when broken: the mismatch is one more fact about it
+        check_architecture(ckpt)
+        mismatch = None
+    except CheckpointError as e:
+        mismatch = str(e)
     names = ckpt.names()
     dtypes = Counter(_dtype_name(ckpt, n) for n in names)
     quantized = [n for n in names if ckpt.is_quantized(n)]
@@ -56,6 +62,7 @@ def inspect_model(model: str, check: bool = False) -> dict:
         "size_on_disk": ckpt.size_on_disk,
         "format": ckpt.metadata.get("format"),
         **({"gguf": _gguf_types(ckpt)} if hasattr(ckpt, "gguf_type") else {}),
+        "config_mismatch": mismatch,  # why mlx-lm would refuse its tensors (None: they fit)
         **({"nonfinite": scan_nonfinite(ckpt)} if check else {}),
     }
 

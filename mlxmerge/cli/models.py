@@ -90,6 +90,8 @@ def inspect(model: str, as_json: bool, check: bool):
         ("shards", info["shards"]),
         ("size on disk", human_bytes(info["size_on_disk"])),
     ]
+    if info["config_mismatch"]:
+        rows.append(("config mismatch", info["config_mismatch"]))
     for k, v in rows:
         click.echo(f"{k:>16}: {v}")
     _print_check(info, check)

@@ -12,9 +12,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxmerge.errors import CheckpointError
+from mlxmerge.io.architecture import check_architecture
 from mlxmerge.io.dtypes import SAFETENSORS_TO_MX
 from mlxmerge.io.hub import resolve_reference
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, hf_to_mlx
+from mlxmerge.io.rope_config import with_rope_fields
 from mlxmerge.io.safetensors_file import TensorEntry, read_header
 from mlxmerge.io.writer import RawTensor
 
@@ -214,9 +216,13 @@ def _what_else(folder: Path) -> str:
     return "is this a model folder?"
 
 
-def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(reference: str | os.PathLike, *, check_config: bool = True) -> Checkpoint:
     """Open a folder, a single ``.safetensors`` or ``.gguf`` file or a hub repo id; validate
     before use (GGUF: ``io.gguf_read``, dequantized tensor by tensor, split files included).
+
+    Headers, the index and the shard set are always validated; ``check_config`` also checks
+    every tensor's name and shape against what config.json describes (``io.architecture``;
+    off only to describe a broken checkpoint, as ``inspect`` does).
 
     ``base+path/to/adapter`` (mergekit's model+lora) opens ``base`` with a LoRA adapter fused
     into its tensors as they are read (``mlxmerge.lora.fused``)."""
@@ -232,7 +238,10 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     if gguf is not None:
         from mlxmerge.io.gguf_read import open_gguf
 
-        return open_gguf(ref, gguf)
+        ckpt = open_gguf(ref, gguf)
+        if check_config:  # the config we rebuilt from the metadata must describe its tensors
+            check_architecture(ckpt)
+        return ckpt
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: not a .safetensors file")
@@ -262,6 +271,7 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     _check_index_matches(folder, entries)
     if not entries:
         raise CheckpointError(f"{path}: holds no tensors")
+    config = with_rope_fields(config)  # transformers 5's rope_parameters, where mlx-lm reads them
     quant = config.get("quantization") or config.get("text_config", {}).get("quantization")
     ckpt = Checkpoint(ref, folder, config, entries, files, quant, metadata)
     # Present HF-layout tensors under their MLX names (no data is read).
@@ -270,6 +280,8 @@ def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
     ckpt.hidden = {s for d in ckpt.derived.values() for s in d.sources}
     ckpt.hidden |= set(ckpt.names()) - set(view)  # buffers mlx-lm drops (GPT-2 attn.bias)
     ckpt._names = None
+    if check_config:
+        check_architecture(ckpt)
     return ckpt
 
 

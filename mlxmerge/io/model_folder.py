@@ -20,6 +20,7 @@ from mlxmerge.io.dtypes import FLOAT_NAMES
 from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.layout import CONFIG_ALIASES, Derived, mlx_to_hf
 from mlxmerge.io.output import atomic_folder, check_free_space, check_output
+from mlxmerge.io.rope_config import with_rope_fields
 from mlxmerge.io.writer import DEFAULT_SHARD_SIZE, RawTensor, ShardedWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def patch_config(
     num_layers: int | None = None,
 ) -> dict:  # fmt: skip
     """Make config.json agree with the tensors actually written."""
-    config = json.loads(json.dumps(config))  # deep copy
+    config = with_rope_fields(json.loads(json.dumps(config)))  # mlx-lm reads top-level RoPE keys
     target = (
         config["text_config"]
         if "text_config" in config and "num_hidden_layers" not in config

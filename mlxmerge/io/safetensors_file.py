@@ -78,7 +78,27 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for (b0, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0} and {n1} overlap in the file")
+    _check_coverage(path, spans, data_size)
     return entries, metadata
+
+
+def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The reference reader's rule (safetensors ``validate``): the tensors, sorted by offset,
+    tile the data section exactly. A gap or trailing bytes mean the header lies (a tensor
+    renamed away, a shape edited) or the file holds more than it says."""
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            raise CheckpointError(
+                f"{path}: bytes {at}-{begin} of the data section belong to no tensor (before "
+                f"{name}); the header does not describe the file"
+            )
+        at = end
+    if at != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {at} of a {data_size}-byte data section; the "
+            "header does not describe the file"
+        )
 
 
 def _entry(path: Path, name: str, info, data_size: int, data_start: int) -> TensorEntry:

@@ -33,11 +33,17 @@ def load(
     ckpt = reference if isinstance(reference, Checkpoint) else open_checkpoint(reference)
     check_supported(ckpt.model_type, verb)
     from mlxmerge.io.gguf_read import GGUFCheckpoint, load_mlx_lm_gguf
+    from mlxmerge.io.rope_config import mlx_lm_overrides
 
     if adapter_path and isinstance(ckpt, GGUFCheckpoint):
         model, tokenizer = load_mlx_lm_gguf(ckpt, adapter_path)
     elif adapter_path:
-        model, tokenizer = mlx_lm.load(str(ckpt.path), adapter_path=str(adapter_path), lazy=True)
+        model, tokenizer = mlx_lm.load(
+            str(ckpt.path),
+            adapter_path=str(adapter_path),
+            model_config=mlx_lm_overrides(ckpt.config),
+            lazy=True,
+        )
     else:
         model, tokenizer = load_mlx_lm(ckpt, lazy=True)
     to_compute_dtype(model, label=str(ckpt.reference))  # lazy: check_finite reads each cast once

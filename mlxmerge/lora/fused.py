@@ -140,15 +140,20 @@ def load_mlx_lm(ckpt: Checkpoint, lazy: bool = False):
     from mlx.utils import tree_flatten
 
     from mlxmerge.io.gguf_read import GGUFCheckpoint, load_mlx_lm_gguf
+    from mlxmerge.io.rope_config import mlx_lm_overrides
 
     if isinstance(ckpt, GGUFCheckpoint):  # no safetensors to load: built from its tensors
         return load_mlx_lm_gguf(ckpt)
+    # The checkpoint's config (transformers 5's RoPE fields restored), not only the file's.
+    fields = mlx_lm_overrides(ckpt.config)
     if not isinstance(ckpt, FusedCheckpoint):
-        return mlx_lm.load(str(ckpt.path), lazy=lazy)
+        return mlx_lm.load(str(ckpt.path), model_config=fields, lazy=lazy)
     adapter = ckpt.adapter
     if adapter.format == "mlx":
-        return mlx_lm.load(str(ckpt.path), adapter_path=str(adapter.path), lazy=lazy)
-    model, tokenizer = mlx_lm.load(str(ckpt.path), lazy=lazy)
+        return mlx_lm.load(
+            str(ckpt.path), adapter_path=str(adapter.path), model_config=fields, lazy=lazy
+        )
+    model, tokenizer = mlx_lm.load(str(ckpt.path), model_config=fields, lazy=lazy)
     params = dict(tree_flatten(model.parameters()))
     weights = []
     for name in sorted(ckpt.fused):

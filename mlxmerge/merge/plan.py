@@ -19,6 +19,7 @@ from mlxmerge.errors import RecipeError
 from mlxmerge.io import Checkpoint, layer_index, open_checkpoint
 from mlxmerge.io.checkpoint import natural_key
 from mlxmerge.io.layout import is_input_embedding, layer_structure, renumber_layer
+from mlxmerge.merge.layer_config import sliced_layer_fields
 from mlxmerge.merge.recipe import Recipe, Slice, parse_recipe, resolve_parameter
 from mlxmerge.merge.registry import REQUIRED, MethodSpec, check_params, get_method
 
@@ -310,6 +311,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         plan_one(name, got, first, 0.0)
 
     out_layer = 0
+    layer_sources: list[tuple[dict, int, int]] = []  # per output layer: (config, layers, index)
     for i, sl in enumerate(recipe.slices):
         n_layers = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         lead = ckpts[by_ref[sl.sources[0].model]]
@@ -324,6 +326,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
                         raise RecipeError(f"slices[{i}]: {s.model} has no tensor {src_name}")
                     in_names[s.model] = src_name
                 plan_one(renumber_layer(name, out_layer), in_names, sl, t)
+            layer_sources.append((lead.config, lead.num_layers, lead_layer))
             out_layer += 1
 
     post = outside_names(last, pre=False)
@@ -348,7 +351,8 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_crimes: bool = False
         seen.add(p.name)
     donor = ckpts[by_ref[base]] if base else ckpts[0]
     _check_layer_kinds(tensors, donor, base or models[0])
-    config = dict(donor.config)
+    config, layer_warnings = sliced_layer_fields(donor.config, layer_sources)
+    warnings += layer_warnings
     embed = next((p for p in tensors if p.name.endswith("embed_tokens.weight")), None)
     if embed is not None:
         config["vocab_size"] = embed.shape[0]

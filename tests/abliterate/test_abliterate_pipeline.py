@@ -130,11 +130,12 @@ def test_unknown_model_type(refuser, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(refuser, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "mamba"
+    # an mlx-lm architecture with Llama's tensor names that abliterate's table lacks
+    cfg["model_type"] = "internlm3"
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         MlxmergeError,
-        match="abliterate does not support model_type 'mamba': no residual-writer entry",
+        match="abliterate does not support model_type 'internlm3': no residual-writer entry",
     ):
         abliterate(bad, tmp_path / "o")
 

@@ -101,7 +101,8 @@ def test_frankenmerge_refuses_unknown_layer_naming(tmp_path):
     tensors = load_file(str(src / "model.safetensors"))
     save_file({k.replace(".layers.", ".stack."): v for k, v in tensors.items()},
               str(odd / "model.safetensors"))  # fmt: skip
-    (odd / "config.json").write_text(json.dumps(cfg))
+    # an architecture mlx-lm lacks (as a llama, its tensors would be refused when opened)
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "stacked_llama"}))
     recipe = {"merge_method": "passthrough",
               "slices": [{"sources": [{"model": str(odd), "layer_range": [0, 1]}]}]}  # fmt: skip
     with pytest.raises(

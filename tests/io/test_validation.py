@@ -16,7 +16,9 @@ import pytest
 from mlxmerge.errors import CheckpointError
 from mlxmerge.io import open_checkpoint
 
-CONFIG = {"model_type": "llama", "num_hidden_layers": 1}
+# Crafted tensors a, b are no architecture's: a model_type mlx-lm lacks leaves the config check
+# out of these header tests (test_architecture_check.py covers it).
+CONFIG = {"model_type": "crafted", "num_hidden_layers": 1}
 
 
 def good_header() -> dict:
@@ -164,6 +166,19 @@ def test_overlapping_ranges(tmp_path):
     h = good_header()
     h["b"]["data_offsets"] = [16, 24]
     expect_error(model_dir(tmp_path, h), "tensors a and b overlap")
+
+
+def test_bytes_between_tensors(tmp_path):
+    """The reference reader's rule: tensors tile the data section (a gap hides unnamed bytes)."""
+    h = good_header()
+    h["b"]["data_offsets"] = [28, 36]
+    expect_error(
+        model_dir(tmp_path, h, bytes(36)), "bytes 24-28 of the data section belong to no tensor"
+    )
+
+
+def test_bytes_after_the_last_tensor(tmp_path):
+    expect_error(model_dir(tmp_path, data=bytes(40)), "tensors end at byte 32 of a 40-byte data")
 
 
 def test_no_tensors(tmp_path):
