@@ -273,6 +273,8 @@ def config_from_metadata(
             config["head_dim"] = rope_dims  # llama's converter writes head_dim here
         elif model_type == "phi3" and rope_dims != head_dim:
             config["partial_rotary_factor"] = rope_dims / head_dim  # Phi-4-mini rotates 3/4
+    if heads and hidden:  # llama.cpp's default key length; mlx-lm's differs per class (gemma3: 256)
+        config.setdefault("head_dim", hidden // heads)
     scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling in ("linear", "yarn") and fields.get(f"{arch}.rope.scaling.factor"):
         config["rope_scaling"] = {"rope_type": scaling, "type": scaling,
@@ -286,6 +288,8 @@ def config_from_metadata(
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
     if model_type == "qwen3_moe":
         config.setdefault("norm_topk_prob", True)  # llama.cpp's qwen3moe always renormalizes
+        config.setdefault("decoder_sparse_step", 1)  # and has experts in every block
+        config.setdefault("mlp_only_layers", [])
     if model_type in ("gemma2", "gemma3_text") and config.get("head_dim"):
         # llama.cpp scales queries by 1/sqrt(head_dim) (mlx-lm's default scalar is 144 or 256).
         config.setdefault("query_pre_attn_scalar", config["head_dim"])
