@@ -234,10 +234,12 @@ def write_model(
     if layout not in LAYOUTS:
         raise MlxmergeError(f"unknown layout {layout!r}; use mlx, hf or gguf")
     if quantize and layout != "mlx":
-        raise MlxmergeError(
-            "--quantize is MLX quantization and needs --format mlx; "
-            "for a quantized GGUF use --format gguf --gguf-type q8_0 (or q4_0, ...)"
+        why = (
+            "for a quantized GGUF give --gguf-type q8_0, q4_k_m, ... instead of --quantize"
+            if layout == "gguf"
+            else "transformers cannot read MLX quantization"
         )
+        raise MlxmergeError(f"quantized output needs --format mlx ({why})")
     if gguf_type is not None and layout != "gguf":
         raise MlxmergeError("--gguf-type applies to --format gguf")
     if layout == "gguf":

@@ -332,9 +332,12 @@ def merge(
             f"bits {QUANT_BITS} and group sizes {QUANT_GROUP_SIZES}"
         )
     if quant and layout != "mlx":
-        raise RecipeError(
-            "quantized output needs --format mlx (transformers cannot read MLX quantization)"
+        why = (
+            "for a quantized GGUF give --gguf-type q8_0, q4_k_m, ... instead of --quantize"
+            if layout == "gguf"
+            else "transformers cannot read MLX quantization"
         )
+        raise RecipeError(f"quantized output needs --format mlx ({why})")
     # model+lora references: neither the model nor the adapter folder may be overwritten.
     inputs = [part for m in plan.models for part in (split_reference(m) or (m,))]
     check_output(output, inputs, force=force)  # before any long pre-pass

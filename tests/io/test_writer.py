@@ -225,8 +225,8 @@ def test_write_model_checks_computed_shape(tmp_path):
 
 
 def test_write_model_bad_layout_and_quantized_hf(tmp_path):
-    with pytest.raises(MlxmergeError, match="unknown layout 'gguf'"):
-        write(tmp_path / "out", arrays(), layout="gguf")
+    with pytest.raises(MlxmergeError, match="unknown layout 'onnx'"):
+        write(tmp_path / "out", arrays(), layout="onnx")
     with pytest.raises(MlxmergeError, match="quantized output needs --format mlx"):
         write(tmp_path / "out", arrays(), layout="hf", quantize=Quantization(4, 32))
     assert list(tmp_path.iterdir()) == []
