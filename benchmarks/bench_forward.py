@@ -50,7 +50,7 @@ def inputs(tokenizer, n_prompts: int, prefill_len: int):
     return {
         "prefill": prefill,
         "gen_prompts": chat_tokens(tokenizer, harmless[:8]),
-        "ppl_texts": ["\n".join(text[i : i + 20]) for i in range(0, 80, 20)],
+        "ppl_texts": ["\n".join(text[i : i + 20]) for i in range(0, 40, 20)],
         "harmful": chat_tokens(tokenizer, harmful),
         "harmless": chat_tokens(tokenizer, harmless),
         "corpus": "\n\n".join(text),
@@ -235,6 +235,9 @@ def main():
                     help="Prompts for the refusals bf16-vs-auto row (0: skip; the slowest row).")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    # torch's OpenMP workers spin between ops; on a shared machine they then lose whole time
+    # slices (10x slower prefill measured here): passive waiting is torch's fair setting.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import numpy as np
     import torch
 
