@@ -79,8 +79,8 @@ class LineProgress:
         if self._pending:
             self._start()
         now = self._seen = clock()
-        if now - self._last < INTERVAL:
-            return
+        if now - self._last < INTERVAL or (self.total and self.n >= self.total):
+            return  # too soon, or complete: the closing line follows
         self._last = now
         rate = self._rate(now)
         if self.total:
