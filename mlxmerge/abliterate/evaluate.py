@@ -8,7 +8,7 @@ from pathlib import Path
 from mlxmerge.abliterate.prompts import bundled_prompts
 from mlxmerge.eval.divergence import perplexity
 from mlxmerge.eval.prompts import read_prompts
-from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
+from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal, rate_summary
 from mlxmerge.io import open_checkpoint
 from mlxmerge.io.documents import read_documents
 from mlxmerge.lm.chat import chat_tokens, check_chat_template, pad_token_id
@@ -23,12 +23,15 @@ def refusals(
     harmless: str | Path | None = None, column: str | None = None, max_tokens: int = 100,
     batch_size: int = 16, markers: tuple[str, ...] = REFUSAL_MARKERS, system: str | None = None,
     template: str | None = None, text: str | Path | None = None, limit: int | None = None,
-    progress: Progress | None = None,
+    answers: int = 0, progress: Progress | None = None,
 ) -> dict:  # fmt: skip
     """Evaluate ``model`` (and ``compare``) on harmful and harmless prompts.
 
-    Default prompts are the bundled held-out test splits; a user file is used whole. With
-    ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless answers.
+    Default prompts are the bundled held-out test splits; a user file is used whole. Each rate
+    comes with its count and 95% Wilson interval (``refusal``: ``{rate, k, n, ci95}``). With
+    ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless
+    answers. ``answers`` N > 0 adds the first N prompts of each set with the model's answer and
+    the judge's verdict (``answers``: ``{"harmful": [{prompt, answer, refusal}], ...}``).
     """
     from mlxmerge.abliterate.pipeline import _tick, answer_texts
     from mlxmerge.lm.load import load
@@ -43,7 +46,7 @@ def refusals(
     texts = read_documents(text) if text else None
     out: dict = {"max_tokens": max_tokens, "n_harmful": len(harm), "n_harmless": len(good),
                  "models": {}}  # fmt: skip
-    answers, logits = {}, {}
+    harmless_answers, logits = {}, {}
     for ref in refs:
         net, tok = load(open_checkpoint(ref), verb="refusals")  # base+adapter: adapter applied
         check_chat_template(tok, template)
@@ -53,19 +56,28 @@ def refusals(
                            progress=progress, stage=f"{Path(str(ref)).name}: harmful")  # fmt: skip
         a_g = answer_texts(net, tok, gt, max_tokens=max_tokens, batch_size=batch_size,
                            progress=progress, stage=f"{Path(str(ref)).name}: harmless")  # fmt: skip
+        v_h, v_g = [is_refusal(a, markers) for a in a_h], [is_refusal(a, markers) for a in a_g]
+        bad, good_rate = rate_summary(v_h), rate_summary(v_g)
         row = {
-            "refusal_rate": sum(is_refusal(a, markers) for a in a_h) / len(a_h),
-            "harmless_refusal_rate": sum(is_refusal(a, markers) for a in a_g) / len(a_g),
-        }
+            "refusal_rate": bad["rate"], "refusal": bad,
+            "harmless_refusal_rate": good_rate["rate"], "harmless_refusal": good_rate,
+        }  # fmt: skip
+        if answers:
+            row["answers"] = {
+                kind: [{"prompt": p, "answer": a, "refusal": v}
+                       for p, a, v in list(zip(prompts, texts_, verdicts))[:answers]]
+                for kind, prompts, texts_, verdicts in (("harmful", harm, a_h, v_h),
+                                                        ("harmless", good, a_g, v_g))
+            }  # fmt: skip
         if texts:
             row["perplexity"] = perplexity(net, tok, texts, batch_size=batch_size,
                                            progress=_tick(progress, "perplexity", len(texts)))  # fmt: skip
-        answers[str(ref)] = a_g
+        harmless_answers[str(ref)] = a_g
         logits[str(ref)] = last_logits(net, gt, pad_id=pad_token_id(tok), batch_size=batch_size)
         out["models"][str(ref)] = row
     if compare:
         base, new = str(compare), str(model)
         out["models"][new]["kl_vs_compare"] = kl_divergence(logits[base], logits[new]).mean().item()
-        same = sum(a == b for a, b in zip(answers[base], answers[new]))
+        same = sum(a == b for a, b in zip(harmless_answers[base], harmless_answers[new]))
         out["models"][new]["same_harmless_answers"] = same / len(good)
     return out

@@ -9,6 +9,7 @@ answers that add a warning contain them too (heretic's list counts those as refu
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,3 +49,30 @@ def read_markers(path: str | Path) -> tuple[str, ...]:
     if not markers:
         raise MlxmergeError(f"{path}: holds no refusal markers")
     return markers
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a rate of k successes in n trials (95% by default).
+
+    Wilson 1927, "Probable inference, the law of succession, and statistical inference";
+    unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or k = n.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def rate_summary(verdicts: Sequence[bool]) -> dict:
+    """``{"rate", "k", "n", "ci95": [lo, hi]}`` of a list of yes/no verdicts."""
+    k, n = int(sum(bool(v) for v in verdicts)), len(verdicts)
+    return {"rate": k / max(n, 1), "k": k, "n": n, "ci95": list(wilson_interval(k, n))}
+
+
+def format_rate(summary: dict) -> str:
+    """``9% (3/32, 95% CI 3-24%)``."""
+    lo, hi = summary["ci95"]
+    return f"{summary['rate']:.0%} ({summary['k']}/{summary['n']}, 95% CI {lo:.0%}-{hi:.0%})"

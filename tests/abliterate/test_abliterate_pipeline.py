@@ -62,7 +62,13 @@ def test_output_runs_in_mlx_lm_and_has_report(abliterated):
     assert saved["after"]["refusal_rate"] == report["after"]["refusal_rate"]
     card = (out / "README.md").read_text()
     b, a = report["before"]["refusal_rate"], report["after"]["refusal_rate"]
-    assert f"| refusal rate, harmful (100 prompts) | {b:.0%} | {a:.0%} |" in card
+    assert f"| refusal rate, harmful (100 prompts) | {b:.0%} (" in card
+    for tag in ("before", "after"):  # the interval printed is the Wilson interval of k/n
+        r = report[tag]["refusal"]
+        assert r["k"] == round(report[tag]["refusal_rate"] * 100) and r["n"] == 100
+        lo, hi = r["ci95"]
+        assert f"{r['rate']:.0%} ({r['k']}/100, 95% CI {lo:.0%}-{hi:.0%})" in card
+    assert card.count("- before (") == len(report["samples"]) >= 3
     assert "abliterated" in card
     import importlib.util
 
