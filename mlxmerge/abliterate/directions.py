@@ -18,7 +18,18 @@ import numpy as np
 
 from mlxmerge.abliterate.hooks import Instrumented
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.lm.generate import batches, forward, last_logits, make_batch_cache, pad_left
+from mlxmerge.lm.generate import (
+    batches,
+    can_share_prefix,
+    forward,
+    last_logits,
+    make_batch_cache,
+    pad_left,
+    pad_right,
+    prefix_caches,
+    prompt_logits,
+    shared_prefix_length,
+)
 from mlxmerge.lm.logprobs import kl_divergence, log_softmax
 
 log = logging.getLogger(__name__)
@@ -36,16 +47,30 @@ def mean_residuals(
     """
     n_layers = len(inst.probes)
     n_points = n_layers + 1 if last_point is None else last_point + 1
-    last = slice(-n_positions, None)
+    # The shared prefix (chat template, default system prompt) once per batch, when possible.
+    p = shared_prefix_length(token_lists, keep=n_positions)
+    shared = p >= 4 and can_share_prefix(inst.model)
     total = None
     for idx in batches(token_lists, batch_size, inst.model):
-        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
         for probe in inst.probes:
-            probe.slot.record, probe.slot.inputs, probe.slot.outputs = last, [], []
-        forward(inst.model, tokens, make_batch_cache(inst.model, padding))
-        points = [inst.probes[i].slot.inputs[0] for i in range(min(n_points, n_layers))]
+            probe.slot.record, probe.slot.inputs, probe.slot.outputs = None, [], []
+        if shared:
+            caches = prefix_caches(inst.model, token_lists[idx[0]][:p], len(idx))
+            tokens, last = pad_right([token_lists[i][p:] for i in idx], pad_id)
+            # (B, P) positions of each row's last n_positions tokens (rows are right-padded)
+            at = last[:, None] - n_positions + 1 + mx.arange(n_positions)[None, :]
+            pick = lambda x, at=at: mx.take_along_axis(x, at[..., None], axis=1)
+            record = slice(None)
+        else:
+            tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
+            caches = make_batch_cache(inst.model, padding)
+            pick, record = (lambda x: x), slice(-n_positions, None)
+        for probe in inst.probes:
+            probe.slot.record = record
+        forward(inst.model, tokens, caches)
+        points = [pick(inst.probes[i].slot.inputs[0]) for i in range(min(n_points, n_layers))]
         if n_points > n_layers:
-            points.append(inst.probes[-1].slot.outputs[0])
+            points.append(pick(inst.probes[-1].slot.outputs[0]))
         acts = mx.stack(points).astype(mx.float32)  # (L+1, B, P, d)
         mx.eval(acts)
         s = np.asarray(acts, dtype=np.float64).sum(axis=1)
@@ -147,25 +172,27 @@ def score_candidates(
     lam = [strength if i in set(edit_layers) else 0.0 for i in range(n_layers)]
 
     def logits(prompts):
-        return last_logits(inst.model, prompts, pad_id=pad_id, batch_size=batch_size)
+        if shared_prefix_length(prompts) >= 4 and can_share_prefix(inst.model):
+            return prompt_logits(inst.model, prompts, pad_id=pad_id, batch_size=batch_size)
+        with last_position_head(inst):
+            return last_logits(inst.model, prompts, pad_id=pad_id, batch_size=batch_size)
 
     out = []
-    with last_position_head(inst):
-        base_harmless = logits(harmless_val)
-        for layer, p in candidates:
-            r = mx.array(unit_np(diffs[layer, p]).astype(np.float32))
-            inst.set_ablation(r, lam, lam)
-            bypass = refusal_score(logits(harmful_val), refusal_ids).mean()
-            kl = kl_divergence(base_harmless, logits(harmless_val)).mean()
-            inst.clear_ablation()
-            induce = mx.array(float("nan"))
-            if layer < n_layers:
-                inst.probes[layer].slot.add = mx.array(diffs[layer, p].astype(np.float32))
-                induce = refusal_score(logits(harmless_val), refusal_ids).mean()
-                inst.probes[layer].slot.add = None
-            out.append(Candidate(layer, p - n_pos, bypass.item(), kl.item(), induce.item()))
-            if progress:
-                progress(1)
+    base_harmless = logits(harmless_val)
+    for layer, p in candidates:
+        r = mx.array(unit_np(diffs[layer, p]).astype(np.float32))
+        inst.set_ablation(r, lam, lam)
+        bypass = refusal_score(logits(harmful_val), refusal_ids).mean()
+        kl = kl_divergence(base_harmless, logits(harmless_val)).mean()
+        inst.clear_ablation()
+        induce = mx.array(float("nan"))
+        if layer < n_layers:
+            inst.probes[layer].slot.add = mx.array(diffs[layer, p].astype(np.float32))
+            induce = refusal_score(logits(harmless_val), refusal_ids).mean()
+            inst.probes[layer].slot.add = None
+        out.append(Candidate(layer, p - n_pos, bypass.item(), kl.item(), induce.item()))
+        if progress:
+            progress(1)
     return out
 
 

@@ -29,7 +29,15 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmerge.abliterate.hooks import Instrumented, writer_direction
-from mlxmerge.lm.generate import batches, forward, make_batch_cache, pad_left
+from mlxmerge.lm.generate import (
+    batches,
+    can_share_prefix,
+    forward,
+    forward_after_prefix,
+    make_batch_cache,
+    pad_left,
+    shared_prefix_length,
+)
 from mlxmerge.lm.logprobs import log_softmax
 
 
@@ -55,14 +63,21 @@ def _gradients(
                 wrappers.append((w, writer_direction(R, w)))
     total, grads = 0.0, [None] * len(token_lists)
     summed = np.zeros(K)
+    p = shared_prefix_length(token_lists)
+    shared = p >= 4 and can_share_prefix(inst.model)
     for b, idx in enumerate(batches(token_lists, batch_size, inst.model)):
-        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
+        rows = [token_lists[i] for i in idx]
 
-        def f(a, tokens=tokens, padding=padding, b=b):
+        def f(a, rows=rows, b=b):
             for w, rw in wrappers:
                 w.slot.screen = (rw.astype(mx.float32), a)
-            logits = forward(inst.model, tokens, make_batch_cache(inst.model, padding))
-            return objective(logits[:, -1, :].astype(mx.float32), b)
+            if shared:  # the shared prefix once (its gradient flows through the tiled cache)
+                z = forward_after_prefix(inst.model, rows[0][:p], [t[p:] for t in rows],
+                                         pad_id=pad_id)  # fmt: skip
+            else:
+                tokens, padding = pad_left(rows, pad_id)
+                z = forward(inst.model, tokens, make_batch_cache(inst.model, padding))[:, -1, :]
+            return objective(z.astype(mx.float32), b)
 
         a0 = mx.zeros((len(idx), K) if per_prompt else (K,))
         value, g = mx.value_and_grad(f)(a0)
