@@ -75,4 +75,4 @@ def rate_summary(verdicts: Sequence[bool]) -> dict:
 def format_rate(summary: dict) -> str:
     """``9% (3/32, 95% CI 3-24%)``."""
     lo, hi = summary["ci95"]
-    return f"{summary['rate']:.0%} ({summary['k']}/{summary['n']}, 95% CI {lo:.0%}-{hi:.0%})"
+    return f"{summary['rate']:.0%} ({summary['k']}/{summary['n']}, 95% CI {100 * lo:.0f}-{hi:.0%})"

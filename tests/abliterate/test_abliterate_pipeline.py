@@ -67,7 +67,7 @@ def test_output_runs_in_mlx_lm_and_has_report(abliterated):
         r = report[tag]["refusal"]
         assert r["k"] == round(report[tag]["refusal_rate"] * 100) and r["n"] == 100
         lo, hi = r["ci95"]
-        assert f"{r['rate']:.0%} ({r['k']}/100, 95% CI {lo:.0%}-{hi:.0%})" in card
+        assert f"{r['rate']:.0%} ({r['k']}/100, 95% CI {100 * lo:.0f}-{hi:.0%})" in card
     assert card.count("- before (") == len(report["samples"]) >= 3
     assert "abliterated" in card
     import importlib.util
