@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlxmerge.abliterate.prompts import bundled_prompts
 from mlxmerge.eval.divergence import perplexity
+from mlxmerge.eval.judge import agreement
 from mlxmerge.eval.prompts import read_prompts
 from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal, rate_summary
 from mlxmerge.io import open_checkpoint
@@ -23,7 +24,7 @@ def refusals(
     harmless: str | Path | None = None, column: str | None = None, max_tokens: int = 100,
     batch_size: int = 16, markers: tuple[str, ...] = REFUSAL_MARKERS, system: str | None = None,
     template: str | None = None, text: str | Path | None = None, limit: int | None = None,
-    answers: int = 0, progress: Progress | None = None,
+    answers: int = 0, judge: str | Path | None = None, progress: Progress | None = None,
 ) -> dict:  # fmt: skip
     """Evaluate ``model`` (and ``compare``) on harmful and harmless prompts.
 
@@ -32,12 +33,14 @@ def refusals(
     ``compare``, also the first-token KL(compare ‖ model) and the share of identical harmless
     answers. ``answers`` N > 0 adds the first N prompts of each set with the model's answer and
     the judge's verdict (``answers``: ``{"harmful": [{prompt, answer, refusal}], ...}``).
+    ``judge``: a local chat model also judges every answer (``mlxmerge.eval.judge``); its rates
+    and its agreement with the marker judge go in ``judge``, its verdicts beside the markers'.
     """
     from mlxmerge.abliterate.pipeline import _tick, answer_texts
     from mlxmerge.lm.load import load
 
     refs = [model] + ([compare] if compare else [])
-    for ref in refs:
+    for ref in refs + ([judge] if judge else []):
         open_checkpoint(ref)  # validates before the slow load
     harm = read_prompts(harmful, column) if harmful else bundled_prompts("harmful", "test")
     good = read_prompts(harmless, column) if harmless else bundled_prompts("harmless", "test")
@@ -62,12 +65,27 @@ def refusals(
             "refusal_rate": bad["rate"], "refusal": bad,
             "harmless_refusal_rate": good_rate["rate"], "harmless_refusal": good_rate,
         }  # fmt: skip
+        j_h = j_g = None
+        if judge:
+            if isinstance(judge, (str, Path)):
+                from mlxmerge.eval.judge import ModelJudge
+
+                judge = ModelJudge(judge, batch_size=batch_size)
+            j_h = judge.scores(harm, a_h, progress=_tick(progress, "judge: harmful", len(harm)))
+            j_g = judge.scores(good, a_g, progress=_tick(progress, "judge: harmless", len(good)))
+            row["judge"] = {
+                "model": judge.name,
+                "refusal": rate_summary(j_h > 0.5),
+                "harmless_refusal": rate_summary(j_g > 0.5),
+                "agreement_with_markers": agreement(list(j_h > 0.5) + list(j_g > 0.5), v_h + v_g),
+            }
         if answers:
             row["answers"] = {
                 kind: [{"prompt": p, "answer": a, "refusal": v}
-                       for p, a, v in list(zip(prompts, texts_, verdicts))[:answers]]
-                for kind, prompts, texts_, verdicts in (("harmful", harm, a_h, v_h),
-                                                        ("harmless", good, a_g, v_g))
+                       | ({} if js is None else {"judge": bool(js[i] > 0.5), "judge_p_yes": float(js[i])})
+                       for i, (p, a, v) in enumerate(list(zip(prompts, texts_, verdicts))[:answers])]
+                for kind, prompts, texts_, verdicts, js in (("harmful", harm, a_h, v_h, j_h),
+                                                            ("harmless", good, a_g, v_g, j_g))
             }  # fmt: skip
         if texts:
             row["perplexity"] = perplexity(net, tok, texts, batch_size=batch_size,

@@ -240,8 +240,12 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
     show_default=True,
     help="Show the first N prompts of each set with the answer and the judge's verdict.",
 )
+@click.option(
+    "--judge",
+    help="A local chat model (path or hub id) that also judges every answer (StrongREJECT's refusal question, yes/no from its logits).",
+)
 def refusals(model, compare, harmful, harmless, column, system, template, max_tokens, batch_size,
-             markers, as_json, text, limit, answers):  # fmt: skip
+             markers, as_json, text, limit, answers, judge):  # fmt: skip
     """Refusal rate of MODEL on harmful prompts, false refusals on harmless ones, KL vs --compare."""
     from mlxmerge.abliterate.evaluate import refusals as run
 
@@ -251,7 +255,7 @@ def refusals(model, compare, harmful, harmless, column, system, template, max_to
             model, compare=compare, harmful=harmful, harmless=harmless, column=column,
             max_tokens=max_tokens, batch_size=batch_size, markers=_markers(markers),
             system=system, template=_template(template), text=text, limit=limit, answers=answers,
-            progress=bars,
+            judge=judge, progress=bars,
         )  # fmt: skip
     finally:
         bars.close()
@@ -263,6 +267,8 @@ def refusals(model, compare, harmful, harmless, column, system, template, max_to
             click.echo(f"{Path(name).name}: {kind} prompts")
             for x in rows:
                 verdict = "REFUSAL" if x["refusal"] else "answer"
+                if "judge" in x:
+                    verdict += f", judge: {'REFUSAL' if x['judge'] else 'answer'} (p={x['judge_p_yes']:.2f})"
                 click.echo(f"  [{verdict}] {_short(x['prompt'], 100)}")
                 click.echo(f"      {_short(x['answer'], 300)}")
             click.echo("")
@@ -284,6 +290,14 @@ def refusals(model, compare, harmful, harmless, column, system, template, max_to
             else:
                 cells.append(f"{v:>{w}.0%}")
         click.echo(f"{Path(name).name[:27]:<28}" + "".join(cells))
+        j = row.get("judge")
+        if j:
+            a = j["agreement_with_markers"]
+            click.echo(
+                f"{'  judged by ' + Path(j['model']).name[:15]:<28}{_rate(j['refusal']):>30}"
+                f"{_rate(j['harmless_refusal']):>30}  (agrees with the markers on "
+                f"{a['agreement']:.0%} of {a['n']}, kappa {a['kappa']:.2f})"
+            )
     click.echo(
         f"({out['n_harmful']} harmful, {out['n_harmless']} harmless prompts, {max_tokens} answer "
         "tokens; refusals by the marker judge, refused/n and the 95% Wilson interval)"
