@@ -121,6 +121,13 @@ def test_tied_embeddings_and_requantization(refuser, tmp_path):
         ({"layers": "2-9"}, "layer 9 is out of range"),
         ({"direction_layer": 7}, "--direction-layer 7 is out of range"),
         ({"direction_layer": "x"}, "use auto or a layer number"),
+        ({"direction_layer": "2-9"}, "--direction-layer 2-9: layer 9 is out of range"),
+        (
+            {"positions": "-99"},
+            "--positions -99: position -99 is out of range; the chat template has",
+        ),
+        ({"positions": "last"}, "use auto or negative positions"),
+        ({"top_candidates": -1}, "--top-candidates must be 0"),
         ({"batch_size": 1000}, "fewer than the batch size 1000"),
         ({"strength": 0}, "--strength must be positive"),
         ({"adapter": True, "embeddings": True}, "--adapter keeps the base weights as they are"),
