@@ -44,8 +44,14 @@ class OutputProjection(Transparent):
         s = self.slot
         if s.screen is not None:
             R, a = s.screen
-            a = a.reshape(a.shape[0], *([1] * (y.ndim - 2)), a.shape[-1]) if a.ndim > 1 else a
-            y = y + ((y @ R) * a) @ R.T
+            if a.ndim > 1 and y.shape[0] != a.shape[0]:
+                # Per-prompt screening, but this writer's rows are not prompts (mlx-lm's
+                # SwitchGLU sorts token-expert pairs by expert): left out of the per-prompt sums.
+                a = None
+            elif a.ndim > 1:
+                a = a.reshape(a.shape[0], *([1] * (y.ndim - 2)), a.shape[-1])
+            if a is not None:
+                y = y + ((y @ R) * a) @ R.T
         if s.r is None or s.strength == 0.0:
             return y
         r = s.r.astype(y.dtype)

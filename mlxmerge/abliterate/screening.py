@@ -17,7 +17,9 @@ output); then ∂f/∂a_k is that sum for r_k, and one backward pass gives all K
   per harmless prompt drawn from the base model (seeded), and Δ log p(y) ≈ −λ ∂ log p(y)/∂a_k
   per prompt (a per-prompt a).
 
-Both are estimates; the best few candidates are then measured exactly (``score_candidates``).
+Stacked MoE experts whose outputs mlx-lm sorts by expert (``SwitchGLU``) have rows that are not
+prompts; they are left out of the per-prompt KL sums (not of the refusal estimate). Both are
+estimates; the best few candidates are then measured exactly (``score_candidates``).
 """
 
 from __future__ import annotations
