@@ -333,9 +333,9 @@ def abliterate(
         # Passes over n_val prompts: stage 1 is a forward + backward pass (~3 forward passes)
         # per set; stage 2 three forward passes per candidate, plus the base harmless logits.
         passes = (6 if screen else 0) + 3 * n_measured + 1
-        # A scoring pass costs ~1.7 capture passes (LM head, per-batch evaluation; measured on
-        # SmolLM2-135M: 537 s taken for 329 s estimated from the capture speed alone).
-        eta = 1.7 * passes * len(harmful_val) / timings["directions_prompts_per_s"]
+        # A scoring pass costs ~1.4 capture passes (LM head, per-batch evaluation; measured on
+        # SmolLM2-135M: both stages took 449 s where the capture speed alone predicted 329 s).
+        eta = 1.4 * passes * len(harmful_val) / timings["directions_prompts_per_s"]
         plan = (
             f"direction search: {len(cands)} candidates "
             f"(residual points {_ranges(sorted({c[0] for c in cands}))} × "
