@@ -61,7 +61,7 @@ def test_output_runs_in_mlx_lm_and_has_report(abliterated):
     saved = json.loads((out / "abliteration.json").read_text())
     assert saved["after"]["refusal_rate"] == report["after"]["refusal_rate"]
     card = (out / "README.md").read_text()
-    b, a = report["before"]["refusal_rate"], report["after"]["refusal_rate"]
+    b = report["before"]["refusal_rate"]
     assert f"| refusal rate, harmful (100 prompts) | {b:.0%} (" in card
     for tag in ("before", "after"):  # the interval printed is the Wilson interval of k/n
         r = report[tag]["refusal"]
