@@ -44,9 +44,10 @@ class OutputProjection(Transparent):
         s = self.slot
         if s.screen is not None:
             R, a = s.screen
-            if a.ndim > 1 and y.shape[0] != a.shape[0]:
+            if a.ndim > 1 and y.shape[0] not in (1, a.shape[0]):
                 # Per-prompt screening, but this writer's rows are not prompts (mlx-lm's
                 # SwitchGLU sorts token-expert pairs by expert): left out of the per-prompt sums.
+                # (One row is the shared prefix: broadcast to every prompt, kept.)
                 a = None
             elif a.ndim > 1:
                 a = a.reshape(a.shape[0], *([1] * (y.ndim - 2)), a.shape[-1])

@@ -89,3 +89,28 @@ def test_wilson_interval_closed_form():
     s = rate_summary([True, False, False, True])
     assert (s["k"], s["n"], s["rate"]) == (2, 4, 0.5)
     assert format_rate(rate_summary([True] * 3 + [False] * 29)) == "9% (3/32, 95% CI 3-24%)"
+
+
+def test_per_prompt_gradients_include_the_shared_prefix(tiny_random):
+    """Row b of the per-prompt gradient is the derivative of prompt b's own score, prefix
+    included (the KL estimate squares these; a lost prefix term shrinks it)."""
+    from mlxmerge.abliterate.screening import _gradients
+
+    model, inst, h, _ = _setup(tiny_random)
+    n_layers = len(model.model.layers)
+    d = model.model.embed_tokens.weight.shape[1]
+    r = np.random.default_rng(1).normal(size=d).astype(np.float32)
+    r /= np.linalg.norm(r)
+    ids = [5, 9]
+    with inst.installed():
+        _, g = _gradients(inst, mx.array(r[:, None]), h,
+                          lambda z, _b: D.refusal_score(z, ids).sum(), per_prompt=True,
+                          lam=[1.0] * n_layers, pad_id=0, batch_size=4, progress=None)  # fmt: skip
+        eps = 1e-2
+        f = []
+        for s in (-eps, eps):
+            inst.set_ablation(mx.array(r), [s] * n_layers, [s] * n_layers)
+            f.append(np.array(D.refusal_score(D.prompt_logits(model, h, batch_size=4), ids)))
+            inst.clear_ablation()
+    # a = −λ: ∂f_b/∂a = −∂f_b/∂λ
+    np.testing.assert_allclose(g[:, 0], -(f[1] - f[0]) / (2 * eps), rtol=2e-2, atol=1e-3)
