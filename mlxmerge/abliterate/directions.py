@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -17,7 +18,18 @@ import numpy as np
 
 from mlxmerge.abliterate.hooks import Instrumented
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.lm.generate import batches, forward, last_logits, make_batch_cache, pad_left
+from mlxmerge.lm.generate import (
+    batches,
+    can_share_prefix,
+    forward,
+    last_logits,
+    make_batch_cache,
+    pad_left,
+    pad_right,
+    prefix_caches,
+    prompt_logits,
+    shared_prefix_length,
+)
 from mlxmerge.lm.logprobs import kl_divergence, log_softmax
 
 log = logging.getLogger(__name__)
@@ -25,19 +37,40 @@ log = logging.getLogger(__name__)
 
 def mean_residuals(
     inst: Instrumented, token_lists: Sequence[Sequence[int]], n_positions: int, *,
-    pad_id: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None,
+    pad_id: int = 0, batch_size: int = 16, last_point: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Mean residual stream at the last ``n_positions`` positions, (L+1, P, d) in float64."""
+    """Mean residual stream at the last ``n_positions`` positions, (L+1, P, d) in float64.
+
+    With ``last_point`` only points 0..last_point are returned ((last_point+1, P, d)), and MLX
+    never computes the layers above it (nothing reads them).
+    """
     n_layers = len(inst.probes)
-    last = slice(-n_positions, None)
+    n_points = n_layers + 1 if last_point is None else last_point + 1
+    # The shared prefix (chat template, default system prompt) once per batch, when possible.
+    p = shared_prefix_length(token_lists, keep=n_positions)
+    shared = p >= 4 and can_share_prefix(inst.model)
     total = None
     for idx in batches(token_lists, batch_size, inst.model):
-        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
         for probe in inst.probes:
-            probe.slot.record, probe.slot.inputs, probe.slot.outputs = last, [], []
-        forward(inst.model, tokens, make_batch_cache(inst.model, padding))
-        points = [inst.probes[i].slot.inputs[0] for i in range(n_layers)]
-        points.append(inst.probes[-1].slot.outputs[0])
+            probe.slot.record, probe.slot.inputs, probe.slot.outputs = None, [], []
+        if shared:
+            caches = prefix_caches(inst.model, token_lists[idx[0]][:p], len(idx))
+            tokens, last = pad_right([token_lists[i][p:] for i in idx], pad_id)
+            # (B, P) positions of each row's last n_positions tokens (rows are right-padded)
+            at = last[:, None] - n_positions + 1 + mx.arange(n_positions)[None, :]
+            pick = lambda x, at=at: mx.take_along_axis(x, at[..., None], axis=1)
+            record = slice(None)
+        else:
+            tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
+            caches = make_batch_cache(inst.model, padding)
+            pick, record = (lambda x: x), slice(-n_positions, None)
+        for probe in inst.probes:
+            probe.slot.record = record
+        forward(inst.model, tokens, caches)
+        points = [pick(inst.probes[i].slot.inputs[0]) for i in range(min(n_points, n_layers))]
+        if n_points > n_layers:
+            points.append(pick(inst.probes[-1].slot.outputs[0]))
         acts = mx.stack(points).astype(mx.float32)  # (L+1, B, P, d)
         mx.eval(acts)
         s = np.asarray(acts, dtype=np.float64).sum(axis=1)
@@ -101,49 +134,65 @@ class Selection:
     separation: list[float] = field(default_factory=list)  # per point, at the chosen position
 
 
+def candidate_points(
+    diffs: np.ndarray, layers: Sequence[int], positions: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """(layer, position index) pairs to measure; points whose difference is ~0 are left out
+    (template tokens at the embedding point are identical for both prompt sets)."""
+    n_pos = diffs.shape[1]
+    scale = max(float(np.linalg.norm(diffs)), 1e-30)
+    pos = range(n_pos) if positions is None else [p % n_pos for p in positions]
+    return [(l, p) for l in layers for p in pos if np.linalg.norm(diffs[l, p]) >= 1e-6 * scale]
+
+
+@contextmanager
+def last_position_head(inst: Instrumented):
+    """Run the final norm and LM head on the last position only (the rest is never read):
+    ~20% of a small model's forward pass is the head (SmolLM2-135M: 28M of 134M MACs a token)."""
+    probe = inst.probes[-1]
+    probe.slot.edit = lambda h: h[:, -1:, :]
+    try:
+        yield
+    finally:
+        probe.slot.edit = None
+
+
 def score_candidates(
     inst: Instrumented, diffs: np.ndarray, harmful_val: list[list[int]], harmless_val: list[list[int]],
     refusal_ids: Sequence[int], *, edit_layers: Sequence[int], strength: float = 1.0,
-    candidate_layers: Sequence[int], pad_id: int = 0, batch_size: int = 16,
+    candidates: Sequence[tuple[int, int]], pad_id: int = 0, batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> list[Candidate]:  # fmt: skip
-    """Measure bypass, KL and induce for every (layer, position) candidate."""
+    """Measure bypass, KL and induce for every (layer, position index) in ``candidates``.
+
+    Three forward passes over the validation prompts per candidate (Arditi et al. 2024, §2.3).
+    """
     n_layers = len(inst.probes)
     n_pos = diffs.shape[1]
-    base_harmless = last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size)
     lam = [strength if i in set(edit_layers) else 0.0 for i in range(n_layers)]
+
+    def logits(prompts):
+        if shared_prefix_length(prompts) >= 4 and can_share_prefix(inst.model):
+            return prompt_logits(inst.model, prompts, pad_id=pad_id, batch_size=batch_size)
+        with last_position_head(inst):
+            return last_logits(inst.model, prompts, pad_id=pad_id, batch_size=batch_size)
+
     out = []
-    for layer in candidate_layers:
-        for p in range(n_pos):
-            if np.linalg.norm(diffs[layer, p]) < 1e-6 * max(np.linalg.norm(diffs), 1e-30):
-                # Template tokens at the embedding point: identical for both sets.
-                c = Candidate(layer, p - n_pos, float("nan"), float("nan"), float("nan"))
-                out.append(c)
-                if progress:
-                    progress(1)
-                continue
-            r = mx.array(unit_np(diffs[layer, p]).astype(np.float32))
-            inst.set_ablation(r, lam, lam)
-            bypass = refusal_score(
-                last_logits(inst.model, harmful_val, pad_id=pad_id, batch_size=batch_size),
-                refusal_ids,
-            ).mean()
-            kl = kl_divergence(
-                base_harmless,
-                last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size),
-            ).mean()
-            inst.clear_ablation()
-            induce = mx.array(float("nan"))
-            if layer < n_layers:
-                inst.probes[layer].slot.add = mx.array(diffs[layer, p].astype(np.float32))
-                induce = refusal_score(
-                    last_logits(inst.model, harmless_val, pad_id=pad_id, batch_size=batch_size),
-                    refusal_ids,
-                ).mean()
-                inst.probes[layer].slot.add = None
-            out.append(Candidate(layer, p - n_pos, bypass.item(), kl.item(), induce.item()))
-            if progress:
-                progress(1)
+    base_harmless = logits(harmless_val)
+    for layer, p in candidates:
+        r = mx.array(unit_np(diffs[layer, p]).astype(np.float32))
+        inst.set_ablation(r, lam, lam)
+        bypass = refusal_score(logits(harmful_val), refusal_ids).mean()
+        kl = kl_divergence(base_harmless, logits(harmless_val)).mean()
+        inst.clear_ablation()
+        induce = mx.array(float("nan"))
+        if layer < n_layers:
+            inst.probes[layer].slot.add = mx.array(diffs[layer, p].astype(np.float32))
+            induce = refusal_score(logits(harmless_val), refusal_ids).mean()
+            inst.probes[layer].slot.add = None
+        out.append(Candidate(layer, p - n_pos, bypass.item(), kl.item(), induce.item()))
+        if progress:
+            progress(1)
     return out
 
 
@@ -164,7 +213,7 @@ def select_candidate(
             c.reason = f"induce < {induce_threshold}"
     kept = [c for c in candidates if not c.reason]
     if kept:
-        best = min(kept, key=lambda c: c.bypass)
+        best = min(kept, key=lambda c: (c.bypass, c.kl))
         why = (
             f"lowest refusal score after ablation ({best.bypass:.2f}) among {len(kept)} of "
             f"{len(candidates)} candidates passing the filters (layer < {limit}, "
@@ -175,10 +224,15 @@ def select_candidate(
     pool = [
         c for c in candidates if not np.isnan(c.bypass) and not c.reason.startswith("layer")
     ] or [c for c in candidates if not np.isnan(c.bypass)]
-    best = min(pool, key=lambda c: (c.kl > kl_threshold, c.bypass))
+    # Equal refusal scores (e.g. all 0 when nothing was refused) break on KL: of two edits that
+    # remove as much refusal, the one that changes harmless answers least.
+    best = min(pool, key=lambda c: (c.kl > kl_threshold, c.bypass, c.kl))
+    ties = sum(c.bypass == best.bypass for c in pool)
     why = (
         f"no candidate passed every filter; took the lowest refusal score ({best.bypass:.2f}) "
-        f"preferring KL <= {kl_threshold} (KL {best.kl:.4f}, induce {best.induce:.2f})"
+        f"preferring KL <= {kl_threshold}"
+        + (f", the lowest KL of {ties} with that score" if ties > 1 else "")
+        + f" (KL {best.kl:.4f}, induce {best.induce:.2f})"
     )
     log.warning(why)
     return best, why

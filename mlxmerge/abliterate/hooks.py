@@ -25,6 +25,10 @@ class _Edit:
     def __init__(self):
         self.r: mx.array | None = None
         self.strength = 0.0
+        # Screening: (R (d, K) unit candidate directions, a (..., K) zeros). The output becomes
+        # y + ((y R) ⊙ a) Rᵀ, equal to y, but ∂f/∂a_k = Σ_t (gᵀr_k)(r_kᵀy): the first-order
+        # effect of ablating candidate k (screening.py).
+        self.screen: tuple[mx.array, mx.array] | None = None
 
 
 class OutputProjection(Transparent):
@@ -38,6 +42,17 @@ class OutputProjection(Transparent):
     def __call__(self, x, *args, **kwargs):
         y = self.inner(x, *args, **kwargs)
         s = self.slot
+        if s.screen is not None:
+            R, a = s.screen
+            if a.ndim > 1 and y.shape[0] not in (1, a.shape[0]):
+                # Per-prompt screening, but this writer's rows are not prompts (mlx-lm's
+                # SwitchGLU sorts token-expert pairs by expert): left out of the per-prompt sums.
+                # (One row is the shared prefix: broadcast to every prompt, kept.)
+                a = None
+            elif a.ndim > 1:
+                a = a.reshape(a.shape[0], *([1] * (y.ndim - 2)), a.shape[-1])
+            if a is not None:
+                y = y + ((y @ R) * a) @ R.T
         if s.r is None or s.strength == 0.0:
             return y
         r = s.r.astype(y.dtype)
@@ -104,18 +119,21 @@ class Instrumented:
             r = directions if directions is None or directions.ndim == 1 else directions[i]
             for _, _, wrapper in found:
                 lam = attn[i] if wrapper.component == "attn" else mlp[i]
-                rr = None
-                if r is not None:
-                    rr = r.astype(mx.float32)
-                    if wrapper.gain is not None:
-                        rr = wrapper.gain * rr
-                    rr = rr / mx.maximum(mx.linalg.norm(rr), 1e-12)
+                rr = None if r is None else writer_direction(r, wrapper)
                 wrapper.slot.r, wrapper.slot.strength = rr, float(lam)
 
     def clear_ablation(self) -> None:
         for found in self.writers:
             for _, _, wrapper in found:
-                wrapper.slot.r, wrapper.slot.strength = None, 0.0
+                wrapper.slot.r, wrapper.slot.strength, wrapper.slot.screen = None, 0.0, None
 
     def n_writers(self) -> int:
         return sum(len(f) for f in self.writers)
+
+
+def writer_direction(r: mx.array, wrapper: OutputProjection) -> mx.array:
+    """Unit direction(s) (d,) or (d, K) as ``wrapper`` removes them: post-norm uses normalize(g ⊙ r)."""
+    rr = r.astype(mx.float32)
+    if wrapper.gain is not None:
+        rr = (wrapper.gain if rr.ndim == 1 else wrapper.gain[:, None]) * rr
+    return rr / mx.maximum(mx.linalg.norm(rr, axis=0, keepdims=True), 1e-12)

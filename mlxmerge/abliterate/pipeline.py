@@ -24,9 +24,9 @@ from mlxmerge.abliterate.orthogonalize import (
     write_component,
 )  # fmt: skip
 from mlxmerge.abliterate.prompts import prompt_set
-from mlxmerge.abliterate.report import card_markdown, public_report, rewrite_report
+from mlxmerge.abliterate.report import _ranges, card_markdown, public_report, rewrite_report
 from mlxmerge.errors import MlxmergeError
-from mlxmerge.eval.refusal import REFUSAL_MARKERS, is_refusal
+from mlxmerge.eval.refusal import REFUSAL_MARKERS, format_rate, is_refusal, rate_summary
 from mlxmerge.io import ModelCard, Quantization, open_checkpoint, write_model
 from mlxmerge.io.finite import FiniteGuard
 from mlxmerge.io.hub import is_hub_reference
@@ -68,19 +68,46 @@ def parse_layers(spec: str | None, num_layers: int, option: str = "--layers") ->
     return sorted(set(out))
 
 
-def _direction_layer(spec, num_layers: int) -> int | None:
-    if spec is None or str(spec) == "auto":
+def _direction_points(spec, num_layers: int) -> list[int] | None:
+    """``--direction-layer``: None for auto, else the residual points (0..L) to search."""
+    if spec is None or str(spec).strip() == "auto":
         return None
-    try:
-        n = int(spec)
-    except ValueError:
-        raise MlxmergeError(f"--direction-layer {spec}: use auto or a layer number") from None
-    if not 0 <= n <= num_layers:
+    text = str(spec).strip()
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if not 0 <= n <= num_layers:
+            raise MlxmergeError(
+                f"--direction-layer {n} is out of range; residual points run 0-{num_layers} "
+                f"(layer inputs 0-{num_layers - 1}, {num_layers} = output of the last layer)"
+            )
+        return [n]
+    if not re.fullmatch(r"[\d\s,-]+", text):
         raise MlxmergeError(
-            f"--direction-layer {n} is out of range; residual points run 0-{num_layers} "
-            f"(layer inputs 0-{num_layers - 1}, {num_layers} = output of the last layer)"
+            f"--direction-layer {spec}: use auto or a layer number (or a range A-B to search)"
         )
-    return n
+    return parse_layers(text, num_layers + 1, option="--direction-layer")
+
+
+def parse_positions(spec: str | None, n_positions: int) -> list[int] | None:
+    """``--positions``: None for all post-instruction positions, else negative indices (-1 = last)."""
+    if spec is None or str(spec).strip() in ("auto", "all"):
+        return None
+    out = []
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(-\d+)\s*(?:\.\.\s*(-\d+)\s*)?", part)
+        if not m:
+            raise MlxmergeError(
+                f"--positions {spec}: use auto or negative positions such as -1,-3 or -5..-1"
+            )
+        a, b = int(m[1]), int(m[2] or m[1])
+        out.extend(range(min(a, b), max(a, b) + 1))
+    bad = [p for p in out if not -n_positions <= p <= -1]
+    if bad:
+        raise MlxmergeError(
+            f"--positions {spec}: position {bad[0]} is out of range; the chat template has "
+            f"{n_positions} post-instruction tokens (-{n_positions}..-1)"
+        )
+    return sorted(set(out))
 
 
 def _tick(progress: Progress | None, stage: str, total: int):
@@ -88,6 +115,19 @@ def _tick(progress: Progress | None, stage: str, total: int):
         return None
     progress(stage, 0, total)
     return lambda n: progress(stage, n, total)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def rank_screened(screened, kl_threshold: float) -> list[int]:
+    """Indices of screened candidates, best first: estimated KL within the threshold first, then
+    the lowest estimated refusal score (the order Arditi's filters and pick would use)."""
+    return sorted(
+        range(len(screened)),
+        key=lambda i: (screened[i].kl > kl_threshold, screened[i].bypass, screened[i].kl),
+    )
 
 
 def answer_texts(model, tokenizer, token_lists, *, max_tokens, batch_size, progress=None, stage=""):
@@ -119,6 +159,8 @@ def abliterate(
     column: str | None = None,
     layers: str = "auto",
     direction_layer: str | int = "auto",
+    positions: str = "auto",
+    top_candidates: int = 8,
     strength: float = 1.0,
     projected: bool = True,
     norm_preserving: bool = False,
@@ -142,17 +184,26 @@ def abliterate(
     evaluate: bool = True,
     force: bool = False,
     progress: Progress | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict:
     """Remove the refusal direction from ``model`` and write the result to ``output``.
 
-    Returns the report (also saved as ``abliteration.json`` beside the weights).
+    The direction is searched among residual points ``direction_layer`` (auto: 1 to 80% of the
+    layers; N fixes one; A-B narrows) × post-instruction ``positions`` (auto: all; e.g. "-1,-2"):
+    all of them are ranked by a first-order estimate (``screening``), the best
+    ``top_candidates`` are measured exactly (0: measure every candidate, Arditi's exhaustive
+    sweep). ``notify`` receives one-line messages meant for the user before slow stages (the
+    base model's refusal rate, the search plan and its estimated time). Returns the report
+    (also saved as ``abliteration.json`` beside the weights).
     """
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model)
     arch = architecture(ckpt.model_type)
     n_layers = ckpt.num_layers
     edit_layers = parse_layers(layers, n_layers)
-    fixed_point = _direction_layer(direction_layer, n_layers)
+    points = _direction_points(direction_layer, n_layers)
+    if top_candidates < 0:
+        raise MlxmergeError(f"--top-candidates must be 0 (all) or more (got {top_candidates})")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise MlxmergeError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     if adapter and (quantize or embeddings or norm_preserving):
@@ -212,34 +263,25 @@ def abliterate(
         "tied_embeddings": ckpt.tie_word_embeddings, "adapter": adapter,
     }  # fmt: skip
     timings = {}
+    say = notify or (lambda msg: log.info("%s", msg))
+    position_filter = parse_positions(positions, n_pos)
+    harmful_val, harmless_val = toks[("harmful", "val")][:n_val], toks[("harmless", "val")][:n_val]
     with inst.installed():
-        # 1. Means of the residual stream on the training prompts.
+        # 1. The base model's refusals on the validation prompts: seconds, before the slow work.
         t = time.perf_counter()
-        means = {}
-        for kind in ("harmful", "harmless"):
-            tl = toks[(kind, "train")]
-            means[kind] = D.mean_residuals(
-                inst, tl, n_pos, pad_id=pad, batch_size=batch_size,
-                progress=_tick(progress, f"residuals ({kind})", len(tl)),
-            )  # fmt: skip
-        diffs = D.difference_of_means(means["harmful"], means["harmless"], projected=projected)
-        timings["directions_s"] = time.perf_counter() - t
-        timings["directions_prompts_per_s"] = (
-            len(toks[("harmful", "train")]) + len(toks[("harmless", "train")])
-        ) / timings["directions_s"]
-
-        # 2. Which first tokens mean "refusal" for this model, from its own answers.
-        harmful_val, harmless_val = (
-            toks[("harmful", "val")][:n_val],
-            toks[("harmless", "val")][:n_val],
-        )
         val_answers = answer_texts(
             net, tokenizer, harmful_val, max_tokens=min(max_tokens, 32), batch_size=batch_size,
             progress=progress, stage="base answers",
         )  # fmt: skip
+        verdicts = [is_refusal(a, markers) for a in val_answers]
+        base_val = rate_summary(verdicts)
         refusal_ids = refusal_first_tokens(tokenizer, harmful_val, val_answers, markers)
-        base_val_refusal = sum(is_refusal(a, markers) for a in val_answers) / len(val_answers)
-        if not refusal_ids and fixed_point is None:
+        timings["base_answers_s"] = time.perf_counter() - t
+        say(
+            f"{Path(str(model)).name} refuses {format_rate(base_val)} of the harmful validation "
+            f"prompts (greedy, {min(max_tokens, 32)} tokens, marker judge)"
+        )
+        if not refusal_ids and points is None:
             raise MlxmergeError(
                 f"{model} refuses none of the {len(harmful_val)} harmful validation prompts by "
                 "the refusal markers. If it does refuse in words the markers miss (another "
@@ -250,26 +292,95 @@ def abliterate(
             # The user chose the direction: edit anyway; refusal scores are then uninformative.
             log.warning(
                 "%s refuses none of the %d harmful validation prompts (by the refusal markers); "
-                "--direction-layer %d given, so the difference-of-means direction there is "
-                "removed anyway", model, len(harmful_val), fixed_point,
+                "--direction-layer %s given, so the difference-of-means direction there is "
+                "removed anyway", model, len(harmful_val), direction_layer,
             )  # fmt: skip
+        elif base_val["ci95"][1] < 0.25:
+            say(
+                "this model barely refuses: there is little refusal to remove, and the "
+                "direction found may not carry it (check the answers: mlxmerge refusals MODEL "
+                "--answers 10)"
+            )
         report["refusal_tokens"] = [tokenizer.decode([i]) for i in refusal_ids]
+        report["base_val_refusal"] = base_val
+        report["base_val_refusal_rate"] = base_val["rate"]
 
-        # 3. Candidates scored by measurement.
-        t = time.perf_counter()
+        # 2. Means of the residual stream on the training prompts, up to the last point needed
+        # (MLX is lazy: the layers above it and the LM head are never computed).
         limit = int(0.8 * n_layers)
-        cand_layers = [fixed_point] if fixed_point is not None else list(range(1, max(limit, 2)))
+        cand_layers = points if points is not None else list(range(1, max(limit, 2)))
+        last_point = n_layers if trials else max(cand_layers)
+        t = time.perf_counter()
+        means = {}
+        for kind in ("harmful", "harmless"):
+            tl = toks[(kind, "train")]
+            means[kind] = D.mean_residuals(
+                inst, tl, n_pos, pad_id=pad, batch_size=batch_size, last_point=last_point,
+                progress=_tick(progress, f"residuals ({kind})", len(tl)),
+            )  # fmt: skip
+        diffs = D.difference_of_means(means["harmful"], means["harmless"], projected=projected)
+        timings["directions_s"] = time.perf_counter() - t
+        n_train = len(toks[("harmful", "train")]) + len(toks[("harmless", "train")])
+        timings["directions_prompts_per_s"] = n_train / timings["directions_s"]
+
+        # 3. Candidates: all ranked by a first-order estimate, the best few measured exactly.
+        cands = D.candidate_points(diffs, cand_layers, position_filter)
+        if not cands:
+            raise MlxmergeError(
+                f"--direction-layer {direction_layer} --positions {positions}: no candidate "
+                "with a harmful/harmless difference (template tokens at the embedding point "
+                "are the same for both sets)"
+            )
+        screen = 0 < top_candidates < len(cands)
+        n_measured = top_candidates if screen else len(cands)
+        # Passes over n_val prompts: stage 1 is a forward + backward pass (~3 forward passes)
+        # per set; stage 2 three forward passes per candidate, plus the base harmless logits.
+        passes = (6 if screen else 0) + 3 * n_measured + 1
+        # A scoring pass costs ~1.4 capture passes (LM head, per-batch evaluation; measured on
+        # SmolLM2-135M: both stages took 449 s where the capture speed alone predicted 329 s).
+        eta = 1.4 * passes * len(harmful_val) / timings["directions_prompts_per_s"]
+        plan = (
+            f"direction search: {len(cands)} candidates "
+            f"(residual points {_ranges(sorted({c[0] for c in cands}))} × "
+            f"{len({c[1] for c in cands})} positions); "
+            + (
+                f"ranking all from 2 gradient passes, then measuring the best {n_measured} "
+                if screen
+                else f"measuring all {n_measured} "
+            )
+            + f"(3 passes each): {passes} passes over {len(harmful_val)} prompts, "
+            f"about {_duration(eta)}"
+        )
+        say(plan)
+        report["search_plan"] = {"candidates": len(cands), "measured": n_measured,
+                                 "passes": passes, "estimated_s": eta}  # fmt: skip
+        t = time.perf_counter()
+        lam_layers = edit_layers
+        if screen:
+            from mlxmerge.abliterate.screening import screen_candidates
+
+            screened = screen_candidates(
+                inst, diffs, cands, harmful_val, harmless_val, refusal_ids,
+                edit_layers=lam_layers, strength=strength, pad_id=pad, batch_size=batch_size,
+                seed=seed, progress=_tick(progress, "ranking", 2 * len(harmful_val)),
+            )  # fmt: skip
+            order = rank_screened(screened, kl_threshold)
+            report["screening"] = [asdict(screened[i]) for i in order]
+            cands = [cands[i] for i in order[:n_measured]]
+            timings["screening_s"] = time.perf_counter() - t
         candidates = D.score_candidates(
-            inst, diffs, harmful_val, harmless_val, refusal_ids, edit_layers=edit_layers,
-            strength=strength, candidate_layers=cand_layers, pad_id=pad, batch_size=batch_size,
-            progress=_tick(progress, "candidates", len(cand_layers) * n_pos),
+            inst, diffs, harmful_val, harmless_val, refusal_ids, edit_layers=lam_layers,
+            strength=strength, candidates=cands, pad_id=pad, batch_size=batch_size,
+            progress=_tick(progress, "candidates", len(cands)),
         )  # fmt: skip
-        if fixed_point is not None:
+        if points is not None:
             best, why = D.select_candidate(candidates, n_layers, kl_threshold=kl_threshold,
                                            prune_fraction=0.0)  # fmt: skip
-            why = f"--direction-layer {fixed_point} given; best position there: {why}"
+            why = f"--direction-layer {direction_layer} given: {why}"
         else:
             best, why = D.select_candidate(candidates, n_layers, kl_threshold=kl_threshold)
+        if screen:
+            why += f" (measured the {n_measured} best of {len(report['screening'])} ranked)"
         timings["selection_s"] = time.perf_counter() - t
         r = D.unit_np(diffs[best.layer, best.position]).astype(np.float32)
         direction = {"layer": best.layer, "position": best.position, "why": why,
@@ -277,7 +388,6 @@ def abliterate(
         report["direction"] = direction
         report["candidates"] = [asdict(c) for c in candidates]
         report["separation"] = D.separation(means["harmful"], means["harmless"], best.position)
-        report["base_val_refusal_rate"] = base_val_refusal
         attn_w = [strength if i in edit_layers else 0.0 for i in range(n_layers)]
         mlp_w = list(attn_w)
         layer_dirs = None  # one direction for every layer
@@ -329,7 +439,8 @@ def abliterate(
         t = time.perf_counter()
         base_path = str(ckpt.path) if adapter else None
         report.update(_before_after(net, tokenizer, output, toks, max_tokens=max_tokens, base_path=base_path,
-                                    batch_size=batch_size, markers=markers, progress=progress))  # fmt: skip
+                                    batch_size=batch_size, markers=markers, progress=progress,
+                                    test_prompts={"harmful": harm.test, "harmless": good.test}))  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - t
     from mlxmerge.abliterate.report import plot_report
 
@@ -439,7 +550,7 @@ def orthogonalize_model(
 
 
 def _before_after(base, tokenizer, output, toks, *, max_tokens, batch_size, markers, progress,
-                  base_path=None):  # fmt: skip
+                  test_prompts, n_samples=4, base_path=None):  # fmt: skip
     from mlxmerge.lm.load import load
     from mlxmerge.lm.logprobs import kl_divergence
 
@@ -455,18 +566,28 @@ def _before_after(base, tokenizer, output, toks, *, max_tokens, batch_size, mark
                                batch_size=batch_size, progress=progress, stage=f"{tag}: harmful")  # fmt: skip
         harmless = answer_texts(net, tokenizer, toks[("harmless", "test")], max_tokens=max_tokens,
                                 batch_size=batch_size, progress=progress, stage=f"{tag}: harmless")  # fmt: skip
-        answers[tag] = harmless
+        answers[tag] = {"harmful": harmful, "harmless": harmless}
+        bad = rate_summary([is_refusal(a, markers) for a in harmful])
+        good = rate_summary([is_refusal(a, markers) for a in harmless])
         res[tag] = {
-            "refusal_rate": sum(is_refusal(a, markers) for a in harmful) / len(harmful),
-            "harmless_refusal_rate": sum(is_refusal(a, markers) for a in harmless) / len(harmless),
-            "harmful_examples": harmful[:3],
-        }
+            "refusal_rate": bad["rate"], "refusal": bad,
+            "harmless_refusal_rate": good["rate"], "harmless_refusal": good,
+        }  # fmt: skip
     base_logits = last_logits(base, toks[("harmless", "test")], pad_id=pad, batch_size=batch_size)
     new_logits = last_logits(edited, toks[("harmless", "test")], pad_id=pad, batch_size=batch_size)
     res["after"]["kl"] = kl_divergence(base_logits, new_logits).mean().item()
-    same = sum(a == b for a, b in zip(answers["before"], answers["after"]))
-    res["after"]["same_harmless_answers"] = same / len(answers["before"])
-    res["n_test"] = {"harmful": len(toks[("harmful", "test")]), "harmless": len(answers["before"])}
+    before, after = answers["before"]["harmless"], answers["after"]["harmless"]
+    res["after"]["same_harmless_answers"] = sum(a == b for a, b in zip(before, after)) / len(before)
+    res["n_test"] = {"harmful": len(toks[("harmful", "test")]), "harmless": len(before)}
+    res["samples"] = [
+        {"kind": kind, "prompt": prompts[i], "before": answers["before"][kind][i],
+         "after": answers["after"][kind][i],
+         "before_refusal": is_refusal(answers["before"][kind][i], markers),
+         "after_refusal": is_refusal(answers["after"][kind][i], markers)}
+        for kind, prompts, n in (("harmful", test_prompts["harmful"], n_samples),
+                                 ("harmless", test_prompts["harmless"], max(n_samples // 2, 1)))
+        for i in range(min(n, len(prompts)))
+    ]  # fmt: skip
     return res
 
 

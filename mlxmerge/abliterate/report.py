@@ -92,23 +92,49 @@ def card_markdown(report: dict) -> str:
     if "search" in report:
         s = report["search"]
         lines.append(f"- heretic-style search: {s['trials']} trials, picked trial {s['picked']}")
+    if "base_val_refusal" in report:
+        v = report["base_val_refusal"]
+        lines.append(f"- base model's refusals on the harmful validation prompts: {_rate(v)}")
     if "before" in report:
         b, a = report["before"], report["after"]
         lines += [
             "",
             "| held-out test | before | after |",
             "|---|---|---|",
-            f"| refusal rate, harmful ({report['n_test']['harmful']} prompts) | {b['refusal_rate']:.0%} | {a['refusal_rate']:.0%} |",
-            f"| refusal rate, harmless ({report['n_test']['harmless']} prompts) | {b['harmless_refusal_rate']:.0%} | {a['harmless_refusal_rate']:.0%} |",
+            f"| refusal rate, harmful ({report['n_test']['harmful']} prompts) | {_rate(b.get('refusal'), b['refusal_rate'])} | {_rate(a.get('refusal'), a['refusal_rate'])} |",
+            f"| refusal rate, harmless ({report['n_test']['harmless']} prompts) | {_rate(b.get('harmless_refusal'), b['harmless_refusal_rate'])} | {_rate(a.get('harmless_refusal'), a['harmless_refusal_rate'])} |",
             f"| first-token KL(base ‖ edited), harmless | 0 | {a['kl']:.4f} |",
             f"| identical harmless answers | | {a['same_harmless_answers']:.0%} |",
+            "",
+            "Refusal rates: marker judge on greedy answers; refused/n and the 95% Wilson interval.",
         ]  # fmt: skip
+    if report.get("samples"):
+        lines += ["", "### Sample answers (held-out test prompts)", ""]
+        for x in report["samples"]:
+            lines += [
+                f"**{x['kind']}:** {_one_line(x['prompt'])}",
+                "",
+                f"- before ({'refusal' if x['before_refusal'] else 'answer'}): {_one_line(x['before'])}",
+                f"- after ({'refusal' if x['after_refusal'] else 'answer'}): {_one_line(x['after'])}",
+                "",
+            ]
     if "quantization_residual" in report:
         lines.append(
             f"\nRe-quantization noise along r is {report['quantization_residual']:.0%} of the "
             "edit's size (0% is an exact edit)."
         )
     return "\n".join(lines)
+
+
+def _rate(summary: dict | None, rate: float | None = None) -> str:
+    from mlxmerge.eval.refusal import format_rate
+
+    return f"{rate:.0%}" if summary is None else format_rate(summary)
+
+
+def _one_line(text: str, width: int = 200) -> str:
+    t = " ".join(text.split()).replace("|", "\\|")
+    return (t[:width] + "…") if len(t) > width else (t or "(empty)")
 
 
 def _ranges(xs: list[int]) -> str:

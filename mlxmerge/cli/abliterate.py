@@ -32,6 +32,22 @@ class _Bars:
             bar.close()
 
 
+def _say(message: str) -> None:
+    """Messages for the user before slow stages (refusal rate, search plan), on stderr."""
+    click.echo(message, err=True)
+
+
+def _rate(summary: dict) -> str:
+    from mlxmerge.eval.refusal import format_rate
+
+    return format_rate(summary)
+
+
+def _short(text: str, width: int = 160) -> str:
+    t = " ".join(text.split())
+    return (t[:width] + "…") if len(t) > width else (t or "(empty)")
+
+
 def _template(value: str | None) -> str | None:
     if value is None:
         return None
@@ -82,7 +98,19 @@ def _with(options):
     "--direction-layer",
     default="auto",
     show_default=True,
-    help="Residual point of the direction: auto (measured) or N.",
+    help="Residual points searched for the direction: auto (1 to 80% of the layers), N (fixed) or A-B / a comma list.",
+)
+@click.option(
+    "--positions",
+    default="auto",
+    show_default=True,
+    help="Post-instruction positions searched: auto (all) or negative indices, e.g. -1,-2 or -5..-1.",
+)
+@click.option(
+    "--top-candidates",
+    default=8,
+    show_default=True,
+    help="Candidates measured exactly after ranking all by a first-order estimate (0: measure all).",
 )
 @click.option("--strength", default=1.0, show_default=True, help="λ in W ← W − λ r rᵀ W.")
 @click.option(
@@ -134,29 +162,31 @@ def _with(options):
 @allow_nonfinite_option
 @compute_dtype_option
 def abliterate(model, output, harmful, harmless, column, system, template, max_tokens, batch_size,
-               markers, as_json, layers, direction_layer, strength, trials, pick, seed, projected,
-               norm_preserving, embeddings, dtype, layout, gguf_type, bits, group_size, adapter,
-               no_eval, force, allow_nonfinite):  # fmt: skip
+               markers, as_json, layers, direction_layer, positions, top_candidates, strength,
+               trials, pick, seed, projected, norm_preserving, embeddings, dtype, layout, gguf_type,
+               bits, group_size, adapter, no_eval, force, allow_nonfinite):  # fmt: skip
     """Remove the refusal direction from MODEL and write the edited model to OUTPUT."""
     from mlxmerge.abliterate.pipeline import abliterate as run
     from mlxmerge.io import Quantization
 
     bars = _Bars()
+    quiet = click.get_current_context().find_root().obj.get("quiet")
     try:
         report = run(
             model, output, harmful=harmful, harmless=harmless, column=column, layers=layers,
-            direction_layer=direction_layer, strength=strength, trials=trials, pick=pick,
+            direction_layer=direction_layer, positions=positions, top_candidates=top_candidates,
+            strength=strength, trials=trials, pick=pick,
             seed=seed, system=system, template=_template(template), batch_size=batch_size,
             max_tokens=max_tokens, markers=_markers(markers), projected=projected,
             norm_preserving=norm_preserving, embeddings=embeddings, dtype=dtype, layout=layout,
             quantize=Quantization(int(bits), group_size) if bits else None, adapter=adapter,
             evaluate=not no_eval, allow_nonfinite=allow_nonfinite, gguf_type=gguf_type,
-            force=force, progress=bars,
+            force=force, progress=bars, notify=None if quiet else _say,
         )  # fmt: skip
     finally:
         bars.close()
     if as_json:
-        report = {k: v for k, v in report.items() if k != "candidates"}
+        report = {k: v for k, v in report.items() if k not in ("candidates", "screening")}
         report["direction"] = {k: v for k, v in report["direction"].items() if k != "vector"}
         click.echo(json.dumps(report, indent=2))
         return
@@ -173,15 +203,22 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
             )
     if "before" in report:
         b, a = report["before"], report["after"]
-        click.echo(f"{'held-out test':<28}{'before':>10}{'after':>10}")
+        n = report["n_test"]
+        click.echo(f"{'held-out test':<28}{'before':>30}{'after':>30}")
         click.echo(
-            f"{'refusal rate (harmful)':<28}{b['refusal_rate']:>10.0%}{a['refusal_rate']:>10.0%}"
+            f"{'refusals (harmful, n=' + str(n['harmful']) + ')':<28}{_rate(b['refusal']):>30}{_rate(a['refusal']):>30}"
         )
         click.echo(
-            f"{'refusal rate (harmless)':<28}{b['harmless_refusal_rate']:>10.0%}{a['harmless_refusal_rate']:>10.0%}"
+            f"{'refusals (harmless, n=' + str(n['harmless']) + ')':<28}{_rate(b['harmless_refusal']):>30}{_rate(a['harmless_refusal']):>30}"
         )
-        click.echo(f"{'first-token KL (harmless)':<28}{0:>10.4f}{a['kl']:>10.4f}")
-        click.echo(f"{'identical harmless answers':<28}{'':>10}{a['same_harmless_answers']:>10.0%}")
+        click.echo(f"{'first-token KL (harmless)':<28}{0:>30.4f}{a['kl']:>30.4f}")
+        click.echo(f"{'identical harmless answers':<28}{'':>30}{a['same_harmless_answers']:>30.0%}")
+        click.echo("(refusals: marker judge on greedy answers; 95% Wilson intervals)")
+        for x in report.get("samples", [])[:3]:
+            click.echo(f"\n{x['kind']}: {_short(x['prompt'])}")
+            for tag in ("before", "after"):
+                verdict = "REFUSAL" if x[f"{tag}_refusal"] else "answer"
+                click.echo(f"  {tag:<6} [{verdict}] {_short(x[tag])}")
     if "quantization_residual" in report:
         click.echo(
             f"re-quantization noise along r: {report['quantization_residual']:.0%} of the edit"
@@ -199,9 +236,19 @@ def abliterate(model, output, harmful, harmless, column, system, template, max_t
     "--text", "text", type=click.Path(), help="Text file (one document per line) for perplexity."
 )
 @click.option("--limit", type=int, help="Use only the first N prompts of each set.")
+@click.option(
+    "--answers",
+    default=0,
+    show_default=True,
+    help="Show the first N prompts of each set with the answer and the judge's verdict.",
+)
+@click.option(
+    "--judge",
+    help="A local chat model (path or hub id) that also judges every answer (StrongREJECT's refusal question, yes/no from its logits).",
+)
 @compute_dtype_option
 def refusals(model, compare, harmful, harmless, column, system, template, max_tokens, batch_size,
-             markers, as_json, text, limit):  # fmt: skip
+             markers, as_json, text, limit, answers, judge):  # fmt: skip
     """Refusal rate of MODEL on harmful prompts, false refusals on harmless ones, KL vs --compare."""
     from mlxmerge.abliterate.evaluate import refusals as run
 
@@ -210,34 +257,51 @@ def refusals(model, compare, harmful, harmless, column, system, template, max_to
         out = run(
             model, compare=compare, harmful=harmful, harmless=harmless, column=column,
             max_tokens=max_tokens, batch_size=batch_size, markers=_markers(markers),
-            system=system, template=_template(template), text=text, limit=limit, progress=bars,
+            system=system, template=_template(template), text=text, limit=limit, answers=answers,
+            judge=judge, progress=bars,
         )  # fmt: skip
     finally:
         bars.close()
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    cols = [
-        "refusal_rate",
-        "harmless_refusal_rate",
-        "kl_vs_compare",
-        "same_harmless_answers",
-        "perplexity",
-    ]
+    for name, row in out["models"].items():
+        for kind, rows in row.get("answers", {}).items():
+            click.echo(f"{Path(name).name}: {kind} prompts")
+            for x in rows:
+                verdict = "REFUSAL" if x["refusal"] else "answer"
+                if "judge" in x:
+                    verdict += f", judge: {'REFUSAL' if x['judge'] else 'answer'} (p={x['judge_p_yes']:.2f})"
+                click.echo(f"  [{verdict}] {_short(x['prompt'], 100)}")
+                click.echo(f"      {_short(x['answer'], 300)}")
+            click.echo("")
+    cols = ["refusal", "harmless_refusal", "kl_vs_compare", "same_harmless_answers", "perplexity"]
     heads = ["refusals", "false refusals", "KL vs compare", "same answers", "perplexity"]
     used = [i for i, c in enumerate(cols) if any(c in row for row in out["models"].values())]
-    click.echo(f"{'model':<32}" + "".join(f"{heads[i]:>16}" for i in used))
+    widths = [30 if cols[i] in ("refusal", "harmless_refusal") else 14 for i in used]
+    click.echo(f"{'model':<28}" + "".join(f"{heads[i]:>{w}}" for i, w in zip(used, widths)))
     for name, row in out["models"].items():
         cells = []
-        for i in used:
+        for i, w in zip(used, widths):
             v = row.get(cols[i])
             if v is None:
-                cells.append(f"{'':>16}")
+                cells.append(f"{'':>{w}}")
+            elif isinstance(v, dict):
+                cells.append(f"{_rate(v):>{w}}")
             elif cols[i] in ("kl_vs_compare", "perplexity"):
-                cells.append(f"{v:>16.4f}")
+                cells.append(f"{v:>{w}.4f}")
             else:
-                cells.append(f"{v:>16.0%}")
-        click.echo(f"{Path(name).name[:31]:<32}" + "".join(cells))
+                cells.append(f"{v:>{w}.0%}")
+        click.echo(f"{Path(name).name[:27]:<28}" + "".join(cells))
+        j = row.get("judge")
+        if j:
+            a = j["agreement_with_markers"]
+            click.echo(
+                f"{'  judged by ' + Path(j['model']).name[:15]:<28}{_rate(j['refusal']):>30}"
+                f"{_rate(j['harmless_refusal']):>30}  (agrees with the markers on "
+                f"{a['agreement']:.0%} of {a['n']}, kappa {a['kappa']:.2f})"
+            )
     click.echo(
-        f"({out['n_harmful']} harmful, {out['n_harmless']} harmless prompts, {max_tokens} answer tokens)"
+        f"({out['n_harmful']} harmful, {out['n_harmless']} harmless prompts, {max_tokens} answer "
+        "tokens; refusals by the marker judge, refused/n and the 95% Wilson interval)"
     )

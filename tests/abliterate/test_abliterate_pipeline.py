@@ -61,8 +61,14 @@ def test_output_runs_in_mlx_lm_and_has_report(abliterated):
     saved = json.loads((out / "abliteration.json").read_text())
     assert saved["after"]["refusal_rate"] == report["after"]["refusal_rate"]
     card = (out / "README.md").read_text()
-    b, a = report["before"]["refusal_rate"], report["after"]["refusal_rate"]
-    assert f"| refusal rate, harmful (100 prompts) | {b:.0%} | {a:.0%} |" in card
+    b = report["before"]["refusal_rate"]
+    assert f"| refusal rate, harmful (100 prompts) | {b:.0%} (" in card
+    for tag in ("before", "after"):  # the interval printed is the Wilson interval of k/n
+        r = report[tag]["refusal"]
+        assert r["k"] == round(report[tag]["refusal_rate"] * 100) and r["n"] == 100
+        lo, hi = r["ci95"]
+        assert f"{r['rate']:.0%} ({r['k']}/100, 95% CI {100 * lo:.0f}-{hi:.0%})" in card
+    assert card.count("- before (") == len(report["samples"]) >= 3
     assert "abliterated" in card
     import importlib.util
 
@@ -115,6 +121,13 @@ def test_tied_embeddings_and_requantization(refuser, tmp_path):
         ({"layers": "2-9"}, "layer 9 is out of range"),
         ({"direction_layer": 7}, "--direction-layer 7 is out of range"),
         ({"direction_layer": "x"}, "use auto or a layer number"),
+        ({"direction_layer": "2-9"}, "--direction-layer 2-9: layer 9 is out of range"),
+        (
+            {"positions": "-99"},
+            "--positions -99: position -99 is out of range; the chat template has",
+        ),
+        ({"positions": "last"}, "use auto or negative positions"),
+        ({"top_candidates": -1}, "--top-candidates must be 0"),
         ({"batch_size": 1000}, "fewer than the batch size 1000"),
         ({"strength": 0}, "--strength must be positive"),
         ({"adapter": True, "embeddings": True}, "--adapter keeps the base weights as they are"),

@@ -73,3 +73,17 @@ def test_batch_size_must_be_positive(tiny_random):
     _, model, tokenizer = tiny_random
     with pytest.raises(MlxmergeError, match="batch size must be at least 1"):
         last_logits(model, chat_tokens(tokenizer, ["x"]), batch_size=0)
+
+
+def test_shared_prefix_logits_equal_single_unpadded_runs(tiny_random):
+    from mlxmerge.lm.generate import prompt_logits, shared_prefix_length
+
+    _, model, tokenizer = tiny_random
+    lists = chat_tokens(tokenizer, PROMPTS, system="You are a helpful assistant named Tiny.")
+    p = shared_prefix_length(lists)
+    assert p >= 8 and all(t[:p] == lists[0][:p] for t in lists)
+    assert shared_prefix_length([[1, 2, 3], [1, 2]]) == 1  # one token of each kept
+    out = prompt_logits(model, lists, pad_id=0, batch_size=3)
+    for i, t in enumerate(lists):
+        single = model(mx.array([t]))[0, -1].astype(mx.float32)
+        np.testing.assert_allclose(np.array(out[i]), np.array(single), atol=1e-4, rtol=1e-4)

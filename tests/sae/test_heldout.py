@@ -96,7 +96,7 @@ def test_sources_without_rows(caplog):
 
 def test_on_the_fly_holds_out_last_documents(tmp_path, tiny_model, text_file, monkeypatch):
     """On the fly, the last documents are run once for the held-out rows and never streamed."""
-    import mlxmerge.sae.pipeline as pipeline
+    from mlxmerge.sae import pipeline
     from mlxmerge.sae.activations import read_texts
 
     docs = read_texts(text_file)
