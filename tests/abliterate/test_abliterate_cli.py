@@ -45,7 +45,7 @@ def test_refusals_answers_show_prompts_answers_and_verdicts(refuser):
     from mlxmerge.eval.refusal import is_refusal
 
     args = ["refusals", str(refuser), "--limit", "6", "--max-tokens", "12", "--answers", "3"]
-    data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
     shown = data["models"][str(refuser)]["answers"]
     assert [x["prompt"] for x in shown["harmful"]] == bundled_prompts("harmful", "test")[:3]
     assert all(x["refusal"] == is_refusal(x["answer"]) for k in shown for x in shown[k])
