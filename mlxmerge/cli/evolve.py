@@ -8,18 +8,11 @@ import click
 
 from mlxmerge.cli import cli
 from mlxmerge.cli.models import DTYPE
-from mlxmerge.cli.progress import is_quiet
+from mlxmerge.cli.progress import duration, is_quiet
 
 
 def _fmt(x) -> str:
     return "failed" if x is None else f"{x:.4f}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 @cli.command()
@@ -106,10 +99,10 @@ def evolve(config, output, as_json, **kw):  # fmt: skip
                        f"{_fmt(e['best'])}", err=True)  # fmt: skip
             return
         of = f"/{e['budget']}" if e["budget"] else ""
-        eta = f" · eta {_duration(e['eta'])}" if e["eta"] is not None else ""
+        eta = f" · eta {duration(e['eta'])}" if e["eta"] is not None else ""
         click.echo(
             f"candidate {e['index']}{of} (gen {e['generation']}): {_fmt(e['score'])} · best "
-            f"{_fmt(e['best'])} (#{e['best_index']}) · {_duration(e['elapsed'])}{eta}",
+            f"{_fmt(e['best'])} (#{e['best_index']}) · {duration(e['elapsed'])}{eta}",
             err=True,
         )
 
@@ -135,14 +128,14 @@ def evolve(config, output, as_json, **kw):  # fmt: skip
                    f"{r['sequences_per_candidate']} sequences scored; timed on the starting "
                    f"recipe: {r['build_seconds']:.1f} s build + {r['score_seconds']:.1f} s score "
                    f"(score {_fmt(r['start_score'])})")  # fmt: skip
-        click.echo(f"estimated: {r['candidates']} candidates, {_duration(r['estimated_seconds'])}")
+        click.echo(f"estimated: {r['candidates']} candidates, {duration(r['estimated_seconds'])}")
         click.echo(
             "\nstarting recipe:\n" + yaml.safe_dump(r["start_recipe"], sort_keys=False).rstrip()
         )
         return
     b, s = report["best"], report["start"]
     click.echo(f"\n{report['candidates']} candidates ({report['stopped']}), "
-               f"{_duration(report['search_seconds'])} of building and scoring, {report['built']}")  # fmt: skip
+               f"{duration(report['search_seconds'])} of building and scoring, {report['built']}")  # fmt: skip
     click.echo(f"{'':24}{'search':>10}{'held-out':>10}")
     click.echo(f"{'start (mergekit x0)':24}{_fmt(s['search']):>10}{_fmt(s['held_out']):>10}")
     click.echo(

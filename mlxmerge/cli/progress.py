@@ -31,7 +31,10 @@ def progress_bar(total: int | None, desc: str, unit: str = "it"):
     return LineProgress(total, desc, unit)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float | None) -> str:
+    """``4.2s``, ``12s``, ``3m05s``, ``2h10m``; ``?`` for an unknown time."""
+    if seconds is None:
+        return "?"
     s = round(seconds)
     if s < 60:
         return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
@@ -84,7 +87,7 @@ class LineProgress:
         self._last = now
         rate = self._rate(now)
         if self.total:
-            eta = _duration(max(self.total - self.n, 0) / rate) if rate > 0 else "?"
+            eta = duration(max(self.total - self.n, 0) / rate) if rate > 0 else "?"
             self._echo(f"{_count(self.n)}/{_count(self.total)} {self.unit} "
                        f"({100 * self.n / self.total:.0f}%), {rate:.3g} {self.unit}/s, ETA {eta}")  # fmt: skip
         else:
@@ -93,7 +96,7 @@ class LineProgress:
     def _finish(self) -> None:
         if self._open and self.n:  # a stage that did nothing (replaced, or failed) says nothing
             now = clock()
-            self._echo(f"done, {_count(self.n)} {self.unit} in {_duration(now - self._t0)} "
+            self._echo(f"done, {_count(self.n)} {self.unit} in {duration(now - self._t0)} "
                        f"({self._rate(now):.3g} {self.unit}/s)")  # fmt: skip
         self._open = False
 
