@@ -9,12 +9,22 @@ from pathlib import Path
 from mlxmerge.errors import MlxmergeError
 
 
-def check_plot() -> None:
-    """Raise a one-line error, before the search, when matplotlib is missing."""
+def check_plot(path: str | Path | None = None) -> None:
+    """Raise a one-line error, before the search, when matplotlib is missing or ``path`` cannot
+    be written (a format matplotlib lacks, a folder that does not exist)."""
     try:
         import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
     except ImportError:
         raise MlxmergeError("--plot needs matplotlib: pip install 'mlxmerge[plot]'") from None
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise MlxmergeError(f"--plot {path}: name a {', '.join(sorted(formats))} file (e.g. .png)")
+    if not path.parent.is_dir():
+        raise MlxmergeError(f"--plot {path}: the folder {path.parent} does not exist")
 
 
 def write_plot(report: dict, path: str | Path) -> Path:
@@ -51,13 +61,15 @@ def write_plot(report: dict, path: str | Path) -> Path:
     return path
 
 
-def write_result(report: dict, output: Path, *, plot: str | Path | None) -> Path:
+def write_result(
+    report: dict, output: Path, *, plot: str | Path | None, force: bool = False
+) -> Path:
     """Merge the best recipe into ``output`` with ``evolve.json`` beside it, atomically (the folder
     appears complete or not at all); then the plot, if asked, where ``plot`` says."""
     from mlxmerge.io.output import atomic_folder
     from mlxmerge.merge.runner import merge
 
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, force=force) as tmp:
         merge(report["best"]["recipe"], tmp, force=True)
         (tmp / "evolve.json").write_text(json.dumps(report, indent=1) + "\n")
     if plot is not None:

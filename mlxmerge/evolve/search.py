@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -160,8 +161,9 @@ def evolve(
     if plot is not None:
         from mlxmerge.evolve.report import check_plot
 
-        check_plot()
+        check_plot(plot)
     state_path = Path(state).expanduser() if state else default_path(output)
+    _check_state_path(state_path, output, cfg, config, inputs)
     if not dry_run and not resume and state_path.exists() and not force:
         raise MlxmergeError(
             f"{state_path}: a state file of an earlier search exists; continue it with --resume "
@@ -209,6 +211,24 @@ def _dry_run(search: _Search, budget: int | None, limit: float | None, popsize: 
         "estimated_seconds": per * (n + 2),
         "start_recipe": g.recipe(g.initial(), search.dtype),
     }
+
+
+def _check_state_path(state_path: Path, output: Path, cfg, config, inputs) -> None:
+    """Refuse a state file that is a folder, an input (config, task file, model) or inside one,
+    or inside the output (it would fill the folder the result is renamed into)."""
+    from mlxmerge.io.output import input_paths
+
+    if state_path.is_dir():
+        raise MlxmergeError(f"--state {state_path}: is a folder; name a file")
+    where = state_path.resolve()
+    files = [Path(t.name) for t in cfg.tasks] + [Path(t.held_out) for t in cfg.tasks if t.held_out]
+    if isinstance(config, (str, os.PathLike)):
+        files.append(Path(config))
+    guarded = [p.expanduser().resolve() for p in files]
+    guarded += [p for ref in inputs for p in input_paths(ref)] + [output.resolve()]
+    for p in guarded:
+        if where == p or where.is_relative_to(p):
+            raise MlxmergeError(f"--state {state_path}: would overwrite or sit inside {p}")
 
 
 def _search(search: _Search, output: Path, *, budget, limit, seed, sigma0, popsize, resume,
@@ -315,7 +335,7 @@ def _search(search: _Search, output: Path, *, budget, limit, seed, sigma0, popsi
         "history": [{k: c[k] for k in ("index", "generation", "score", "scores")} for c in candidates],
         "state": str(state_path),
     }  # fmt: skip
-    report["output"] = str(write_result(report, output, plot=plot))
+    report["output"] = str(write_result(report, output, plot=plot, force=force))
     return report
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import gguf
 
 from mlxmerge.errors import MlxmergeError
+from mlxmerge.io.text import read_text
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,17 @@ def _sentencepiece_lists(model_file: Path, vocab_size: int):
     return tokens, scores, types
 
 
+def read_tokenizer_json(folder: Path) -> dict:
+    """``folder/tokenizer.json`` parsed; MlxmergeError naming the file when missing or broken."""
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise MlxmergeError(f"{folder}: no tokenizer.json; GGUF output needs the tokenizer")
+    try:
+        return json.loads(read_text(tok_file, "tokenizer"))
+    except json.JSONDecodeError as e:
+        raise MlxmergeError(f"{tok_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
     """Add the tokenizer in ``folder`` to ``writer``'s metadata; return the ggml tokenizer model.
 
@@ -141,10 +153,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str
     ``[PAD{i}]`` (type unused) as llama.cpp pads. Raises MlxmergeError when ``folder`` has no
     ``tokenizer.json`` or its model type has no GGUF form.
     """
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.is_file():
-        raise MlxmergeError(f"{folder}: no tokenizer.json; GGUF output needs the tokenizer")
-    tok_json = json.loads(tok_file.read_text(encoding="utf-8"))
+    tok_json = read_tokenizer_json(folder)
     tokens, scores, types, kind = _vocab_lists(tok_json, vocab_size)
     if kind == "llama" and (folder / "tokenizer.model").is_file():
         tokens, scores, types = _sentencepiece_lists(folder / "tokenizer.model", vocab_size) or (
@@ -158,7 +167,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str
                 tokens[t["id"]], types[t["id"]] = t["content"], int(gguf.TokenType.CONTROL)
     writer.add_tokenizer_model(kind)
     if kind == "gpt2":
-        writer.add_tokenizer_pre(pre_tokenizer_name(tok_file, tok_json))
+        writer.add_tokenizer_pre(pre_tokenizer_name(folder / "tokenizer.json", tok_json))
     else:
         writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -36,7 +36,7 @@ import numpy as np
 
 from mlxmerge.errors import MlxmergeError, OutputError
 from mlxmerge.io import gguf_names
-from mlxmerge.io.gguf_tokenizer_write import add_tokenizer
+from mlxmerge.io.gguf_tokenizer_write import add_tokenizer, read_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def write_gguf_folder(
     with tempfile.TemporaryDirectory(dir=tmp) as scratch:
         tok = None
         if tokenizer_source is not None:
+            read_tokenizer_json(Path(tokenizer_source))  # its errors name the user's file
             tok = Path(scratch)
             copy_tokenizer(Path(tokenizer_source), tok, chat_template)
             (tok / "config.json").write_text(json.dumps(_text_config(config)))  # special token ids

@@ -370,7 +370,7 @@ def _write_gguf_model(
             guard.settle()
             guard.check_output(name, x)
 
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, force=force) as tmp:
         path = write_gguf_folder(
             tmp, plan, value, config=config, tokenizer_source=tokenizer_source,
             chat_template=chat_template, gguf_type=gguf_type, name=target.name,

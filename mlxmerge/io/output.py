@@ -274,7 +274,7 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
     wrote it meanwhile) is kept and ``OutputError`` raised. On any exception (Ctrl-C, SIGTERM and
     SIGHUP included) the temporary folder is removed and ``target`` is left as it was; a full disk
     (ENOSPC, EDQUOT) becomes one ``OutputError``."""
-    target = Path(target).expanduser()
+    target = Path(os.path.abspath(Path(target).expanduser()))  # "-o ." names the folder itself
     if target.is_symlink() and target.exists():
         target = target.resolve()  # write through the link, never replace it
     try:
@@ -287,6 +287,7 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
         remove_stale(target)
         prefix = f".{target.name}.partial-{os.getpid()}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        tmp.chmod(0o777 & ~_UMASK)  # mkdtemp's 0700 would survive the rename
         try:
             yield tmp
             with _signals_deferred():  # never a half-swapped target
@@ -299,6 +300,15 @@ def atomic_folder(target: str | os.PathLike, *, force: bool = False):
                     f"{target}: the disk holding {target.parent} is full; nothing was written"
                 ) from None
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _disk_full(e: BaseException, tmp: Path) -> bool:

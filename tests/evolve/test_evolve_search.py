@@ -182,3 +182,31 @@ def test_streamed_candidates_score_as_in_memory_ones(pair, searched, tmp_path):
                     in_memory=False)  # fmt: skip
     assert report["built"] == "streamed through a temporary folder"
     assert report["history"] == reference["history"][:3]
+
+
+def test_the_state_file_may_not_be_an_input_a_folder_or_inside_the_output(pair, tmp_path):
+    task, weights = pair["task"].read_bytes(), (pair["a"] / "model.safetensors").read_bytes()
+    cases = [(pair["task"], "would overwrite"), (pair["config"], "would overwrite"),
+             (pair["a"] / "model.safetensors", "would overwrite or sit inside"),
+             (tmp_path, "is a folder"), (tmp_path / "o" / "s.json", "sit inside")]  # fmt: skip
+    for state, why in cases:
+        with pytest.raises(MlxmergeError, match=why):
+            evolve(pair["config"], tmp_path / "o", budget=2, state=state, force=True)
+    assert pair["task"].read_bytes() == task
+    assert (pair["a"] / "model.safetensors").read_bytes() == weights
+
+
+def test_the_plot_path_is_checked_before_the_search(pair, tmp_path):
+    with pytest.raises(MlxmergeError, match=r"--plot .*p\.txt: name a .*png"):
+        evolve(pair["config"], tmp_path / "o", budget=2, plot=tmp_path / "p.txt")
+    with pytest.raises(MlxmergeError, match="does not exist"):
+        evolve(pair["config"], tmp_path / "o", budget=2, plot=tmp_path / "no" / "p.png")
+    assert not (tmp_path / "o.evolve.json").exists() and not (tmp_path / "o").exists()
+
+
+def test_force_replaces_an_existing_output(pair, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    evolve(pair["config"], out, budget=2, seed=0, out_dtype="float32", force=True)
+    assert not (out / "old.txt").exists() and (out / "evolve.json").is_file()

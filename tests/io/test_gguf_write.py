@@ -403,3 +403,27 @@ def test_unwritable_tensor_named(tmp_path, tokenizer_dir):
     with pytest.raises(MlxmergeError, match=r"model.layers.0.extra.weight: llama.cpp's llama"):
         plan_gguf([("model.layers.0.extra.weight", (4, 4))], config, "f16")
     assert os.listdir(tmp_path) == []
+
+
+def test_force_replaces_a_non_empty_folder(odd_llama, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = ["convert", str(odd_llama), "-o", str(out), "--format", "gguf", "--force"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not (out / "keep.txt").exists() and len(list(out.glob("*.gguf"))) == 1
+
+
+def test_a_broken_tokenizer_json_is_one_line(odd_llama, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(odd_llama, src)
+    (src / "tokenizer.json").write_text((src / "tokenizer.json").read_text()[:500])
+    res = CliRunner().invoke(
+        cli, ["convert", str(src), "-o", str(tmp_path / "o"), "--format", "gguf"]
+    )
+    assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit)
+    assert f"{src / 'tokenizer.json'}: not valid JSON" in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -316,3 +316,21 @@ def test_an_output_whose_folder_cannot_be_made_is_one_line(family, tmp_path):
     (tmp_path / "file").write_text("a file where a folder is needed")
     one_line_error(run("convert", family["base"], "-o", tmp_path / "file" / "out"), "is a file")
     assert (tmp_path / "file").read_text() == "a file where a folder is needed"
+
+
+def test_outputs_follow_the_umask(family, tmp_path):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert run("convert", family["base"], "-o", tmp_path / "out").exit_code == 0
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+
+
+def test_dot_as_the_output_with_force(family, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "old.txt").write_text("x")
+    monkeypatch.chdir(here)
+    res = run("convert", family["base"], "-o", ".", "--force")
+    assert res.exit_code == 0, res.output
+    assert not (here / "old.txt").exists() and (here / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # nothing hidden beside it
