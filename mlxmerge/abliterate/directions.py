@@ -224,6 +224,11 @@ def select_candidate(
     pool = [
         c for c in candidates if not np.isnan(c.bypass) and not c.reason.startswith("layer")
     ] or [c for c in candidates if not np.isnan(c.bypass)]
+    if not pool:  # every refusal score NaN: the harmful and harmless means did not differ
+        raise MlxmergeError(
+            f"none of the {len(candidates)} candidate directions changes the refusal score (the "
+            "harmful and harmless prompts give the same activations); check --harmful/--harmless"
+        )
     # Equal refusal scores (e.g. all 0 when nothing was refused) break on KL: of two edits that
     # remove as much refusal, the one that changes harmless answers least.
     best = min(pool, key=lambda c: (c.kl > kl_threshold, c.bypass, c.kl))

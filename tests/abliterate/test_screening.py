@@ -10,6 +10,7 @@ from mlxmerge.abliterate import directions as D
 from mlxmerge.abliterate.architectures import architecture
 from mlxmerge.abliterate.hooks import Instrumented
 from mlxmerge.abliterate.screening import screen_candidates
+from mlxmerge.errors import MlxmergeError
 from mlxmerge.lm.chat import chat_tokens
 from mlxmerge.lm.logprobs import log_softmax
 
@@ -114,3 +115,10 @@ def test_per_prompt_gradients_include_the_shared_prefix(tiny_random):
             inst.clear_ablation()
     # a = −λ: ∂f_b/∂a = −∂f_b/∂λ
     np.testing.assert_allclose(g[:, 0], -(f[1] - f[0]) / (2 * eps), rtol=2e-2, atol=1e-3)
+
+
+def test_no_measurable_candidate_is_one_error_not_a_crash():
+    nan = float("nan")
+    cands = [D.Candidate(1, -1, nan, 0.1, 0.0), D.Candidate(2, -1, nan, 0.2, 0.0)]
+    with pytest.raises(MlxmergeError, match="none of the 2 candidate directions changes"):
+        D.select_candidate(cands, 30)
