@@ -53,7 +53,13 @@ def _template(value: str | None) -> str | None:
         return None
     from mlxmerge.io.text import read_text
 
-    return read_text(value, "chat template") if Path(value).is_file() else value
+    if Path(value).is_file():
+        return read_text(value, "chat template")
+    if "{{" not in value and "{%" not in value:  # e.g. a template's name ("chatml")
+        raise click.BadParameter(
+            f"{value!r} is neither a file nor a Jinja template", param_hint="--template"
+        )
+    return value
 
 
 def _markers(path: str | None):

@@ -81,3 +81,9 @@ def test_refusals_with_markers_and_perplexity(refuser, tmp_path):
     # With "sure" as the only marker the helpful answers count as refusals and refusals do not.
     assert row["harmless_refusal_rate"] >= 0.9 and row["refusal_rate"] <= 0.1
     assert row["perplexity"] > 1.0
+
+
+def test_a_template_name_is_refused_in_one_line(refuser, tmp_path):
+    res = CliRunner().invoke(cli, ["refusals", str(refuser), "--template", "chatml"])
+    assert res.exit_code == 2 and "neither a file nor a Jinja template" in res.output
+    assert "Traceback" not in res.output
