@@ -130,14 +130,23 @@ def last_logits(
     batch_size: int = 16, progress: Progress = None,
 ) -> mx.array:  # fmt: skip
     """Raw next-token logits (float32) after each prompt, shape (n_prompts, vocab)."""
+
+    def run(rows):
+        tokens, padding = pad_left(rows, pad_id)
+        return forward(model, tokens, make_batch_cache(model, padding), last=True)[:, -1, :]
+
+    return _per_prompt(model, token_lists, batch_size, run, progress)
+
+
+def _per_prompt(model, token_lists, batch_size: int, run, progress: Progress) -> mx.array:
+    """``run(rows) -> (len(rows), vocab)`` over ``batches`` of the prompts, stacked back in the
+    prompts' order as float32, one batch evaluated at a time."""
     out: list[mx.array | None] = [None] * len(token_lists)
     for idx in batches(token_lists, batch_size, model):
-        tokens, padding = pad_left([token_lists[i] for i in idx], pad_id)
-        logits = forward(model, tokens, make_batch_cache(model, padding), last=True)[:, -1, :]
-        logits = logits.astype(mx.float32)
-        mx.eval(logits)
+        z = run([token_lists[i] for i in idx]).astype(mx.float32)
+        mx.eval(z)
         for j, i in enumerate(idx):
-            out[i] = logits[j]
+            out[i] = z[j]
         if progress:
             progress(len(idx))
     return mx.stack(out)
@@ -320,13 +329,8 @@ def prompt_logits(
         return last_logits(model, token_lists, pad_id=pad_id, batch_size=batch_size,
                            progress=progress)  # fmt: skip
     prefix = token_lists[0][:p]
-    out: list[mx.array | None] = [None] * len(token_lists)
-    for idx in batches(token_lists, batch_size, model):
-        z = forward_after_prefix(model, prefix, [token_lists[i][p:] for i in idx], pad_id=pad_id)
-        z = z.astype(mx.float32)
-        mx.eval(z)
-        for j, i in enumerate(idx):
-            out[i] = z[j]
-        if progress:
-            progress(len(idx))
-    return mx.stack(out)
+
+    def run(rows):
+        return forward_after_prefix(model, prefix, [r[p:] for r in rows], pad_id=pad_id)
+
+    return _per_prompt(model, token_lists, batch_size, run, progress)
